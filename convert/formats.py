@@ -1,0 +1,350 @@
+"""The three checkpoint formats: detection, reading, and writing our own.
+
+- "original": the release (`jinaai/jina-embeddings-v3`): `config.json` with `model_type`
+  "xlm-roberta" and rotary positions, one `model.safetensors` (often bf16) whose LoRA-parametrized
+  modules carry all task adapters stacked (`...parametrizations.weight.0.lora_A [T, r, in]`).
+- "transformers": Transformers' `jina_embeddings_v3` folder (base weights only) plus one PEFT LoRA
+  adapter folder per task (`retrieval_query/adapter_config.json`, `adapter_model.safetensors`).
+- "jina_jax": written by `jina-jax convert`: the target tree under its own names.
+
+Every reader returns a `Checkpoint` whose params are the flat target tree as numpy arrays; the
+model side turns them into device arrays leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+
+import numpy as np
+
+from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
+
+from . import names
+from .safetensors_io import CheckpointError, SafetensorsFile, TensorSource
+from .tree import AdapterBuilder, ParamBuilder, _module_shape, flatten, nest, param_shapes
+
+FORMAT_KEY = "jina_jax_format"
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
+HEADS_FILE = "heads.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "sentencepiece.bpe.model", "config_sentence_transformers.json")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: JinaConfig
+    params: dict            # flat {path tuple: np.ndarray}, the target tree
+    adapters: dict          # {task: adapter tree of np.float32 factors} (see jina_jax/lora.py)
+    scales: dict            # {task: float}
+    heads: dict             # {torch key: np.ndarray}: head tensors, untouched
+    format: str
+    folder: str
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_format(folder: str) -> str:
+    """"original", "transformers" or "jina_jax", from `config.json`; anything else is an error."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json (not a checkpoint folder)")
+    cfg = _read_json(path)
+    if FORMAT_KEY in cfg:
+        return "jina_jax"
+    model_type = cfg.get("model_type")
+    if model_type == "jina_embeddings_v3":
+        return "transformers"
+    if model_type in ("xlm-roberta", "bert") and (
+            cfg.get("position_embedding_type") == "rotary" or "lora_adaptations" in cfg):
+        return "original"
+    raise CheckpointError(f"{path}: unknown checkpoint format (model_type={model_type!r}); "
+                          "expected the jina-embeddings-v3 release ('xlm-roberta' with rotary "
+                          "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder")
+
+
+def load(folder: str, dtype=np.float32) -> Checkpoint:
+    fmt = detect_format(folder)
+    reader = {"original": _load_original, "transformers": _load_transformers,
+              "jina_jax": _load_native}[fmt]
+    return reader(folder, np.dtype(dtype))
+
+
+# --- shared by the two PyTorch formats ------------------------------------------------------
+
+def _scan_keys(src: TensorSource):
+    """Splits keys into encoder targets and head tensors; an unknown key is an error."""
+    targets, heads = {}, []
+    for key in src.keys():
+        if names.is_head_key(key):
+            heads.append(key)
+            continue
+        target = names.parse(key)
+        if target is None:
+            raise CheckpointError(f"{src.file_of(key)}: key {key!r} is not part of "
+                                  "jina-embeddings-v3 (the mapping does not know it)")
+        targets[key] = target
+    has_pooler = any(t.module[0] == "pooler" for t in targets.values())
+    return targets, heads, has_pooler
+
+
+def _read_base(src: TensorSource, cfg, targets, dtype) -> dict:
+    builder = ParamBuilder(cfg, dtype, src.name)
+    # The largest tensor (the word table) first, while little else is held.
+    for key in sorted((k for k, t in targets.items() if t.leaf in ("weight", "bias")),
+                      key=lambda k: -int(np.prod(src.shape(k)))):
+        builder.put(targets[key], src.read(key), key, src.file_of(key))
+    return builder.finish()
+
+
+# --- the release ---------------------------------------------------------------------------
+
+def _load_original(folder: str, dtype) -> Checkpoint:
+    raw = _read_json(os.path.join(folder, "config.json"))
+    src = TensorSource.open(folder)
+    targets, head_keys, has_pooler = _scan_keys(src)
+    cfg = JinaConfig.from_dict(raw).replace(add_pooling_layer=has_pooler)
+    tasks = list(cfg.lora_adaptations)
+    params = _read_base(src, cfg, targets, dtype)
+
+    adapters = AdapterBuilder(cfg, src.name)
+    for key, target in targets.items():
+        file = src.file_of(key)
+        if target.leaf.startswith("peft"):
+            raise CheckpointError(f"{file}: PEFT key {key!r} inside a release-format checkpoint")
+        if target.leaf not in ("lora_A", "lora_B"):
+            continue
+        stacked = src.read(key).astype(np.float32)
+        if stacked.ndim != 3 or stacked.shape[0] != len(tasks):
+            raise CheckpointError(f"{file}: key {key!r} has shape {list(stacked.shape)}; expected "
+                                  f"[{len(tasks)} tasks (lora_adaptations), ...]")
+        rank_axis = {("linear", "lora_A"): 1, ("linear", "lora_B"): 2,
+                     ("embed", "lora_A"): 2, ("embed", "lora_B"): 1}[(target.kind, target.leaf)]
+        if stacked.shape[rank_axis] != cfg.lora_rank:
+            raise CheckpointError(f"{file}: key {key!r} has rank {stacked.shape[rank_axis]}, but "
+                                  f"config.json says lora_rank={cfg.lora_rank}")
+        for i, task in enumerate(tasks):
+            # Linear: A [r, in], B [out, r]  ->  a [in, r], b [r, out].
+            # Embedding: A [V, r], B [r, H] are already a and b.
+            value = stacked[i].T if target.kind == "linear" else stacked[i]
+            factor = "a" if target.leaf == "lora_A" else "b"
+            adapters.put(task, target, factor, value, key, file)
+    scale = cfg.lora_alpha / cfg.lora_rank
+    found = adapters.finish()
+    return Checkpoint(cfg, params, found, {t: scale for t in found},
+                      {k: src.read(k) for k in head_keys}, "original", folder)
+
+
+# --- Transformers + PEFT ------------------------------------------------------------------
+
+_REFUSED = {"use_dora": "DoRA", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
+            "lora_bias": "LoRA bias", "alora_invocation_tokens": "aLoRA",
+            "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens"}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the key matches a suffix of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _task_display_name(folder_name: str, declared) -> str:
+    for name in tuple(declared or ()) + RELEASE_TASKS:
+        if canonical_task(name) == canonical_task(folder_name):
+            return name
+    return folder_name
+
+
+def _adapter_folders(folder: str) -> list[str]:
+    out = []
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if not os.path.isdir(sub):
+            continue
+        has_config = os.path.isfile(os.path.join(sub, "adapter_config.json"))
+        has_weights = any(os.path.isfile(os.path.join(sub, f))
+                          for f in ("adapter_model.safetensors", "adapter_model.bin"))
+        if has_weights and not has_config:
+            raise CheckpointError(f"{sub}: adapter weights without adapter_config.json")
+        if has_config:
+            out.append(sub)
+    return out
+
+
+def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> float:
+    """Adds one PEFT LoRA folder to `adapters`; returns the task's scale."""
+    conf_path = os.path.join(sub, "adapter_config.json")
+    conf = _read_json(conf_path)
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{conf_path}: peft_type {conf.get('peft_type')!r} is not LoRA")
+    for field, what in _REFUSED.items():
+        if conf.get(field):
+            raise CheckpointError(f"{conf_path}: {what} ({field}={conf[field]!r}) is not plain "
+                                  "LoRA and is not supported")
+    if conf.get("fan_in_fan_out"):
+        raise CheckpointError(f"{conf_path}: fan_in_fan_out=True does not fit this model's "
+                              "Linear layers")
+    try:
+        r, alpha = int(conf["r"]), float(conf["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{conf_path}: needs integer 'r' and numeric 'lora_alpha'") from None
+    rslora = bool(conf.get("use_rslora"))
+    scale_of = lambda rank, a: a / math.sqrt(rank) if rslora else a / rank
+    task_scale = scale_of(r, alpha)
+
+    weights = os.path.join(sub, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{sub}: no adapter_model.safetensors")
+    f = SafetensorsFile(weights)
+    for key in f.keys():
+        target = names.parse(key)
+        if target is None or not target.leaf.startswith("peft"):
+            raise CheckpointError(f"{weights}: key {key!r} is not a LoRA factor of a "
+                                  "jina-embeddings-v3 module")
+        value = f.read(key).astype(np.float32)
+        module_name = names.strip_prefixes(key).rsplit(".lora_", 1)[0]
+        if target.leaf in ("peft_A", "peft_emb_A"):
+            # Linear A [r, in] -> a [in, r]; Embedding A [r, V] -> a [V, r]
+            adapters.put(task, target, "a", value.T, key, weights)
+            continue
+        # Linear B [out, r]; Embedding B [H, r]: both -> b [r, out], with this module's own scale
+        # relative to the task's (rank_pattern / alpha_pattern) folded in.
+        rank = value.shape[1]
+        mod_rank = _pattern_value(conf.get("rank_pattern"), module_name, r)
+        if rank != mod_rank:
+            raise CheckpointError(f"{weights}: key {key!r} has rank {rank}, but "
+                                  f"{conf_path} implies r={mod_rank}")
+        mod_alpha = _pattern_value(conf.get("alpha_pattern"), module_name, alpha)
+        ratio = scale_of(rank, mod_alpha) / task_scale
+        adapters.put(task, target, "b", value.T * ratio, key, weights)
+    return task_scale
+
+
+def _load_transformers(folder: str, dtype) -> Checkpoint:
+    raw = _read_json(os.path.join(folder, "config.json"))
+    src = TensorSource.open(folder)
+    targets, head_keys, has_pooler = _scan_keys(src)
+    for key, target in targets.items():
+        if target.leaf not in ("weight", "bias"):
+            raise CheckpointError(f"{src.file_of(key)}: LoRA key {key!r} in the base weights of "
+                                  "a Transformers-format checkpoint")
+    subs = _adapter_folders(folder)
+    declared = raw.get("lora_adaptations")
+    tasks = [_task_display_name(os.path.basename(s), declared) for s in subs]
+    order = {canonical_task(t): i for i, t in enumerate(tuple(declared or ()) + RELEASE_TASKS)}
+    ranked = sorted(zip(tasks, subs), key=lambda ts: (order.get(canonical_task(ts[0]), 99), ts[0]))
+
+    fields = {"add_pooling_layer": has_pooler, "lora_adaptations": tuple(t for t, _ in ranked)}
+    if not raw.get("task_instructions"):
+        st_path = os.path.join(folder, "config_sentence_transformers.json")
+        prompts = _read_json(st_path).get("prompts") if os.path.isfile(st_path) else None
+        if prompts:
+            fields["task_instructions"] = tuple(prompts.items())
+    cfg = JinaConfig.from_dict(raw).replace(**fields)
+    params = _read_base(src, cfg, targets, dtype)
+
+    adapters = AdapterBuilder(cfg, folder)
+    scales = {task: _read_peft_adapter(sub, task, cfg, adapters) for task, sub in ranked}
+    if ranked:
+        first = _read_json(os.path.join(ranked[0][1], "adapter_config.json"))
+        cfg = cfg.replace(lora_rank=int(first["r"]), lora_alpha=float(first["lora_alpha"]))
+    found = adapters.finish()
+    # A folder with an empty adapter still names a valid task (its delta is zero).
+    found.update({task: {} for task in scales if task not in found})
+    return Checkpoint(cfg, params, found, scales, {k: src.read(k) for k in head_keys},
+                      "transformers", folder)
+
+
+# --- our own format -----------------------------------------------------------------------
+
+def _load_native(folder: str, dtype) -> Checkpoint:
+    raw = _read_json(os.path.join(folder, "config.json"))
+    if raw[FORMAT_KEY] != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}/config.json: {FORMAT_KEY}={raw[FORMAT_KEY]!r} is not "
+                              f"supported (this version reads {FORMAT_VERSION})")
+    cfg = JinaConfig.from_dict(raw)
+    scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
+    params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
+    builder = ParamBuilder(cfg, dtype, params_file.path)
+    for key in params_file.keys():
+        builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)
+    params = builder.finish()
+
+    adapters: dict = {task: {} for task in scales}
+    shapes = param_shapes(cfg)
+    path = os.path.join(folder, ADAPTERS_FILE)
+    if os.path.isfile(path):
+        f = SafetensorsFile(path)
+        for key in f.keys():
+            task, *module, factor = key.split("/")
+            module = tuple(module)
+            if task not in scales:
+                raise CheckpointError(f"{path}: key {key!r} is for task {task!r}, which "
+                                      "config.json's lora_scales does not list")
+            value = f.read(key).astype(np.float32)
+            try:
+                rows, cols = _module_shape(shapes, module)
+            except KeyError:
+                raise CheckpointError(f"{path}: key {key!r} adapts no parameter of this "
+                                      "config") from None
+            lead = (cfg.num_hidden_layers,) if module[0] == "layers" else ()
+            ok = factor in ("a", "b") and value.shape[:-2] == lead and (
+                value.shape[-2] == rows if factor == "a" else value.shape[-1] == cols)
+            if not ok:
+                raise CheckpointError(f"{path}: key {key!r} has shape {list(value.shape)}, which "
+                                      f"does not fit {'/'.join(module)} [{rows}, {cols}]")
+            flatten_into = adapters[task]
+            for k in module:
+                flatten_into = flatten_into.setdefault(k, {})
+            flatten_into[factor] = value
+    heads_path = os.path.join(folder, HEADS_FILE)
+    heads = {}
+    if os.path.isfile(heads_path):
+        f = SafetensorsFile(heads_path)
+        heads = {k: f.read(k) for k in f.keys()}
+    return Checkpoint(cfg, params, adapters, scales, heads, "jina_jax", folder)
+
+
+def save_native(folder: str, ckpt: Checkpoint, dtype=None):
+    """Writes a jina-jax folder; `dtype` (default: as held) applies to the base parameters."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
+    meta = {"format": "jina-jax"}
+    save_file({"/".join(p): cast(v) for p, v in ckpt.params.items()},
+              os.path.join(folder, PARAMS_FILE), metadata=meta)
+    factors = {f"{task}/" + "/".join(p): np.asarray(v, np.float32)
+               for task, tree in ckpt.adapters.items() for p, v in flatten(tree).items()}
+    if factors:
+        save_file(factors, os.path.join(folder, ADAPTERS_FILE), metadata=meta)
+    if ckpt.heads:
+        save_file({k: np.asarray(v) for k, v in ckpt.heads.items()},
+                  os.path.join(folder, HEADS_FILE), metadata=meta)
+    config = {FORMAT_KEY: FORMAT_VERSION, **ckpt.config.to_dict(),
+              "lora_scales": {t: float(s) for t, s in ckpt.scales.items()}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(ckpt.folder, name)
+        if os.path.isfile(path) and os.path.abspath(ckpt.folder) != os.path.abspath(folder):
+            shutil.copyfile(path, os.path.join(folder, name))
+
+
+__all__ = ["Checkpoint", "CheckpointError", "detect_format", "load", "save_native", "nest"]

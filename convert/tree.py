@@ -1,0 +1,227 @@
+"""The target parameter tree, and builders that fill it tensor by tensor with full checking.
+
+`param_shapes(config)` is the tree `JinaEncoder.init` makes (a test holds the two equal). The
+builders accept one source tensor at a time, check it against the config, and at the end refuse a
+tree with any hole: nothing loads half-filled.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .names import Target, release_key
+from .safetensors_io import CheckpointError
+
+Path = tuple[str, ...]
+
+
+def param_shapes(cfg) -> dict[Path, tuple[int, ...]]:
+    """Flat {path: shape} of the encoder's parameters for a `JinaConfig`."""
+    h, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    shapes = {
+        ("embeddings", "word", "embedding"): (cfg.vocab_size, h),
+        ("embeddings", "token_type", "embedding"): (cfg.type_vocab_size, h),
+        ("embeddings", "norm", "scale"): (h,),
+        ("embeddings", "norm", "bias"): (h,),
+    }
+    per_layer = {
+        ("attn", "qkv", "kernel"): (h, 3 * h), ("attn", "qkv", "bias"): (3 * h,),
+        ("attn", "out", "kernel"): (h, h), ("attn", "out", "bias"): (h,),
+        ("mlp", "fc1", "kernel"): (h, f), ("mlp", "fc1", "bias"): (f,),
+        ("mlp", "fc2", "kernel"): (f, h), ("mlp", "fc2", "bias"): (h,),
+        ("norm1", "scale"): (h,), ("norm1", "bias"): (h,),
+        ("norm2", "scale"): (h,), ("norm2", "bias"): (h,),
+    }
+    shapes.update({("layers",) + p: (n_layers,) + s for p, s in per_layer.items()})
+    if cfg.add_pooling_layer:
+        shapes[("pooler", "dense", "kernel")] = (h, h)
+        shapes[("pooler", "dense", "bias")] = (h,)
+    return shapes
+
+
+def nest(flat: dict[Path, object]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def flatten(tree, prefix: Path = ()) -> dict[Path, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _module_shape(shapes, module: Path) -> tuple[int, int]:
+    """(in, out) of a Linear's kernel or (rows, dim) of an Embedding's table, per layer."""
+    for leaf in ("kernel", "embedding"):
+        if module + (leaf,) in shapes:
+            shape = shapes[module + (leaf,)]
+            return shape[-2], shape[-1]
+    raise KeyError(module)
+
+
+class ParamBuilder:
+    """Fills the base parameter tree; `finish()` returns it or names what is missing."""
+
+    def __init__(self, cfg, dtype, source: str):
+        self.cfg, self.dtype, self.source = cfg, np.dtype(dtype), source
+        self.shapes = param_shapes(cfg)
+        self.arrays: dict[Path, np.ndarray] = {}
+        self.filled: dict[Path, set] = defaultdict(set)
+
+    def put(self, target: Target, value: np.ndarray, key: str, file: str):
+        path = target.module + (target.param,)
+        if path not in self.shapes:
+            raise CheckpointError(f"{file}: key {key!r} has no place in a model with this config "
+                                  f"(add_pooling_layer={self.cfg.add_pooling_layer})")
+        full = self.shapes[path]
+        layered = path[0] == "layers"
+        if layered and not 0 <= target.layer < self.cfg.num_hidden_layers:
+            raise CheckpointError(f"{file}: key {key!r} is for layer {target.layer}, but the "
+                                  f"config has num_hidden_layers={self.cfg.num_hidden_layers}")
+        if target.kind == "linear" and target.leaf == "weight":
+            value = value.T  # PyTorch [out, in] -> [in, out]
+        want = full[1:] if layered else full
+        index: tuple = (target.layer,) if layered else ()
+        if target.slot is not None:  # one third of the fused qkv
+            third = want[-1] // 3
+            want = want[:-1] + (third,)
+            index = index + (Ellipsis, slice(target.slot * third, (target.slot + 1) * third))
+        if tuple(value.shape) != tuple(want):
+            what = "(transposed from [out, in]) " if target.kind == "linear" and target.leaf == "weight" else ""
+            raise CheckpointError(f"{file}: key {key!r} has shape {list(value.shape)} {what}but "
+                                  f"the config implies {list(want)}")
+        layer = target.layer if layered else None
+        done = self.filled[path]
+        if (layer, target.slot) in done or (layer, None) in done or (
+                target.slot is None and any(m[0] == layer for m in done)):
+            raise CheckpointError(f"{file}: key {key!r} sets {'/'.join(path)} a second time")
+        if path not in self.arrays:
+            self.arrays[path] = np.empty(full, self.dtype)
+        self.arrays[path][index] = value.astype(self.dtype)
+        done.add((layer, target.slot))
+
+    def put_path(self, path: Path, value: np.ndarray, key: str, file: str):
+        """A leaf already in target layout (our own format)."""
+        if path not in self.shapes:
+            raise CheckpointError(f"{file}: key {key!r} is not a parameter of this config")
+        if tuple(value.shape) != self.shapes[path]:
+            raise CheckpointError(f"{file}: key {key!r} has shape {list(value.shape)} but the "
+                                  f"config implies {list(self.shapes[path])}")
+        self.arrays[path] = value.astype(self.dtype)
+        self.filled[path] = {(None, None)} | {(i, None) for i in range(self.cfg.num_hidden_layers)}
+
+    def _missing(self, path: Path) -> list[str]:
+        layers = range(self.cfg.num_hidden_layers) if path[0] == "layers" else [None]
+        done = self.filled.get(path, set())
+        missing = []
+        for layer in layers:
+            if (layer, None) in done or {(layer, 0), (layer, 1), (layer, 2)} <= done:
+                continue
+            missing.append(release_key(path[:-1], path[-1], layer))
+        return missing
+
+    def finish(self) -> dict[Path, np.ndarray]:
+        missing = [k for path in self.shapes for k in self._missing(path)]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointError(f"{self.source}: missing key(s) {missing[:5]}{more}")
+        return self.arrays
+
+
+class AdapterBuilder:
+    """Collects LoRA factors per task and module; `finish()` gives one adapter tree per task.
+
+    Factors arrive in the target layout (a [in, r], b [r, out]; tables a [V, r], b [r, H]) with
+    any per-module scale correction already folded into b. Split q/k/v factors are fused into the
+    qkv module as a = [a_q | a_k | a_v] and a block-diagonal b, which is exact.
+    """
+
+    def __init__(self, cfg, source: str):
+        self.cfg, self.source = cfg, source
+        self.shapes = param_shapes(cfg)
+        # (task, module) -> layer -> slot -> {"a": ..., "b": ...}
+        self.parts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+        self.keys: dict = {}
+
+    def put(self, task: str, target: Target, factor: str, value: np.ndarray, key: str, file: str):
+        module = target.module
+        try:
+            rows, cols = _module_shape(self.shapes, module)
+        except KeyError:
+            raise CheckpointError(f"{file}: LoRA key {key!r} adapts {'/'.join(module)}, which "
+                                  "this model does not have") from None
+        if module[0] == "layers" and not 0 <= target.layer < self.cfg.num_hidden_layers:
+            raise CheckpointError(f"{file}: LoRA key {key!r} is for layer {target.layer}, but the "
+                                  f"config has num_hidden_layers={self.cfg.num_hidden_layers}")
+        if target.slot is not None:
+            cols //= 3
+        value = np.asarray(value, np.float32)
+        if value.ndim != 2 or (factor == "a" and value.shape[0] != rows) or (
+                factor == "b" and value.shape[1] != cols):
+            raise CheckpointError(f"{file}: LoRA key {key!r} has shape {list(value.shape)} "
+                                  f"(as {factor} in [in, r] / [r, out] layout), which does not fit "
+                                  f"{'/'.join(module)} of shape [{rows}, {cols}]")
+        slot = self.parts[(task, module)][target.layer][target.slot]
+        if factor in slot:
+            raise CheckpointError(f"{file}: LoRA key {key!r} sets task {task!r} "
+                                  f"{'/'.join(module)} a second time")
+        slot[factor] = value
+        self.keys[(task, module, target.layer, target.slot, factor)] = (key, file)
+
+    def _fuse(self, task, module, layer, slots) -> tuple[np.ndarray, np.ndarray]:
+        for slot, fac in slots.items():
+            for need in ("a", "b"):
+                if need not in fac:
+                    other = "b" if need == "a" else "a"
+                    key, file = self.keys[(task, module, layer, slot, other)]
+                    raise CheckpointError(f"{file}: LoRA key {key!r} has no matching "
+                                          f"lora_{need.upper()} for task {task!r}")
+            if fac["a"].shape[1] != fac["b"].shape[0]:
+                key, file = self.keys[(task, module, layer, slot, "a")]
+                raise CheckpointError(f"{file}: LoRA factors of {key!r} disagree on the rank: "
+                                      f"{fac['a'].shape[1]} vs {fac['b'].shape[0]}")
+        if set(slots) == {None}:
+            return slots[None]["a"], slots[None]["b"]
+        rows, cols = _module_shape(self.shapes, module)
+        third = cols // 3
+        ranks = {s: slots[s]["a"].shape[1] for s in sorted(slots)}
+        a = np.concatenate([slots[s]["a"] for s in sorted(slots)], axis=1)
+        b = np.zeros((a.shape[1], cols), np.float32)
+        start = 0
+        for s, r in ranks.items():
+            b[start:start + r, s * third:(s + 1) * third] = slots[s]["b"]
+            start += r
+        return a, b
+
+    def finish(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for (task, module), layers in self.parts.items():
+            fused = {layer: self._fuse(task, module, layer, slots) for layer, slots in layers.items()}
+            if module[0] != "layers":
+                a, b = fused[None]
+            else:
+                rank = max(a.shape[1] for a, _ in fused.values())
+                rows, cols = _module_shape(self.shapes, module)
+                n = self.cfg.num_hidden_layers
+                # Layers the adapter skips, or with a smaller rank, get zeros: a @ b is unchanged.
+                a = np.zeros((n, rows, rank), np.float32)
+                b = np.zeros((n, rank, cols), np.float32)
+                for layer, (fa, fb) in fused.items():
+                    a[layer, :, : fa.shape[1]] = fa
+                    b[layer, : fb.shape[0]] = fb
+            node = out.setdefault(task, {})
+            for key in module[:-1]:
+                node = node.setdefault(key, {})
+            node[module[-1]] = {"a": a, "b": b}
+        return out
