@@ -26,6 +26,7 @@ from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
 
 from . import names
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorSource
+from .safetensors_io import write as save_file
 from .tree import AdapterBuilder, ParamBuilder, _module_shape, flatten, nest, param_shapes
 
 FORMAT_KEY = "jina_jax_format"
@@ -323,8 +324,6 @@ def _load_native(folder: str, dtype) -> Checkpoint:
 
 def save_native(folder: str, ckpt: Checkpoint, dtype=None):
     """Writes a jina-jax folder; `dtype` (default: as held) applies to the base parameters."""
-    from safetensors.numpy import save_file
-
     os.makedirs(folder, exist_ok=True)
     cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
     meta = {"format": "jina-jax"}

@@ -137,3 +137,34 @@ class TensorSource:
     @property
     def name(self) -> str:
         return ", ".join(f.path for f in self.files)
+
+
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Writes a safetensors file tensor by tensor (no second in-memory copy of the whole set).
+
+    The layout is the standard one (8-byte little-endian header length, JSON header padded with
+    spaces to 8 bytes, then the data), so any safetensors reader opens it.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = {}
+    for key in sorted(tensors):
+        arr = np.asarray(tensors[key])
+        if arr.dtype not in _CODES:
+            raise TypeError(f"{path}: key {key!r}: dtype {arr.dtype} cannot be stored")
+        header[key] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays[key] = arr
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = os.fspath(path) + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in sorted(arrays):
+            f.write(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8).data)
+    os.replace(tmp, path)  # never leave a half-written file under the real name
