@@ -78,11 +78,13 @@ def detect_format(folder: str) -> str:
                           "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder")
 
 
-def load(folder: str, dtype=np.float32) -> Checkpoint:
+def load(folder: str, dtype=np.float32, place=None) -> Checkpoint:
+    """Reads any supported folder. Base parameters come back in `dtype`; `place`, if given, is
+    applied to each parameter leaf as soon as it is complete (see `ParamBuilder`)."""
     fmt = detect_format(folder)
     reader = {"original": _load_original, "transformers": _load_transformers,
               "jina_jax": _load_native}[fmt]
-    return reader(folder, np.dtype(dtype))
+    return reader(folder, np.dtype(dtype), place)
 
 
 # --- shared by the two PyTorch formats ------------------------------------------------------
@@ -103,9 +105,9 @@ def _scan_keys(src: TensorSource):
     return targets, heads, has_pooler
 
 
-def _read_base(src: TensorSource, cfg, targets, dtype) -> dict:
-    builder = ParamBuilder(cfg, dtype, src.name)
-    # The largest tensor (the word table) first, while little else is held.
+def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
+    builder = ParamBuilder(cfg, dtype, src.name, place)
+    # Largest first, so tensors of one stacked leaf arrive together and it completes early.
     for key in sorted((k for k, t in targets.items() if t.leaf in ("weight", "bias")),
                       key=lambda k: -int(np.prod(src.shape(k)))):
         builder.put(targets[key], src.read(key), key, src.file_of(key))
@@ -114,13 +116,13 @@ def _read_base(src: TensorSource, cfg, targets, dtype) -> dict:
 
 # --- the release ---------------------------------------------------------------------------
 
-def _load_original(folder: str, dtype) -> Checkpoint:
+def _load_original(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
     targets, head_keys, has_pooler = _scan_keys(src)
     cfg = JinaConfig.from_dict(raw).replace(add_pooling_layer=has_pooler)
     tasks = list(cfg.lora_adaptations)
-    params = _read_base(src, cfg, targets, dtype)
+    params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, src.name)
     for key, target in targets.items():
@@ -237,7 +239,7 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
     return task_scale
 
 
-def _load_transformers(folder: str, dtype) -> Checkpoint:
+def _load_transformers(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
     targets, head_keys, has_pooler = _scan_keys(src)
@@ -258,7 +260,7 @@ def _load_transformers(folder: str, dtype) -> Checkpoint:
         if prompts:
             fields["task_instructions"] = tuple(prompts.items())
     cfg = JinaConfig.from_dict(raw).replace(**fields)
-    params = _read_base(src, cfg, targets, dtype)
+    params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, folder)
     scales = {task: _read_peft_adapter(sub, task, cfg, adapters) for task, sub in ranked}
@@ -274,7 +276,7 @@ def _load_transformers(folder: str, dtype) -> Checkpoint:
 
 # --- our own format -----------------------------------------------------------------------
 
-def _load_native(folder: str, dtype) -> Checkpoint:
+def _load_native(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     if raw[FORMAT_KEY] != FORMAT_VERSION:
         raise CheckpointError(f"{folder}/config.json: {FORMAT_KEY}={raw[FORMAT_KEY]!r} is not "
@@ -282,7 +284,7 @@ def _load_native(folder: str, dtype) -> Checkpoint:
     cfg = JinaConfig.from_dict(raw)
     scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
     params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
-    builder = ParamBuilder(cfg, dtype, params_file.path)
+    builder = ParamBuilder(cfg, dtype, params_file.path, place)
     for key in params_file.keys():
         builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)
     params = builder.finish()

@@ -142,29 +142,46 @@ class TensorSource:
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
+class Lazy:
+    """A tensor written by `write` without holding it beforehand: `make()` returns the array."""
+
+    def __init__(self, shape, dtype, make):
+        self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+
 def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Writes a safetensors file tensor by tensor (no second in-memory copy of the whole set).
 
-    The layout is the standard one (8-byte little-endian header length, JSON header padded with
-    spaces to 8 bytes, then the data), so any safetensors reader opens it.
+    Values are arrays or `Lazy` tensors, made one at a time as they are written. The layout is the
+    standard one (8-byte little-endian header length, JSON header padded with spaces to 8 bytes,
+    then the data), so any safetensors reader opens it.
     """
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    arrays = {}
     for key in sorted(tensors):
-        arr = np.asarray(tensors[key])
-        if arr.dtype not in _CODES:
-            raise TypeError(f"{path}: key {key!r}: dtype {arr.dtype} cannot be stored")
-        header[key] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays[key] = arr
+        value = tensors[key]
+        if not isinstance(value, Lazy):
+            value = tensors[key] = np.asarray(value)
+        if value.dtype not in _CODES:
+            raise TypeError(f"{path}: key {key!r}: dtype {value.dtype} cannot be stored")
+        header[key] = {"dtype": _CODES[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = os.fspath(path) + ".partial"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for key in sorted(arrays):
-            f.write(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8).data)
+        for key in sorted(tensors):
+            value = tensors[key]
+            arr = np.asarray(value.make() if isinstance(value, Lazy) else value, value.dtype)
+            if arr.shape != tuple(value.shape):
+                raise ValueError(f"{path}: key {key!r}: made shape {arr.shape}, declared {value.shape}")
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+            del arr
     os.replace(tmp, path)  # never leave a half-written file under the real name

@@ -73,8 +73,10 @@ def _module_shape(shapes, module: Path) -> tuple[int, int]:
 class ParamBuilder:
     """Fills the base parameter tree; `finish()` returns it or names what is missing."""
 
-    def __init__(self, cfg, dtype, source: str):
-        self.cfg, self.dtype, self.source = cfg, np.dtype(dtype), source
+    def __init__(self, cfg, dtype, source: str, place=None):
+        """`place(array)`, if given, receives each leaf as soon as it is complete (to move it to
+        a device and drop the host copy, so host memory holds one leaf at a time, not the tree)."""
+        self.cfg, self.dtype, self.source, self.place = cfg, np.dtype(dtype), source, place
         self.shapes = param_shapes(cfg)
         self.arrays: dict[Path, np.ndarray] = {}
         self.filled: dict[Path, set] = defaultdict(set)
@@ -110,6 +112,8 @@ class ParamBuilder:
             self.arrays[path] = np.empty(full, self.dtype)
         self.arrays[path][index] = value.astype(self.dtype)
         done.add((layer, target.slot))
+        if self.place is not None and not self._missing(path):
+            self.arrays[path] = self.place(self.arrays[path])
 
     def put_path(self, path: Path, value: np.ndarray, key: str, file: str):
         """A leaf already in target layout (our own format)."""
@@ -118,7 +122,8 @@ class ParamBuilder:
         if tuple(value.shape) != self.shapes[path]:
             raise CheckpointError(f"{file}: key {key!r} has shape {list(value.shape)} but the "
                                   f"config implies {list(self.shapes[path])}")
-        self.arrays[path] = value.astype(self.dtype)
+        value = value.astype(self.dtype)
+        self.arrays[path] = self.place(value) if self.place is not None else value
         self.filled[path] = {(None, None)} | {(i, None) for i in range(self.cfg.num_hidden_layers)}
 
     def _missing(self, path: Path) -> list[str]:

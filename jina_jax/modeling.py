@@ -70,8 +70,9 @@ class JinaEmbeddingsV3:
 
         folder = resolve(src, revision=revision)
         pdt = as_dtype(param_dtype if param_dtype is not None else dtype)
-        ckpt = load(folder, dtype=np.dtype(pdt.name) if pdt != jnp.bfloat16 else _np_bf16())
-        params = _to_device_tree(ckpt.params, pdt)
+        host_dtype = _np_bf16() if pdt == jnp.bfloat16 else np.dtype(pdt.name)
+        ckpt = load(folder, dtype=host_dtype, place=lambda x: jnp.asarray(x, dtype=pdt))
+        params = _nest(ckpt.params)
         return cls(ckpt.config, params, ckpt.adapters, ckpt.scales, dtype=dtype,
                    param_dtype=pdt, heads=ckpt.heads, source=folder, **kwargs)
 
@@ -186,17 +187,13 @@ def _np_bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _to_device_tree(flat: dict, dtype) -> dict:
-    """Moves the flat numpy tree to device leaf by leaf, dropping each host copy as it goes, so
-    peak memory stays near one tree plus one leaf."""
+def _nest(flat: dict) -> dict:
     out: dict = {}
-    for path in list(flat):
-        value = flat.pop(path)
+    for path, value in flat.items():
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value, dtype=dtype)
-        del value
+        node[path[-1]] = value
     return out
 
 

@@ -1,0 +1,96 @@
+"""A random-weight checkpoint in the release's own layout (format A), for offline first runs and
+benchmarks. Its embeddings are meaningless: it only shows the machinery working.
+
+`jina-jax random-checkpoint DST [--layers N] [--dtype bfloat16|float32]` writes `config.json` and a
+`model.safetensors` with the released widths (1024 wide, 16 heads, FFN 4096, vocab 250002, five
+rank-4 adapters stacked on every Linear and Embedding), tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from jina_jax.config import JinaConfig
+
+from .safetensors_io import Lazy, write
+
+_LINEARS = ("mixer.Wqkv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, kind)} of a release checkpoint for `cfg`; kind picks the initialisation."""
+    h, f, v, t, r = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
+                     len(cfg.lora_adaptations), cfg.lora_rank)
+    out: dict = {}
+
+    def parametrized(module, shape, embedding):
+        out[f"roberta.{module}.parametrizations.weight.original"] = (shape, "weight")
+        if embedding:  # A [T, V, r], B [T, r, H]
+            out[f"roberta.{module}.parametrizations.weight.0.lora_A"] = ((t, shape[0], r), "lora_a")
+            out[f"roberta.{module}.parametrizations.weight.0.lora_B"] = ((t, r, shape[1]), "lora_b")
+        else:  # A [T, r, in], B [T, out, r]
+            out[f"roberta.{module}.parametrizations.weight.0.lora_A"] = ((t, r, shape[1]), "lora_a")
+            out[f"roberta.{module}.parametrizations.weight.0.lora_B"] = ((t, shape[0], r), "lora_b")
+
+    parametrized("embeddings.word_embeddings", (v, h), True)
+    parametrized("embeddings.token_type_embeddings", (cfg.type_vocab_size, h), True)
+    out["roberta.emb_ln.weight"] = ((h,), "norm")
+    out["roberta.emb_ln.bias"] = ((h,), "bias")
+    shapes = {"mixer.Wqkv": (3 * h, h), "mixer.out_proj": (h, h), "mlp.fc1": (f, h),
+              "mlp.fc2": (h, f)}
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"encoder.layers.{i}."
+        for name in _LINEARS:
+            parametrized(prefix + name, shapes[name], False)
+            out[f"roberta.{prefix}{name}.bias"] = ((shapes[name][0],), "bias")
+        for norm in ("norm1", "norm2"):
+            out[f"roberta.{prefix}{norm}.weight"] = ((h,), "norm")
+            out[f"roberta.{prefix}{norm}.bias"] = ((h,), "bias")
+    if cfg.add_pooling_layer:
+        parametrized("pooler.dense", (h, h), False)
+        out["roberta.pooler.dense.bias"] = ((h,), "bias")
+    return out
+
+
+def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: int = 0,
+                         dtype: str = "bfloat16") -> str:
+    cfg = cfg or JinaConfig()
+    os.makedirs(folder, exist_ok=True)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    std = {"weight": 0.02, "bias": 0.02, "norm": 0.05, "lora_a": 0.5, "lora_b": 0.01}
+
+    def maker(key, shape, kind):
+        def make():
+            # One generator per key: the same key gets the same values whatever else is written.
+            rng = np.random.default_rng([seed, int.from_bytes(key.encode()[-8:], "little")])
+            x = rng.standard_normal(shape, dtype=np.float32) * std[kind]
+            return (x + 1.0 if kind == "norm" else x).astype(np_dtype)
+        return make
+
+    tensors = {key: Lazy(shape, np_dtype, maker(key, shape, kind))
+               for key, (shape, kind) in release_layout(cfg).items()}
+    write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["XLMRobertaLoRA"], "model_type": "xlm-roberta",
+        "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_theta,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "lora_adaptations": list(cfg.lora_adaptations),
+        "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout_p": 0.1,
+        "task_instructions": dict(cfg.task_instructions),
+        "matryoshka_dimensions": list(cfg.matryoshka_dimensions), "truncate_dim": None,
+        "use_flash_attn": True, "torch_dtype": dtype,
+        "_comment": "random weights written by jina-jax: the embeddings are meaningless",
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return folder
