@@ -142,11 +142,11 @@ _RUNTIME = [("encoder.layers.", "layers."), ("mixer.out_proj", "self_attn.o_proj
 
 
 def original_reference(stored: dict, cfg: JinaEmbeddingsV3Config, task: str | None,
-                       with_pooler: bool = True) -> JinaEmbeddingsV3Model:
+                       with_pooler: bool = True, tasks=TASKS,
+                       scale: float = A_ALPHA / A_RANK) -> JinaEmbeddingsV3Model:
     """A Transformers model carrying the release's weights for `task`, merged by the release's
     formula in PyTorch: W_t = W + s * B[t] @ A[t] (Linear), E_t = E + s * A[t] @ B[t] (Embedding)."""
-    t = None if task is None else TASKS.index(task)
-    scale = A_ALPHA / A_RANK
+    t = None if task is None else list(tasks).index(task)
     state = {}
     for key, value in stored.items():
         key = key[len("roberta."):]
