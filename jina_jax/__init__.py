@@ -2,7 +2,18 @@
 
 from .config import JinaConfig
 from .model import EncoderOutput, JinaEncoder
+from .heads import (
+    JinaEmbeddingsV3ForMaskedLM,
+    JinaEmbeddingsV3ForQuestionAnswering,
+    JinaEmbeddingsV3ForSequenceClassification,
+    JinaEmbeddingsV3ForTokenClassification,
+)
+from . import losses
 from .modeling import JinaEmbeddingsV3
 
-__all__ = ["JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3"]
+__all__ = [
+    "JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3",
+    "JinaEmbeddingsV3ForMaskedLM", "JinaEmbeddingsV3ForSequenceClassification",
+    "JinaEmbeddingsV3ForTokenClassification", "JinaEmbeddingsV3ForQuestionAnswering",
+]
 __version__ = "0.1.0"

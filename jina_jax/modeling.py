@@ -127,24 +127,27 @@ class JinaEmbeddingsV3:
         if implementation not in self._forward:
             module = self.module(implementation)
 
-            def forward(params, ids, mask, lengths, lora, rows, gate):
-                return module.apply({"params": params}, ids, attention_mask=mask, lengths=lengths,
-                                    lora=lora, rows=rows, gate=gate)
+            def forward(params, extra, ids, mask, lengths, lora, rows, gate):
+                out = module.apply({"params": params}, ids, attention_mask=mask, lengths=lengths,
+                                   lora=lora, rows=rows, gate=gate)
+                return self._outputs(out, params, extra, lora, rows, gate)
 
             self._forward[implementation] = jax.jit(forward)
         return self._forward[implementation]
 
-    def __call__(self, input_ids, attention_mask=None, task=None) -> EncoderOutput:
-        """input_ids, attention_mask: int [B, L] (numpy or jax). task: None (no adapter), a task
-        name, or a list with one name (or None) per row."""
+    def _outputs(self, encoded: EncoderOutput, params, extra, lora, rows, gate):
+        """What the compiled forward returns (traced). Head models add their head here;
+        `extra` carries their head parameters."""
+        return encoded
+
+    def _run(self, input_ids, attention_mask, task, extra=None):
         ids = _check_ids(input_ids, self.config)
-        b, l = ids.shape
         mask, lengths = _padding(attention_mask, ids.shape)
-        params, lora, rows, gate = self._task_inputs(task, b)
+        params, lora, rows, gate = self._task_inputs(task, ids.shape[0])
         impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None)
         if impl == "cudnn" and self._cudnn_failed:
             impl = "xla"
-        args = (params, ids, mask, lengths, lora, rows, gate)
+        args = (params, extra, ids, mask, lengths, lora, rows, gate)
         if impl == "cudnn":
             try:
                 return self._compiled(impl)(*args)
@@ -153,6 +156,11 @@ class JinaEmbeddingsV3:
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
         return self._compiled("xla")(*args)
+
+    def __call__(self, input_ids, attention_mask=None, task=None) -> EncoderOutput:
+        """input_ids, attention_mask: int [B, L] (numpy or jax). task: None (no adapter), a task
+        name, or a list with one name (or None) per row."""
+        return self._run(input_ids, attention_mask, task)
 
     def _task_inputs(self, task, batch: int):
         """(params, lora, rows, gate) for a task spec."""

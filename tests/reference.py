@@ -49,10 +49,11 @@ def make_config(**overrides) -> JinaEmbeddingsV3Config:
     return JinaEmbeddingsV3Config(**{**SMALL, **overrides})
 
 
-def random_base(cfg: JinaEmbeddingsV3Config, seed: int = 0) -> JinaEmbeddingsV3Model:
-    """A Transformers model with every weight random: norms and biases off their defaults."""
+def random_base(cfg: JinaEmbeddingsV3Config, seed: int = 0, cls=JinaEmbeddingsV3Model):
+    """A Transformers model (`cls`: the encoder or a head model) with every weight random:
+    norms and biases off their defaults."""
     torch.manual_seed(seed)
-    model = JinaEmbeddingsV3Model(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name.lower():
@@ -62,24 +63,30 @@ def random_base(cfg: JinaEmbeddingsV3Config, seed: int = 0) -> JinaEmbeddingsV3M
     return model
 
 
-def write_transformers(folder: str, model: JinaEmbeddingsV3Model, adapters=PEFT_ADAPTERS,
-                       seed: int = 1) -> None:
-    """Format B: `save_pretrained` of the base, plus one PEFT folder per task."""
+def write_transformers(folder: str, model, adapters=PEFT_ADAPTERS, seed: int = 1) -> None:
+    """Format B: `save_pretrained` of the base (or head) model, plus one PEFT folder per task."""
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder)
     for i, (name, kw) in enumerate(adapters.items()):
         torch.manual_seed(seed + i)
-        fresh = JinaEmbeddingsV3Model.from_pretrained(folder).eval()
+        fresh = type(model).from_pretrained(folder).eval()
         peft_model = get_peft_model(fresh, LoraConfig(init_lora_weights=False, **kw),
                                     adapter_name=name)
+        with torch.no_grad():
+            # PEFT's non-zero init draws embedding factors from N(0, 1): a delta of std ~3 on a
+            # table of std 0.2, where logits over the tied table reach the hundreds and fp32
+            # rounding alone exceeds 1e-4. Scaled to a delta about the table's size.
+            for n, p in peft_model.named_parameters():
+                if "lora_embedding_B" in n:
+                    p.mul_(0.1)
         tmp = folder + "-peft"
         peft_model.save_pretrained(tmp)
         shutil.move(os.path.join(tmp, name), os.path.join(folder, name))
         shutil.rmtree(tmp)
 
 
-def peft_reference(folder: str, task_folder: str | None) -> torch.nn.Module:
-    base = JinaEmbeddingsV3Model.from_pretrained(folder).eval()
+def peft_reference(folder: str, task_folder: str | None, cls=JinaEmbeddingsV3Model) -> torch.nn.Module:
+    base = cls.from_pretrained(folder).eval()
     if task_folder is None:
         return base
     return PeftModel.from_pretrained(base, os.path.join(folder, task_folder)).eval()
