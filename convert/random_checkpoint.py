@@ -1,8 +1,8 @@
 """A random-weight checkpoint in the release's own layout (format A), for offline first runs and
 benchmarks. Its embeddings are meaningless: it only shows the machinery working.
 
-`jina-jax random-checkpoint DST [--layers N] [--dtype bfloat16|float32]` writes `config.json` and a
-`model.safetensors` with the released widths (1024 wide, 16 heads, FFN 4096, vocab 250002, five
+`jina-jax random-checkpoint DST [--layers N] [--dtype bfloat16|float32]` writes `config.json`, a
+`tokenizer.json` with made-up pieces, and a `model.safetensors` with the released widths (1024 wide, 16 heads, FFN 4096, vocab 250002, five
 rank-4 adapters stacked on every Linear and Embedding), tensor by tensor.
 """
 
@@ -93,4 +93,57 @@ def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: in
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    write_tokenizer(folder, cfg.vocab_size, seed)
     return folder
+
+
+def write_tokenizer(folder: str, vocab_size: int, seed: int = 0) -> str:
+    """A `tokenizer.json` shaped like XLM-R's: SentencePiece-style Unigram, `<s>`=0, `<pad>`=1,
+    `</s>`=2, `<unk>`=3, `<mask>`=vocab_size-1, template `<s> $A </s>`. The pieces are made up
+    (letters, digits, punctuation and letter n-grams, with and without the `▁` word marker), so
+    it tokenizes any text, ASCII or not, into ids the model accepts."""
+    import itertools
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    n_pieces = vocab_size - len(specials) - 1
+    if n_pieces < 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for pieces")
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,;:!?'\"()-"
+    pieces, seen = [], set()
+
+    def add(piece):
+        if piece not in seen and len(pieces) < n_pieces:
+            seen.add(piece)
+            pieces.append(piece)
+
+    add("▁")
+    for c in chars:
+        add("▁" + c)
+        add(c)
+    for n in itertools.count(2):
+        if len(pieces) >= n_pieces:
+            break
+        for combo in itertools.product(string.ascii_lowercase, repeat=n):
+            if len(pieces) >= n_pieces:
+                break
+            add("▁" + "".join(combo))
+            add("".join(combo))
+    rng = np.random.default_rng(seed)
+    # Longer pieces are rarer; a little noise so ties break the same way every time.
+    scores = [-2.0 * len(p) - float(rng.random()) for p in pieces]
+    vocab = [(s, 0.0) for s in specials] + list(zip(pieces, scores)) + [("<mask>", 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.add_special_tokens(specials + ["<mask>"])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "tokenizer.json")
+    tok.save(path)
+    return path

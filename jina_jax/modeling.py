@@ -55,6 +55,8 @@ class JinaEmbeddingsV3:
         self._stacked: dict = {}
         self._forward: dict = {}
         self._cudnn_failed = False
+        self._tokenizer = None
+        self.compile_count = 0  # forward compilations so far (each new shape or input structure)
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -99,17 +101,35 @@ class JinaEmbeddingsV3:
         forward costs what the base model costs.
         """
         if task is None:
-            return self.params, None
+            return self.params, self._word_factors(None)
         name = self.resolve_task(task)
         if name in self._merged:
             self._merged.move_to_end(name)
             return self._merged[name]
         merged, forward_lora = lora_lib.merge(self.params, self.adapters[name], self.scales[name])
-        entry = (merged, forward_lora or None)
+        entry = (merged, self._word_factors(forward_lora))
         self._merged[name] = entry
         while len(self._merged) > max(1, self.max_cached_tasks):
             self._merged.popitem(last=False)
         return entry
+
+    def _word_factors(self, forward_lora):
+        """The single-task `lora` argument, in one shape for every task (and for no task):
+        word-embedding factors zero-padded to the largest rank among the adapters, zeros where
+        a task has none. Switching tasks then reuses the compiled forward instead of tracing
+        a new one; the zero columns add nothing."""
+        rank = max((_word_rank(a) for a in self.adapters.values()), default=0)
+        if rank == 0:
+            return None
+        cfg = self.config
+        word = (forward_lora or {}).get("embeddings", {}).get("word")
+        a = jnp.zeros((1, cfg.vocab_size, rank), jnp.float32)
+        b = jnp.zeros((1, rank, cfg.hidden_size), jnp.float32)
+        if word is not None:
+            r = word["a"].shape[-1]
+            a = a.at[..., :r].set(word["a"])
+            b = b.at[:, :r].set(word["b"])
+        return {"embeddings": {"word": {"a": a, "b": b}}}
 
     def _stack_for(self, names: tuple[str, ...]):
         if names not in self._stacked:
@@ -123,24 +143,33 @@ class JinaEmbeddingsV3:
         return JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                            implementation=implementation, deterministic=deterministic)
 
-    def _compiled(self, implementation: str):
-        if implementation not in self._forward:
+    def _compiled(self, implementation: str, pooled: bool = False):
+        """The jitted forward for one attention implementation; `pooled` returns mean-pooled
+        fp32 [B, H] instead of the full outputs (what `encode` needs: no [B, L, H] to host)."""
+        key = (implementation, pooled)
+        if key not in self._forward:
             module = self.module(implementation)
 
             def forward(params, extra, ids, mask, lengths, lora, rows, gate):
+                self.compile_count += 1  # runs once per trace, i.e. per compiled shape
                 out = module.apply({"params": params}, ids, attention_mask=mask, lengths=lengths,
                                    lora=lora, rows=rows, gate=gate)
-                return self._outputs(out, params, extra, lora, rows, gate)
+                if not pooled:
+                    return self._outputs(out, params, extra, lora, rows, gate)
+                real = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
+                h = out.last_hidden_state.astype(jnp.float32) * real[..., None]
+                # [B, H]
+                return h.sum(1) / jnp.maximum(real.sum(1), 1)[:, None].astype(jnp.float32)
 
-            self._forward[implementation] = jax.jit(forward)
-        return self._forward[implementation]
+            self._forward[key] = jax.jit(forward)
+        return self._forward[key]
 
     def _outputs(self, encoded: EncoderOutput, params, extra, lora, rows, gate):
         """What the compiled forward returns (traced). Head models add their head here;
         `extra` carries their head parameters."""
         return encoded
 
-    def _run(self, input_ids, attention_mask, task, extra=None):
+    def _run(self, input_ids, attention_mask, task, extra=None, pooled=False):
         ids = _check_ids(input_ids, self.config)
         mask, lengths = _padding(attention_mask, ids.shape)
         params, lora, rows, gate = self._task_inputs(task, ids.shape[0])
@@ -150,12 +179,47 @@ class JinaEmbeddingsV3:
         args = (params, extra, ids, mask, lengths, lora, rows, gate)
         if impl == "cudnn":
             try:
-                return self._compiled(impl)(*args)
+                return self._compiled(impl, pooled)(*args)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self._cudnn_failed = True
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
-        return self._compiled("xla")(*args)
+        return self._compiled("xla", pooled)(*args)
+
+    def pooled(self, input_ids, lengths, task=None):
+        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
+        lengths = np.asarray(lengths, np.int32)
+        mask = np.arange(np.shape(input_ids)[1])[None, :] < lengths[:, None]
+        return self._run(input_ids, mask, task, pooled=True)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's `tokenizer.json` through `tokenizers` (loaded on first use)."""
+        if self._tokenizer is None:
+            from .encode import load_tokenizer
+            self._tokenizer = load_tokenizer(self.source)
+        return self._tokenizer
+
+    def encode(self, texts, task=None, *, prompt=None, batch_size: int = 32,
+               max_length: int | None = None, truncate_dim: int | None = None,
+               normalize: bool = True, show_progress_bar: bool | None = None,
+               max_tokens_per_batch: int = 16384):
+        """Sentence embeddings, as the release's `encode` computes them.
+
+        texts: a string (returns [D]) or a list of strings (returns [N, D]), float32 numpy.
+        task: a task name (its instruction is prepended and its adapter used), None (no adapter,
+          no instruction), or a list with one task per text. prompt: replaces the instruction.
+        max_length: tokens per text, `<s>`/`</s>` included (default 8192, at most the model's
+          limit); longer texts are truncated. truncate_dim: Matryoshka dimension, applied before
+          normalisation. Batches hold at most `batch_size` rows and `max_tokens_per_batch`
+          padded tokens. The progress bar (stderr) is on by default for long jobs only.
+        """
+        from .encode import encode
+
+        return encode(self, texts, task=task, prompt=prompt, batch_size=batch_size,
+                      max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
+                      show_progress_bar=show_progress_bar,
+                      max_tokens_per_batch=max_tokens_per_batch)
 
     def __call__(self, input_ids, attention_mask=None, task=None) -> EncoderOutput:
         """input_ids, attention_mask: int [B, L] (numpy or jax). task: None (no adapter), a task
@@ -188,6 +252,11 @@ class JinaEmbeddingsV3:
         rows = np.array([index.get(n, 0) for n in row_names], np.int32)
         gate = np.array([n is not None for n in row_names], np.float32)
         return self.params, self._stack_for(tuple(distinct)), rows, gate
+
+
+def _word_rank(adapter) -> int:
+    word = adapter.get("embeddings", {}).get("word")
+    return 0 if word is None else int(np.shape(word["a"])[-1])
 
 
 def _np_bf16():

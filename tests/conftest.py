@@ -4,9 +4,13 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from convert.random_checkpoint import write_tokenizer  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
 torch.set_num_threads(1)
@@ -27,6 +31,10 @@ def transformers_dir(ckpt_root, hf_config):
     """Format B: base weights + five PEFT LoRA folders."""
     folder = str(ckpt_root / "transformers")
     ref.write_transformers(folder, ref.random_base(hf_config))
+    write_tokenizer(folder, hf_config.vocab_size)
+    # Format B keeps task instructions where sentence-transformers does.
+    with open(os.path.join(folder, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"prompts": ref.INSTRUCTIONS, "default_prompt_name": None}, f)
     return folder
 
 
@@ -34,7 +42,9 @@ def transformers_dir(ckpt_root, hf_config):
 def original_fp32(ckpt_root, transformers_dir):
     """Format A, fp32 storage: (folder, stored tensors)."""
     folder = str(ckpt_root / "original-fp32")
-    return folder, ref.write_original(folder, transformers_dir, torch.float32)
+    stored = ref.write_original(folder, transformers_dir, torch.float32)
+    shutil.copy(os.path.join(transformers_dir, "tokenizer.json"), folder)
+    return folder, stored
 
 
 @pytest.fixture(scope="session")
