@@ -1,5 +1,9 @@
 """Scaled dot-product attention: the one place that picks an implementation.
 
+- "cudnn": the fused flash kernel through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+- "xla": `jax.nn.dot_product_attention`'s XLA path; materialises [B, N, L, S] logits.
+- "blockwise": online softmax over key blocks, for long sequences where those logits do not fit.
+
 Padding reaches attention in one of two forms:
 - `lengths` int32[B]: every row is right-padded (real tokens first). This is what cuDNN's fused
   flash kernel wants (`query_seq_lengths` / `key_value_seq_lengths`).
@@ -12,11 +16,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")
+# From this many tokens on, the XLA path's [B, N, L, L] fp32 logits (4 GiB per row at 8192 with
+# 16 heads) give way to the blockwise path, which holds [B, N, L, BLOCK] at a time.
+BLOCKWISE_MIN_LENGTH = 2048
+BLOCK = 512
 
 
-def choose_implementation(dtype, head_dim: int, right_padded: bool, backend: str | None = None) -> str:
-    """cuDNN flash attention on GPU for half-precision right-padded batches, XLA everywhere else.
+def choose_implementation(dtype, head_dim: int, right_padded: bool, length: int = 0,
+                          backend: str | None = None) -> str:
+    """cuDNN flash attention on GPU for half-precision right-padded batches; elsewhere XLA, or
+    the blockwise (online-softmax) path for long sequences.
 
     `jax.nn.dot_product_attention(implementation=None)` always takes the XLA path, so the fused
     kernel has to be asked for by name.
@@ -25,7 +35,53 @@ def choose_implementation(dtype, head_dim: int, right_padded: bool, backend: str
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend in ("gpu", "cuda") and half and right_padded and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
+    if length >= BLOCKWISE_MIN_LENGTH:
+        return "blockwise"
     return "xla"
+
+
+def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
+    """Exact attention over key blocks with a running (online) softmax, in fp32.
+
+    q, k, v: [B, L, N, D]; mask: bool [B, S] of valid keys or None. Returns [B, L, N, D] in
+    q's dtype. Memory holds one [B, N, L, block] slab of logits instead of [B, N, L, S].
+    """
+    b, l, n, d = q.shape
+    s = k.shape[1]
+    nblocks = -(-s // block)
+    pad = nblocks * block - s
+    valid = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    # [K, B, block, N, D] and [K, B, block]: the scan runs over the leading block axis.
+    kb = k.reshape(b, nblocks, block, n, d).swapaxes(0, 1)
+    vb = v.reshape(b, nblocks, block, n, d).swapaxes(0, 1)
+    mb = valid.reshape(b, nblocks, block).swapaxes(0, 1)
+    scale = d ** -0.5
+    very_negative = jnp.finfo(jnp.float32).min
+
+    def step(carry, xs):
+        run_max, run_sum, acc = carry
+        k_blk, v_blk, m_blk = xs
+        # [B, N, L, block]
+        logits = jnp.einsum("blnd,bknd->bnlk", q, k_blk, preferred_element_type=jnp.float32)
+        logits = jnp.where(m_blk[:, None, None, :], logits * scale, very_negative)
+        new_max = jnp.maximum(run_max, logits.max(-1))
+        probs = jnp.exp(logits - new_max[..., None])
+        correction = jnp.exp(run_max - new_max)
+        run_sum = run_sum * correction + probs.sum(-1)
+        # [B, L, N, D]
+        update = jnp.einsum("bnlk,bknd->blnd", probs.astype(v.dtype), v_blk,
+                            preferred_element_type=jnp.float32)
+        acc = acc * correction.transpose(0, 2, 1)[..., None] + update
+        return (new_max, run_sum, acc), None
+
+    init = (jnp.full((b, n, l), very_negative, jnp.float32), jnp.zeros((b, n, l), jnp.float32),
+            jnp.zeros((b, l, n, d), jnp.float32))
+    (_, run_sum, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
+    return (acc / run_sum.transpose(0, 2, 1)[..., None]).astype(q.dtype)
 
 
 def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: str = "xla"):
@@ -45,6 +101,8 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
             implementation="cudnn")
     if mask is None and lengths is not None:
         mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, mask)
     if mask is not None:
         # [B, 1, 1, S]: broadcast over heads and queries.
         mask = mask.astype(bool)[:, None, None, :]

@@ -173,7 +173,8 @@ class JinaEmbeddingsV3:
         ids = _check_ids(input_ids, self.config)
         mask, lengths = _padding(attention_mask, ids.shape)
         params, lora, rows, gate = self._task_inputs(task, ids.shape[0])
-        impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None)
+        impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None,
+                                     ids.shape[1])
         if impl == "cudnn" and self._cudnn_failed:
             impl = "xla"
         args = (params, extra, ids, mask, lengths, lora, rows, gate)
