@@ -183,9 +183,10 @@ class JinaEmbeddingsV3:
                 return self._compiled(impl, pooled)(*args)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self._cudnn_failed = True
+                impl = "xla"
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
-        return self._compiled("xla", pooled)(*args)
+        return self._compiled(impl, pooled)(*args)
 
     def pooled(self, input_ids, lengths, task=None):
         """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""

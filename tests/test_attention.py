@@ -59,3 +59,20 @@ def test_chooser():
     assert choose_implementation(f32, 64, True, 8192, backend="cpu") == "blockwise"
     assert choose_implementation(bf16, 64, True, 8192, backend="gpu") == "cudnn"
     assert choose_implementation(bf16, 160, True, 512, backend="gpu") == "xla"  # head_dim > 128
+
+
+def test_model_object_takes_the_blockwise_path_for_long_inputs(transformers_dir, hf_config,
+                                                              monkeypatch):
+    """The length-based choice reaches the compiled forward (a threshold lowered to fit the
+    test model's 40 positions), and the result still matches the reference."""
+    import jina_jax.attention as attention
+    from jina_jax import JinaEmbeddingsV3
+
+    monkeypatch.setattr(attention, "BLOCKWISE_MIN_LENGTH", 8)
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    ids, mask = ref.padded_batch(hf_config.vocab_size)
+    out = model(ids, mask, task="separation")
+    assert [impl for impl, _ in model._forward] == ["blockwise"]
+    theirs = ref.run(ref.peft_reference(transformers_dir, "separation"), ids, mask)
+    err = np.abs(np.asarray(out.last_hidden_state) - theirs[0])[mask.astype(bool)].max()
+    assert err < 1e-4, err
