@@ -57,6 +57,8 @@ def test_chooser():
     assert choose_implementation(f32, 64, True, 512, backend="gpu") == "xla"
     assert choose_implementation(bf16, 64, True, 512, backend="cpu") == "xla"
     assert choose_implementation(f32, 64, True, 8192, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 1024, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 1023, backend="cpu") == "xla"
     assert choose_implementation(bf16, 64, True, 8192, backend="gpu") == "cudnn"
     assert choose_implementation(bf16, 160, True, 512, backend="gpu") == "xla"  # head_dim > 128
 
