@@ -132,7 +132,7 @@ class OrtContender(Contender):
         path = os.path.join(workdir, "model.onnx")
         ids = torch.ones((2, 16), dtype=torch.long)
         batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2, max=8192)
-        torch.onnx.export(Wrapped(model), (ids, torch.ones_like(ids)), path, dynamo=True,
+        torch.onnx.export(Wrapped(model).eval(), (ids, torch.ones_like(ids)), path, dynamo=True,
                           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                           input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], external_data=True)

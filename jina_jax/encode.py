@@ -64,23 +64,6 @@ def _check_texts(texts):
             raise TypeError(f"texts[{i}] is {type(t).__name__}, not a string")
 
 
-def _row_tasks(model, task, n):
-    if task is None or isinstance(task, str):
-        name = None if task is None else model.resolve_task(task)
-        return [name] * n
-    if isinstance(task, (list, tuple)):
-        if len(task) != n:
-            raise ValueError(f"task has {len(task)} entries but there are {n} texts")
-        out = []
-        for i, t in enumerate(task):
-            try:
-                out.append(None if t is None else model.resolve_task(t))
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"task[{i}]: {e}") from None
-        return out
-    raise TypeError(f"task must be None, a string or a list of them, got {type(task).__name__}")
-
-
 def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
            truncate_dim=None, normalize=True, show_progress_bar=None,
            max_tokens_per_batch=DEFAULT_TOKEN_BUDGET):
@@ -105,7 +88,7 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
                           f"trained for {list(cfg.matryoshka_dimensions)}")
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
-    row_tasks = _row_tasks(model, task, len(texts))
+    row_tasks = model.resolve_tasks(task, len(texts), "texts")
     dim = truncate_dim or cfg.hidden_size
     if not texts:
         return np.zeros((0, dim), np.float32)

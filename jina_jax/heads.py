@@ -120,6 +120,7 @@ class _HeadModel(JinaEmbeddingsV3):
                  classifier_dropout: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         from convert.heads import read_head, saved_num_labels
+        from convert.tree import flatten
 
         saved = saved_num_labels(self.kind, self.heads)
         if num_labels is not None and saved is not None and num_labels != saved:
@@ -129,7 +130,7 @@ class _HeadModel(JinaEmbeddingsV3):
         self.classifier_dropout = (classifier_dropout if classifier_dropout is not None
                                    else self.config.hidden_dropout_prob)
         fresh = self._init_head(jax.random.PRNGKey(seed))
-        expected = {p: v.shape for p, v in _flat(fresh).items()}
+        expected = {p: v.shape for p, v in flatten(fresh).items()}
         loaded, unused = read_head(self.kind, self.heads, expected, self.source or "checkpoint")
         if unused:
             warnings.warn(f"{self.source}: head weights not used by {type(self).__name__}: {unused}")
@@ -239,13 +240,3 @@ class JinaEmbeddingsV3ForQuestionAnswering(_HeadModel):
             loss = losses.span_loss(start, end, jnp.asarray(start_positions),
                                     jnp.asarray(end_positions))
         return QuestionAnsweringOutput(start_logits=start, end_logits=end, loss=loss)
-
-
-def _flat(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out

@@ -68,13 +68,14 @@ class JinaEmbeddingsV3:
         dtype: compute dtype; param_dtype: storage dtype of the weights (default: dtype).
         """
         from convert.formats import load  # the converter knows formats; the model knows none
+        from convert.tree import nest
         from .hub import resolve
 
         folder = resolve(src, revision=revision)
         pdt = as_dtype(param_dtype if param_dtype is not None else dtype)
         host_dtype = _np_bf16() if pdt == jnp.bfloat16 else np.dtype(pdt.name)
         ckpt = load(folder, dtype=host_dtype, place=lambda x: jnp.asarray(x, dtype=pdt))
-        params = _nest(ckpt.params)
+        params = nest(ckpt.params)
         return cls(ckpt.config, params, ckpt.adapters, ckpt.scales, dtype=dtype,
                    param_dtype=pdt, heads=ckpt.heads, source=folder, **kwargs)
 
@@ -228,28 +229,30 @@ class JinaEmbeddingsV3:
         name, or a list with one name (or None) per row."""
         return self._run(input_ids, attention_mask, task)
 
-    def _task_inputs(self, task, batch: int):
-        """(params, lora, rows, gate) for a task spec."""
+    def resolve_tasks(self, task, n: int, unit: str = "rows") -> list:
+        """One adapter name (or None) per row, from None, one task, or a list of them."""
         if task is None or isinstance(task, str):
-            params, lora = self.params_for(task)
-            return params, lora, None, None
+            return [None if task is None else self.resolve_task(task)] * n
         if not isinstance(task, Sequence):
             raise TypeError(f"task must be None, a string or a list of them, got "
                             f"{type(task).__name__}")
-        if len(task) != batch:
-            raise ValueError(f"task has {len(task)} entries but the batch has {batch} rows")
-        row_names = []
+        if len(task) != n:
+            raise ValueError(f"task has {len(task)} entries but there are {n} {unit}")
+        names = []
         for i, t in enumerate(task):
             try:
-                row_names.append(None if t is None else self.resolve_task(t))
+                names.append(None if t is None else self.resolve_task(t))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"task[{i}]: {e}") from None
-        distinct = sorted({n for n in row_names if n is not None})
+        return names
+
+    def _task_inputs(self, task, batch: int):
+        """(params, lora, rows, gate) for a task spec."""
+        row_names = self.resolve_tasks(task, batch)
         if len(set(row_names)) == 1:  # one task (or none) for every row: the merged path
             params, lora = self.params_for(row_names[0])
             return params, lora, None, None
-        if not distinct:
-            return self.params, None, None, None
+        distinct = sorted({n for n in row_names if n is not None})
         index = {n: i for i, n in enumerate(distinct)}
         rows = np.array([index.get(n, 0) for n in row_names], np.int32)
         gate = np.array([n is not None for n in row_names], np.float32)
@@ -264,16 +267,6 @@ def _word_rank(adapter) -> int:
 def _np_bf16():
     import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
 
 
 def _check_ids(input_ids, cfg: JinaConfig) -> np.ndarray:

@@ -194,7 +194,7 @@ def test_unknown_task_in_mixed_batch_names_row(model):
 
 
 def test_mixed_task_length_mismatch(model):
-    with pytest.raises(ValueError, match="task has 1 entries but the batch has 2 rows"):
+    with pytest.raises(ValueError, match="task has 1 entries but there are 2 rows"):
         model(np.zeros((2, 3), np.int32), task=["separation"])
 
 
