@@ -146,11 +146,12 @@ class OrtContender(Contender):
         return self.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
 
 
-def time_contender(contender, ids, repeats):
+def time_contender(contender, ids, repeats, warmups=1):
     start = time.perf_counter()
     out = contender.run(ids)
     first = time.perf_counter() - start
-    contender.run(ids)  # a second warm-up
+    for _ in range(warmups):
+        contender.run(ids)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -166,6 +167,7 @@ def main():
     p.add_argument("--dtypes", default="float32")
     p.add_argument("--contenders", default="jax,torch,ort")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmups", type=int, default=1, help="runs after the first, untimed")
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
@@ -199,7 +201,7 @@ def main():
             for key in ("torch", "jax", "ort"):
                 if key not in contenders:
                     continue
-                out, first, median = time_contender(contenders[key], ids, args.repeats)
+                out, first, median = time_contender(contenders[key], ids, args.repeats, args.warmups)
                 if reference is None:
                     reference = out if key == "torch" else None
                 err = None if reference is None else float(np.abs(out - reference).max())

@@ -312,10 +312,10 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
             if not ok:
                 raise CheckpointError(f"{path}: key {key!r} has shape {list(value.shape)}, which "
                                       f"does not fit {'/'.join(module)} [{rows}, {cols}]")
-            flatten_into = adapters[task]
+            node = adapters[task]
             for k in module:
-                flatten_into = flatten_into.setdefault(k, {})
-            flatten_into[factor] = value
+                node = node.setdefault(k, {})
+            node[factor] = value
     heads_path = os.path.join(folder, HEADS_FILE)
     heads = {}
     if os.path.isfile(heads_path):

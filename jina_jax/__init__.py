@@ -12,7 +12,7 @@ from . import losses
 from .modeling import JinaEmbeddingsV3
 
 __all__ = [
-    "JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3",
+    "JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3", "losses",
     "JinaEmbeddingsV3ForMaskedLM", "JinaEmbeddingsV3ForSequenceClassification",
     "JinaEmbeddingsV3ForTokenClassification", "JinaEmbeddingsV3ForQuestionAnswering",
 ]

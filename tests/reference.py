@@ -103,7 +103,7 @@ def write_original(folder: str, transformers_folder: str, dtype=torch.float32, s
     hf_cfg = json.load(open(os.path.join(transformers_folder, "config.json")))
     g = torch.Generator().manual_seed(seed)
     n_tasks = len(TASKS)
-    out, factors = {}, {}
+    out = {}
     for key, value in base.items():
         module = key.rsplit(".", 1)[0]
         if not with_pooler and module.startswith("pooler"):

@@ -8,7 +8,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from safetensors import safe_open
 
 from convert.safetensors_io import SafetensorsFile, write
