@@ -100,7 +100,7 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
     encodings = tokenizer.encode_batch([p + t for p, t in zip(prompts, texts)])
     ids = [e.ids for e in encodings]
 
-    plan = _plan(ids, row_tasks, limit, batch_size, max_tokens_per_batch)
+    plan = _plan(ids, row_tasks, limit, batch_size, max_tokens_per_batch, model.row_multiple)
     show = len(plan) >= PROGRESS_MIN_BATCHES if show_progress_bar is None else show_progress_bar
     pooled = np.zeros((len(texts), cfg.hidden_size), np.float32)
     from tqdm.auto import tqdm
@@ -125,7 +125,7 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
     return emb[0] if single else emb
 
 
-def _plan(ids, row_tasks, limit, batch_size, token_budget):
+def _plan(ids, row_tasks, limit, batch_size, token_budget, row_multiple=1):
     """[(task, bucket, rows, member indices)]: every batch's shape is (rows, bucket)."""
     groups = defaultdict(list)
     for i, (tokens, task) in enumerate(zip(ids, row_tasks)):
@@ -135,6 +135,7 @@ def _plan(ids, row_tasks, limit, batch_size, token_budget):
     for (task, bucket), members in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         members.sort(key=lambda i: -len(ids[i]))
         rows = rows_for(bucket, len(members), batch_size, token_budget)
+        rows = -(-rows // row_multiple) * row_multiple  # every device gets rows
         for start in range(0, len(members), rows):
             plan.append((task or None, bucket, rows, members[start:start + rows]))
     return plan

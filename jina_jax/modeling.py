@@ -56,6 +56,8 @@ class JinaEmbeddingsV3:
         self._forward: dict = {}
         self._cudnn_failed = False
         self._tokenizer = None
+        self._no_task = None
+        self.mesh = None  # set by shard(): data parallelism over a 1-D device mesh
         self.compile_count = 0  # forward compilations so far (each new shape or input structure)
 
     # --- loading ---------------------------------------------------------------------------
@@ -102,7 +104,9 @@ class JinaEmbeddingsV3:
         forward costs what the base model costs.
         """
         if task is None:
-            return self.params, self._word_factors(None)
+            if self._no_task is None:
+                self._no_task = (self.params, self._word_factors(None))
+            return self._no_task
         name = self.resolve_task(task)
         if name in self._merged:
             self._merged.move_to_end(name)
@@ -137,6 +141,22 @@ class JinaEmbeddingsV3:
             self._stacked = {names: lora_lib.stack([self.adapters[n] for n in names],
                                                    [self.scales[n] for n in names])}
         return self._stacked[names]
+
+    def shard(self, devices=None) -> "JinaEmbeddingsV3":
+        """Data parallelism over `devices` (default: every device of the default backend):
+        parameters replicated, batch rows split. Batches must then have a multiple of the
+        device count rows; `encode` pads its batches to that. Returns self."""
+        from .sharding import batch_mesh, replicate
+
+        self.mesh = batch_mesh(devices)
+        self.params = replicate(self.params, self.mesh)
+        self._merged.clear()
+        self._stacked, self._no_task = {}, None
+        return self
+
+    @property
+    def row_multiple(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.devices.size)
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -178,6 +198,12 @@ class JinaEmbeddingsV3:
                                      ids.shape[1])
         if impl == "cudnn" and self._cudnn_failed:
             impl = "xla"
+        if self.mesh is not None:
+            from .sharding import replicate, shard_rows
+
+            params, extra, lora = replicate((params, extra, lora), self.mesh)
+            ids, mask, lengths, rows, gate = (shard_rows(x, self.mesh)
+                                              for x in (ids, mask, lengths, rows, gate))
         args = (params, extra, ids, mask, lengths, lora, rows, gate)
         if impl == "cudnn":
             try:

@@ -1,0 +1,35 @@
+"""Data parallelism over every visible device: a 1-D mesh over the batch, parameters replicated.
+
+    model.shard()            # all devices of the default backend
+    model.encode(texts, ...) # batches split over the devices, results gathered in input order
+
+Batch row counts are rounded up to a multiple of the device count, so every device gets rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+
+
+def batch_mesh(devices=None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_rows(x, mesh: Mesh):
+    """Split axis 0 over the mesh; its size must be a multiple of the device count."""
+    if x is None:
+        return None
+    n = mesh.devices.size
+    if np.shape(x)[0] % n:
+        raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices")
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
