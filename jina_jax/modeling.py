@@ -81,6 +81,28 @@ class JinaEmbeddingsV3:
         return cls(ckpt.config, params, ckpt.adapters, ckpt.scales, dtype=dtype,
                    param_dtype=pdt, heads=ckpt.heads, source=folder, **kwargs)
 
+    def save_pretrained(self, folder: str, format: str = "jina_jax") -> None:
+        """Writes the base weights and every task adapter.
+
+        format: "jina_jax" (our own folder, what `jina-jax convert` writes) or "transformers"
+        (Transformers' `jina_embeddings_v3` weights plus one PEFT LoRA folder per task, loadable
+        with `PeftModel.from_pretrained`). Base weights are written in fp32 for "transformers"
+        and in the parameter dtype for "jina_jax". Head parameters are not exported yet.
+        """
+        from convert.export import save_transformers
+        from convert.formats import Checkpoint, save_native
+        from convert.tree import flatten
+
+        flat = {p: np.asarray(v) for p, v in flatten(self.params).items()}
+        if format == "transformers":
+            save_transformers(folder, self.config, flat, self.adapters, self.scales, self.source)
+        elif format == "jina_jax":
+            save_native(folder, Checkpoint(self.config, flat, self.adapters, self.scales,
+                                           self.heads, "jina_jax", self.source or folder))
+        else:
+            raise ValueError(f"format {format!r} is not supported; use 'jina_jax' or "
+                             "'transformers'")
+
     # --- tasks -----------------------------------------------------------------------------
 
     @property
