@@ -17,25 +17,21 @@ import shutil
 import numpy as np
 
 from .formats import TOKENIZER_FILES
+from .names import RELEASE_MODULES, TORCH_LEAF
 from .safetensors_io import write
 
-# target module path -> (release name with {} for the layer, PEFT runtime names)
-_MODULES = {
-    ("embeddings", "word"): ("embeddings.word_embeddings", ["embeddings.word_embeddings"]),
-    ("embeddings", "token_type"): ("embeddings.token_type_embeddings",
-                                   ["embeddings.token_type_embeddings"]),
-    ("embeddings", "norm"): ("emb_ln", []),
-    ("layers", "attn", "qkv"): ("encoder.layers.{}.mixer.Wqkv",
-                                ["layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj",
-                                 "layers.{}.self_attn.v_proj"]),
-    ("layers", "attn", "out"): ("encoder.layers.{}.mixer.out_proj", ["layers.{}.self_attn.o_proj"]),
-    ("layers", "mlp", "fc1"): ("encoder.layers.{}.mlp.fc1", ["layers.{}.mlp.fc1"]),
-    ("layers", "mlp", "fc2"): ("encoder.layers.{}.mlp.fc2", ["layers.{}.mlp.fc2"]),
-    ("layers", "norm1"): ("encoder.layers.{}.norm1", []),
-    ("layers", "norm2"): ("encoder.layers.{}.norm2", []),
-    ("pooler", "dense"): ("pooler.dense", ["pooler.dense"]),
+# Target module path -> Transformers' runtime module names, which PEFT keys use (q, k, v for
+# the fused qkv; none for LayerNorms, which carry no adapters).
+_RUNTIME = {
+    ("embeddings", "word"): ["embeddings.word_embeddings"],
+    ("embeddings", "token_type"): ["embeddings.token_type_embeddings"],
+    ("layers", "attn", "qkv"): ["layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj",
+                                "layers.{}.self_attn.v_proj"],
+    ("layers", "attn", "out"): ["layers.{}.self_attn.o_proj"],
+    ("layers", "mlp", "fc1"): ["layers.{}.mlp.fc1"],
+    ("layers", "mlp", "fc2"): ["layers.{}.mlp.fc2"],
+    ("pooler", "dense"): ["pooler.dense"],
 }
-_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
 def _hf_config(cfg) -> dict:
@@ -59,14 +55,14 @@ def _base_tensors(params_flat: dict, cfg) -> dict:
     out = {}
     for path, value in params_flat.items():
         module, leaf = path[:-1], path[-1]
-        name = _MODULES[module][0]
+        name = RELEASE_MODULES[module]
         value = np.asarray(value, np.float32)
         layers = range(cfg.num_hidden_layers) if module[0] == "layers" else [None]
         for i in layers:
             v = value[i] if i is not None else value
             if leaf == "kernel":
                 v = v.T  # [in, out] -> PyTorch [out, in]
-            out[f"{name.format(i)}.{_LEAF[leaf]}"] = np.ascontiguousarray(v)
+            out[f"{name.format(i)}.{TORCH_LEAF[leaf]}"] = np.ascontiguousarray(v)
     return out
 
 
@@ -81,7 +77,7 @@ def _adapter_tensors(adapter: dict, cfg):
         for key in module:
             node = node[key]
         a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
-        runtime = _MODULES[module][1]
+        runtime = _RUNTIME[module]
         embedding = module[0] == "embeddings"
         layers = range(cfg.num_hidden_layers) if module[0] == "layers" else [None]
         for i in layers:

@@ -100,19 +100,23 @@ def parse(key: str) -> Target | None:
     return None
 
 
+# Target module path -> the release's module name ({} is the layer index).
+RELEASE_MODULES = {
+    ("embeddings", "word"): "embeddings.word_embeddings",
+    ("embeddings", "token_type"): "embeddings.token_type_embeddings",
+    ("embeddings", "norm"): "emb_ln",
+    ("layers", "attn", "qkv"): "encoder.layers.{}.mixer.Wqkv",
+    ("layers", "attn", "out"): "encoder.layers.{}.mixer.out_proj",
+    ("layers", "mlp", "fc1"): "encoder.layers.{}.mlp.fc1",
+    ("layers", "mlp", "fc2"): "encoder.layers.{}.mlp.fc2",
+    ("layers", "norm1"): "encoder.layers.{}.norm1",
+    ("layers", "norm2"): "encoder.layers.{}.norm2",
+    ("pooler", "dense"): "pooler.dense",
+}
+# Target parameter leaf -> the PyTorch leaf.
+TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
 def release_key(module: tuple[str, ...], param: str, layer: int | None) -> str:
-    """The release's spelling of a target leaf, for error messages."""
-    plain = {
-        ("embeddings", "word"): "embeddings.word_embeddings",
-        ("embeddings", "token_type"): "embeddings.token_type_embeddings",
-        ("embeddings", "norm"): "emb_ln",
-        ("layers", "attn", "qkv"): "encoder.layers.{}.mixer.Wqkv",
-        ("layers", "attn", "out"): "encoder.layers.{}.mixer.out_proj",
-        ("layers", "mlp", "fc1"): "encoder.layers.{}.mlp.fc1",
-        ("layers", "mlp", "fc2"): "encoder.layers.{}.mlp.fc2",
-        ("layers", "norm1"): "encoder.layers.{}.norm1",
-        ("layers", "norm2"): "encoder.layers.{}.norm2",
-        ("pooler", "dense"): "pooler.dense",
-    }[module].format(layer)
-    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(param, param)
-    return f"{plain}.{leaf}"
+    """The release's spelling of a target leaf (Transformers writes the same, unprefixed)."""
+    return f"{RELEASE_MODULES[module].format(layer)}.{TORCH_LEAF.get(param, param)}"
