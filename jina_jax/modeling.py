@@ -212,9 +212,13 @@ class JinaEmbeddingsV3:
         `extra` carries their head parameters."""
         return encoded
 
-    def _run(self, input_ids, attention_mask, task, extra=None, pooled=False):
+    def _run(self, input_ids, attention_mask, task, extra=None, pooled=False, lengths=None):
+        """`lengths` (int32[B], right-padded rows) may replace `attention_mask`."""
         ids = _check_ids(input_ids, self.config)
-        mask, lengths = _padding(attention_mask, ids.shape)
+        if lengths is None:
+            mask, lengths = _padding(attention_mask, ids.shape)
+        else:
+            mask = None
         params, lora, rows, gate = self._task_inputs(task, ids.shape[0])
         impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None,
                                      ids.shape[1])
@@ -240,8 +244,10 @@ class JinaEmbeddingsV3:
     def pooled(self, input_ids, lengths, task=None):
         """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
         lengths = np.asarray(lengths, np.int32)
-        mask = np.arange(np.shape(input_ids)[1])[None, :] < lengths[:, None]
-        return self._run(input_ids, mask, task, pooled=True)
+        if lengths.shape != (np.shape(input_ids)[0],):
+            raise ValueError(f"lengths has shape {list(lengths.shape)}, expected "
+                             f"[{np.shape(input_ids)[0]}]")
+        return self._run(input_ids, None, task, pooled=True, lengths=lengths)
 
     @property
     def tokenizer(self):
