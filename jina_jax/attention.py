@@ -87,11 +87,26 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     return (acc / run_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: str = "xla"):
+def attention_with_dropout(q, k, v, mask, dropout):
+    """Plain attention whose probabilities pass through `dropout` (training only: the fused and
+    blockwise paths have no hook for it). q, k, v: [B, L, N, D]; mask: bool [B, S] or None."""
+    d = q.shape[-1]
+    # [B, N, L, S]
+    logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1))
+    # [B, L, N, D]
+    return jnp.einsum("bnls,bsnd->blnd", probs.astype(v.dtype), v).astype(q.dtype)
+
+
+def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: str = "xla",
+                          dropout=None):
     """Bidirectional attention with padded keys masked.
 
     q, k, v: [B, L, N, D]; lengths: int32[B] or None; mask: bool[B, L] or None.
-    Returns [B, L, N, D]. Softmax runs in fp32 on every path.
+    Returns [B, L, N, D]. Softmax runs in fp32 on every path. `dropout` (a function on the
+    [B, N, L, S] probabilities) forces the plain path.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
@@ -104,6 +119,8 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
             implementation="cudnn")
     if mask is None and lengths is not None:
         mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    if dropout is not None:
+        return attention_with_dropout(q, k, v, mask, dropout)
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, mask)
     if mask is not None:

@@ -139,3 +139,26 @@ def _plan(ids, row_tasks, limit, batch_size, token_budget, row_multiple=1):
         for start in range(0, len(members), rows):
             plan.append((task or None, bucket, rows, members[start:start + rows]))
     return plan
+
+
+def tokenize(model, texts, task=None, *, max_length: int = 512, prompt: str | None = None):
+    """(ids int32 [N, bucket], lengths int32 [N]): texts with the task's instruction, as `encode`
+    tokenizes them, right-padded to the bucket of the longest (so shapes come from a small set).
+    This is what the training batches are made of."""
+    cfg = model.config
+    _check_texts(texts)
+    limit = position_limit(cfg)
+    if not isinstance(max_length, int) or not 2 <= max_length <= limit:
+        raise ValueError(f"max_length must be an integer in 2..{limit}, got {max_length!r}")
+    name = None if task is None else model.resolve_task(task)
+    prefix = prompt if prompt is not None else ("" if name is None else cfg.instruction(name))
+    tokenizer = model.tokenizer
+    tokenizer.enable_truncation(max_length)
+    encoded = [e.ids for e in tokenizer.encode_batch([prefix + t for t in texts])]
+    width = bucket_for(max((len(e) for e in encoded), default=2), limit)
+    ids = np.full((len(texts), width), cfg.pad_token_id, np.int32)
+    lengths = np.zeros((len(texts),), np.int32)
+    for i, tokens in enumerate(encoded):
+        ids[i, : len(tokens)] = tokens
+        lengths[i] = len(tokens)
+    return ids, lengths

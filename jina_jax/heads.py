@@ -156,8 +156,10 @@ class _HeadModel(JinaEmbeddingsV3):
         # The reference's init: Linear weights N(0, 0.02), biases 0, LayerNorm 1 / 0.
         return self.head_module().init(key, *args)["params"]
 
-    def _outputs(self, encoded, params, head_params, lora, rows, gate):
-        return self.head_module().apply({"params": head_params}, encoded.last_hidden_state)
+    def _outputs(self, encoded, params, head_params, lora, rows, gate, rng=None):
+        """`rng` (training) turns the head's dropout on."""
+        kw = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+        return self.head_module().apply({"params": head_params}, encoded.last_hidden_state, **kw)
 
 
 class JinaEmbeddingsV3ForMaskedLM(_HeadModel):
@@ -177,7 +179,7 @@ class JinaEmbeddingsV3ForMaskedLM(_HeadModel):
         return MaskedLMHead(cfg.vocab_size, cfg.hidden_size, cfg.layer_norm_eps, self.dtype,
                             self.param_dtype)
 
-    def _outputs(self, encoded, params, head_params, lora, rows, gate):
+    def _outputs(self, encoded, params, head_params, lora, rows, gate, rng=None):
         table = params["embeddings"]["word"]["embedding"]
         table_lora = None
         if self.adapt_decoder and lora is not None:

@@ -164,3 +164,65 @@ def stack(adapters: Sequence[Mapping], scales: Sequence[float]):
 
 def cast(tree, dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+# Short module names (what users pass) -> the module paths an adapter tree uses.
+MODULES = {
+    "word": ("embeddings", "word"),
+    "token_type": ("embeddings", "token_type"),
+    "qkv": ("layers", "attn", "qkv"),
+    "out": ("layers", "attn", "out"),
+    "fc1": ("layers", "mlp", "fc1"),
+    "fc2": ("layers", "mlp", "fc2"),
+    "pooler": ("pooler", "dense"),
+}
+# What the release adapts: every Linear and Embedding of the encoder.
+DEFAULT_MODULES = ("word", "token_type", "qkv", "out", "fc1", "fc2")
+
+
+def init_adapter(params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_MODULES, *,
+                 seed: int = 0):
+    """A fresh adapter whose delta is zero, initialised as PEFT does: a Linear gets a uniform in
+    ±1/sqrt(in) and b = 0; an Embedding gets a = 0 and b ~ N(0, 1). Shapes come from `params`."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown or not modules:
+        raise ValueError(f"unknown adapter module(s) {unknown}; choose from {sorted(MODULES)}")
+    key = jax.random.PRNGKey(seed)
+    adapter: dict = {}
+    for i, name in enumerate(modules):
+        path = MODULES[name]
+        try:
+            module = _get(params, path)
+        except KeyError:
+            raise ValueError(f"module {name!r} ({'/'.join(path)}) is not in this model") from None
+        weight = module[_weight_name(module)]
+        lead, (rows, cols) = tuple(weight.shape[:-2]), tuple(weight.shape[-2:])
+        k = jax.random.fold_in(key, i)
+        if path[0] == "embeddings":
+            a = jnp.zeros(lead + (rows, rank), jnp.float32)
+            b = jax.random.normal(k, lead + (rank, cols), jnp.float32)
+        else:
+            bound = 1.0 / np.sqrt(rows)
+            a = jax.random.uniform(k, lead + (rows, rank), jnp.float32, -bound, bound)
+            b = jnp.zeros(lead + (rank, cols), jnp.float32)
+        _set(adapter, path, {"a": a, "b": b})
+    return adapter
+
+
+def qkv_block_mask(b) -> np.ndarray:
+    """Which entries of a fused qkv `b` [..., R, 3H] may train.
+
+    An adapter read from PEFT keeps separate q, k and v factors, fused here as a block-diagonal
+    b: each rank row feeds one of q, k, v. Training must keep those blocks (else it is no longer
+    the adapter PEFT would train). A row that feeds exactly one projection stays in it; a row that
+    feeds several (the release's fused factors) or none yet (b = 0) is free.
+    """
+    b = np.asarray(b)
+    blocks = b.reshape(b.shape[:-1] + (3, b.shape[-1] // 3))
+    # [..., R, 3]
+    feeds = np.any(blocks != 0, axis=-1)
+    owned = feeds.sum(-1, keepdims=True) == 1
+    allowed = np.where(owned, feeds, True)
+    return np.repeat(allowed, b.shape[-1] // 3, axis=-1).astype(np.float32)

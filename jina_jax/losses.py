@@ -69,3 +69,41 @@ def span_loss(start_logits, end_logits, start_positions, end_positions):
     end = jnp.clip(end_positions.reshape(-1), 0, length)
     return (cross_entropy(start_logits, start, ignore_index=length)
             + cross_entropy(end_logits, end, ignore_index=length)) / 2
+
+
+def _unit(x):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def info_nce(queries, positives, negatives=None, temperature: float = 0.05,
+             symmetric: bool = False):
+    """In-batch-negatives contrastive loss (InfoNCE) on cosine similarities.
+
+    queries, positives: [B, H], row i of each a pair; negatives: [N, H] hard negatives shared by
+    every query, or None. Query i must pick passage i among the B positives and N negatives.
+    `symmetric` adds the passages-pick-their-query direction (over the queries) and averages.
+    Returns (loss, accuracy of the query -> passage direction).
+    """
+    q, p = _unit(queries), _unit(positives)
+    candidates = p if negatives is None else jnp.concatenate([p, _unit(negatives)], 0)
+    labels = jnp.arange(q.shape[0])
+    # [B, B + N]
+    logits = q @ candidates.T / temperature
+    loss = cross_entropy(logits, labels)
+    if symmetric:
+        # [B, B]
+        loss = (loss + cross_entropy(p @ q.T / temperature, labels)) / 2
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, accuracy
+
+
+def cosent(first, second, scores, scale: float = 20.0):
+    """CoSENT: every pair (i, j) whose gold score orders i above j pays when the cosine of pair j
+    is higher: log(1 + sum exp(scale * (cos_j - cos_i))). first, second: [B, H]; scores: [B]."""
+    cos = jnp.sum(_unit(first) * _unit(second), -1) * scale
+    # [B, B]: entry (i, j) = cos_j - cos_i, kept where score_i > score_j.
+    diff = cos[None, :] - cos[:, None]
+    ordered = scores[:, None] > scores[None, :]
+    diff = jnp.where(ordered, diff, -jnp.inf)
+    return jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,)), diff.reshape(-1)]))

@@ -25,12 +25,25 @@ from .lora import embedding_delta, low_rank_delta
 
 Dtype = Any
 _init = nn.initializers.normal(0.02)
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @flax.struct.dataclass
 class EncoderOutput:
     last_hidden_state: jax.Array  # [B, L, H]
     pooler_output: jax.Array | None = None  # [B, H]
+
+
+def mean_pool(hidden, lengths):
+    """Mean over each row's real tokens, in fp32. hidden: [B, L, H]; lengths: int[B] (right
+    padding). Returns [B, H]; an empty row gives zeros."""
+    real = jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]
+    h = hidden.astype(jnp.float32) * real[..., None]
+    return h.sum(1) / jnp.maximum(real.sum(1), 1)[:, None].astype(jnp.float32)
 
 
 def _sub(lora, name):
@@ -115,6 +128,7 @@ class Attention(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
     implementation: str = "xla"
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, mask, lora, rows, gate):
@@ -126,9 +140,12 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, l, 3, cfg.num_attention_heads, cfg.head_dim)
         q = apply_rope(qkv[:, :, 0], cos, sin)
         k = apply_rope(qkv[:, :, 1], cos, sin)
+        dropout = None
+        if not self.deterministic and cfg.attention_probs_dropout_prob > 0:
+            dropout = nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=False)
         # [B, L, N, D]
         o = dot_product_attention(q, k, qkv[:, :, 2], lengths=lengths, mask=mask,
-                                  implementation=self.implementation)
+                                  implementation=self.implementation, dropout=dropout)
         return dense(h, "out")(o.reshape(b, l, h), _sub(lora, "out"), rows, gate)
 
 
@@ -160,7 +177,8 @@ class Layer(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout_prob, deterministic=self.deterministic)
         norm = lambda name: LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = Attention(cfg, self.dtype, self.param_dtype, self.implementation, name="attn")(
+        h = Attention(cfg, self.dtype, self.param_dtype, self.implementation, self.deterministic,
+                      name="attn")(
             x, cos, sin, lengths, mask, _sub(lora, "attn"), rows, gate)
         x = norm("norm1")(x + drop(h))
         h = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(x, _sub(lora, "mlp"), rows, gate)
@@ -206,6 +224,9 @@ class JinaEncoder(nn.Module):
       implementation: attention implementation ("xla" or "cudnn"; see `attention.py`).
       deterministic: False enables dropout (needs a "dropout" rng).
       scan_layers: stack the layers and `scan` them (compile time independent of depth).
+      remat: rematerialise each layer in the backward pass: None (keep every activation),
+        "full" (keep only the layer inputs), "dots" (keep matmul outputs) or "dots_no_batch"
+        (keep matmuls without batch dimensions: the Linear outputs, not attention's).
     """
     config: JinaConfig
     dtype: Dtype = jnp.float32
@@ -213,6 +234,7 @@ class JinaEncoder(nn.Module):
     implementation: str = "xla"
     deterministic: bool = True
     scan_layers: bool = True
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, lengths=None, lora=None, rows=None,
@@ -236,9 +258,17 @@ class JinaEncoder(nn.Module):
         layer_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
                         implementation=self.implementation, deterministic=self.deterministic)
         args = (cos, sin, lengths, attention_mask, rows, gate)
+        layer_cls = Layer
+        if self.remat is not None:
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"unknown remat policy {self.remat!r}; expected None or one of "
+                                 f"{sorted(REMAT_POLICIES)}")
+            # Under scan, CSE cannot undo the rematerialisation, so it need not be prevented.
+            layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[self.remat],
+                                 prevent_cse=not self.scan_layers)
         if self.scan_layers:
             stack = nn.scan(
-                Layer,
+                layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0,) + (nn.broadcast,) * len(args),
@@ -248,7 +278,7 @@ class JinaEncoder(nn.Module):
         else:
             for i in range(cfg.num_hidden_layers):
                 li = jax.tree_util.tree_map(lambda t: t[i], layer_lora)
-                x, _ = Layer(**layer_kw, name=f"layers_{i}")(x, li, *args)
+                x, _ = layer_cls(**layer_kw, name=f"layers_{i}")(x, li, *args)
 
         pooled = None
         if cfg.add_pooling_layer:

@@ -17,7 +17,7 @@ import numpy as np
 from . import lora as lora_lib
 from .attention import choose_implementation
 from .config import JinaConfig, canonical_task
-from .model import EncoderOutput, JinaEncoder
+from .model import EncoderOutput, JinaEncoder, mean_pool
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
@@ -140,6 +140,37 @@ class JinaEmbeddingsV3:
             self._merged.popitem(last=False)
         return entry
 
+    def add_adapter(self, name: str, rank: int = 4, alpha: float | None = None,
+                    modules=lora_lib.DEFAULT_MODULES, *, instruction: str = "", seed: int = 0):
+        """A new task adapter whose delta starts at zero (PEFT's initialisation), ready to train.
+        scale = alpha / rank (alpha defaults to rank); modules: short names from
+        `lora.MODULES` (default: every Linear and Embedding, as the release adapts).
+        `instruction` is prepended to texts for this task by `encode`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if any(canonical_task(n) == canonical_task(name) for n in self.adapters):
+            raise ValueError(f"an adapter named {name!r} already exists: {list(self.adapters)}")
+        adapter = lora_lib.init_adapter(self.params, rank, tuple(modules), seed=seed)
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha!r}")
+        self.adapters[name] = adapter
+        self.scales[name] = alpha / rank
+        cfg = self.config
+        self.config = cfg.replace(
+            lora_adaptations=tuple(cfg.lora_adaptations) + (name,),
+            task_instructions=tuple(cfg.task_instructions) + ((name, instruction),))
+        self.invalidate()
+        return self
+
+    def invalidate(self):
+        """Drops every cache derived from params/adapters (after they change)."""
+        self._merged.clear()
+        self._stacked, self._no_task = {}, None
+        if self.mesh is not None:
+            from .sharding import replicate
+            self.params = replicate(self.params, self.mesh)
+
     def _word_factors(self, forward_lora):
         """The single-task `lora` argument, in one shape for every task (and for no task):
         word-embedding factors zero-padded to the largest rank among the adapters, zeros where
@@ -168,12 +199,10 @@ class JinaEmbeddingsV3:
         """Data parallelism over `devices` (default: every device of the default backend):
         parameters replicated, batch rows split. Batches must then have a multiple of the
         device count rows; `encode` pads its batches to that. Returns self."""
-        from .sharding import batch_mesh, replicate
+        from .sharding import batch_mesh
 
         self.mesh = batch_mesh(devices)
-        self.params = replicate(self.params, self.mesh)
-        self._merged.clear()
-        self._stacked, self._no_task = {}, None
+        self.invalidate()
         return self
 
     @property
@@ -199,15 +228,12 @@ class JinaEmbeddingsV3:
                                    lora=lora, rows=rows, gate=gate)
                 if not pooled:
                     return self._outputs(out, params, extra, lora, rows, gate)
-                real = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
-                h = out.last_hidden_state.astype(jnp.float32) * real[..., None]
-                # [B, H]
-                return h.sum(1) / jnp.maximum(real.sum(1), 1)[:, None].astype(jnp.float32)
+                return mean_pool(out.last_hidden_state, lengths)
 
             self._forward[key] = jax.jit(forward)
         return self._forward[key]
 
-    def _outputs(self, encoded: EncoderOutput, params, extra, lora, rows, gate):
+    def _outputs(self, encoded: EncoderOutput, params, extra, lora, rows, gate, rng=None):
         """What the compiled forward returns (traced). Head models add their head here;
         `extra` carries their head parameters."""
         return encoded

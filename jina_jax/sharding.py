@@ -33,3 +33,14 @@ def shard_rows(x, mesh: Mesh):
     if np.shape(x)[0] % n:
         raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices")
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """Rows split over the mesh. With several processes (multi-host, after
+    `jax.distributed.initialize()`), each process passes its own rows and they are assembled
+    into one global array, process 0's rows first."""
+    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+    if jax.process_count() == 1:
+        return {k: shard_rows(v, mesh) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
