@@ -1,4 +1,5 @@
-"""Our trees -> the Transformers format with one PEFT LoRA folder per task.
+"""Our trees -> the Transformers format with one PEFT LoRA folder per task, or the release's own
+single-file format.
 
 The base weights go under the names Transformers itself writes (`encoder.layers.3.mixer.Wqkv.weight`,
 `emb_ln.weight`, ...); each adapter becomes a PEFT folder whose keys use the runtime names
@@ -18,7 +19,7 @@ import numpy as np
 
 from .formats import TOKENIZER_FILES
 from .names import RELEASE_MODULES, TORCH_LEAF
-from .safetensors_io import write
+from .safetensors_io import Lazy, write
 
 # Target module path -> Transformers' runtime module names, which PEFT keys use (q, k, v for
 # the fused qkv; none for LayerNorms, which carry no adapters).
@@ -96,14 +97,36 @@ def _adapter_tensors(adapter: dict, cfg):
     return tensors, ranks
 
 
+_HEAD_CLASSES = {"masked_lm": "JinaEmbeddingsV3ForMaskedLM",
+                 "sequence_classification": "JinaEmbeddingsV3ForSequenceClassification",
+                 "token_classification": "JinaEmbeddingsV3ForTokenClassification",
+                 "question_answering": "JinaEmbeddingsV3ForQuestionAnswering"}
+
+
 def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scales: dict,
-                      source_folder: str | None = None) -> None:
-    """Writes `folder` in the Transformers format plus one PEFT LoRA folder per task."""
+                      source_folder: str | None = None, heads: dict | None = None,
+                      head: tuple[str, int | None] | None = None) -> None:
+    """Writes `folder` in the Transformers format plus one PEFT LoRA folder per task.
+
+    heads: head tensors (checkpoint names) to write beside the encoder, which then goes under
+    `roberta.` as Transformers' head models save it; head: (kind, num_labels) of the model's own
+    head, which names the architecture in config.json.
+    """
     os.makedirs(folder, exist_ok=True)
-    write(_base_tensors(params_flat, cfg), os.path.join(folder, "model.safetensors"),
-          metadata={"format": "pt"})
+    tensors = _base_tensors(params_flat, cfg)
+    if heads:
+        tensors = {"roberta." + k: v for k, v in tensors.items()}
+        tensors.update({k: np.asarray(v, np.float32) for k, v in heads.items()})
+    write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = _hf_config(cfg)
+    if head is not None:
+        kind, num_labels = head
+        config["architectures"] = [_HEAD_CLASSES[kind]]
+        if num_labels is not None:
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(_hf_config(cfg), f, indent=2)
+        json.dump(config, f, indent=2)
     with open(os.path.join(folder, "config_sentence_transformers.json"), "w") as f:
         json.dump({"prompts": dict(cfg.task_instructions), "default_prompt_name": None}, f,
                   indent=2)
@@ -125,8 +148,106 @@ def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scale
         }
         with open(os.path.join(sub, "adapter_config.json"), "w") as f:
             json.dump(conf, f, indent=2)
+    _copy_tokenizer(source_folder, folder, skip=("config_sentence_transformers.json",))
+
+
+def _copy_tokenizer(source_folder, folder, skip):
     if source_folder and os.path.abspath(source_folder) != os.path.abspath(folder):
         for name in TOKENIZER_FILES:
             path = os.path.join(source_folder, name)
-            if os.path.isfile(path) and name != "config_sentence_transformers.json":
+            if os.path.isfile(path) and name not in skip:
                 shutil.copyfile(path, os.path.join(folder, name))
+
+
+# --- the release's single-file format -------------------------------------------------------
+
+def release_config(cfg, **extra) -> dict:
+    """The release's `config.json` (model_type "xlm-roberta", rotary, task fields) for `cfg`."""
+    return {
+        "architectures": ["XLMRobertaLoRA"], "model_type": "xlm-roberta",
+        "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_theta,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
+        "hidden_dropout_prob": cfg.hidden_dropout_prob,
+        "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "lora_adaptations": list(cfg.lora_adaptations),
+        "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout_p": 0.1,
+        "task_instructions": dict(cfg.task_instructions),
+        "matryoshka_dimensions": list(cfg.matryoshka_dimensions),
+        "truncate_dim": cfg.truncate_dim, "use_flash_attn": True, **extra,
+    }
+
+
+def save_original(folder: str, cfg, params_flat: dict, adapters: dict, scales: dict,
+                  source_folder: str | None = None, heads: dict | None = None) -> None:
+    """Writes the release layout: `roberta.`-prefixed keys, every Linear and Embedding
+    parametrized with all tasks' factors stacked [T, ...] (fp32).
+
+    The format has one rank and one scale for everything. Ranks are zero-padded to the largest
+    (a @ b unchanged); modules an adapter lacks get zero factors; when the tasks' scales differ,
+    each task's scale is folded into its B and lora_alpha = rank (scale 1).
+    """
+    from .tree import flatten
+
+    tasks = list(adapters)
+    if not tasks:
+        raise ValueError("the original format stacks task adapters; this model has none")
+    factors = {t: flatten(a) for t, a in adapters.items()}
+    rank = max(np.shape(v)[-1] for f in factors.values() for p, v in f.items() if p[-1] == "a")
+    shared = len({float(scales[t]) for t in tasks}) == 1
+    scale = float(scales[tasks[0]]) if shared else 1.0
+    fold = {t: 1.0 if shared else float(scales[t]) for t in tasks}
+    n_layers = cfg.num_hidden_layers
+
+    def stacked(module, leaf, kernel_shape, layer):
+        """[T, ...] in the release layout for one module (one layer)."""
+        rows, cols = kernel_shape
+        embedding = module[0] == "embeddings"
+        a_all = np.zeros((len(tasks), rows, rank), np.float32)
+        b_all = np.zeros((len(tasks), rank, cols), np.float32)
+        for i, t in enumerate(tasks):
+            a, b = factors[t].get(module + ("a",)), factors[t].get(module + ("b",))
+            if a is None:
+                continue
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            if layer is not None:
+                a, b = a[layer], b[layer]
+            a_all[i, :, : a.shape[-1]] = a
+            b_all[i, : b.shape[0]] = b * fold[t]
+        if embedding:  # A [T, V, r], B [T, r, H]
+            return a_all if leaf == "lora_A" else b_all
+        # Linear: A [T, r, in], B [T, out, r]
+        return (a_all if leaf == "lora_A" else b_all).transpose(0, 2, 1)
+
+    tensors = {}
+    for path, value in params_flat.items():
+        module, leaf = path[:-1], path[-1]
+        layers = range(n_layers) if module[0] == "layers" else [None]
+        shape = tuple(np.shape(value))[1:] if module[0] == "layers" else tuple(np.shape(value))
+        for layer in layers:
+            name = "roberta." + RELEASE_MODULES[module].format(layer)
+
+            def base(value=value, layer=layer, leaf=leaf):
+                v = np.asarray(value[layer] if layer is not None else value, np.float32)
+                return v.T if leaf == "kernel" else v
+            torch_shape = shape[::-1] if leaf == "kernel" else shape
+            if leaf not in ("kernel", "embedding"):
+                tensors[f"{name}.{TORCH_LEAF[leaf]}"] = Lazy(shape, np.float32, base)
+                continue
+            tensors[f"{name}.parametrizations.weight.original"] = Lazy(torch_shape, np.float32, base)
+            for factor in ("lora_A", "lora_B"):
+                made = stacked(module, factor, shape, layer)
+                tensors[f"{name}.parametrizations.weight.0.{factor}"] = made
+    tensors.update({k: np.asarray(v, np.float32) for k, v in (heads or {}).items()})
+    os.makedirs(folder, exist_ok=True)
+    write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = release_config(cfg.replace(lora_adaptations=tuple(tasks)), torch_dtype="float32")
+    config.update(lora_rank=rank, lora_alpha=scale * rank)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    _copy_tokenizer(source_folder, folder, skip=())

@@ -148,6 +148,7 @@ def _load_original(folder: str, dtype, place) -> Checkpoint:
             adapters.put(task, target, factor, value, key, file)
     scale = cfg.lora_alpha / cfg.lora_rank
     found = adapters.finish()
+    found = {t: found[t] for t in tasks if t in found}  # in lora_adaptations order
     return Checkpoint(cfg, params, found, {t: scale for t in found},
                       {k: src.read(k) for k in head_keys}, "original", folder)
 

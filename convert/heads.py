@@ -79,3 +79,18 @@ def saved_num_labels(kind: str, heads: dict) -> int | None:
            "token_classification": "classifier.bias",
            "question_answering": "qa_outputs.bias"}.get(kind)
     return None if key is None or key not in heads else int(np.shape(heads[key])[0])
+
+
+def write_head(kind: str, tree: dict) -> dict:
+    """The checkpoint tensors (PyTorch layout, fp32) of a head tree; inverse of `read_head`.
+    The MLM decoder's tied copies are written too, as Transformers writes them."""
+    out = {}
+    for key, (path, transpose) in LAYOUTS[kind].items():
+        value = tree
+        for p in path:
+            value = value[p]
+        value = np.asarray(value, np.float32)
+        out[key] = np.ascontiguousarray(value.T if transpose else value)
+    if kind == "masked_lm":
+        out["lm_head.decoder.bias"] = out["lm_head.bias"]
+    return out

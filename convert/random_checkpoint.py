@@ -16,6 +16,7 @@ import numpy as np
 
 from jina_jax.config import JinaConfig
 
+from .export import release_config
 from .safetensors_io import Lazy, write
 
 _LINEARS = ("mixer.Wqkv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")
@@ -74,23 +75,8 @@ def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: in
     tensors = {key: Lazy(shape, np_dtype, maker(key, shape, kind))
                for key, (shape, kind) in release_layout(cfg).items()}
     write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "architectures": ["XLMRobertaLoRA"], "model_type": "xlm-roberta",
-        "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_theta,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "lora_adaptations": list(cfg.lora_adaptations),
-        "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout_p": 0.1,
-        "task_instructions": dict(cfg.task_instructions),
-        "matryoshka_dimensions": list(cfg.matryoshka_dimensions), "truncate_dim": None,
-        "use_flash_attn": True, "torch_dtype": dtype,
-        "_comment": "random weights written by jina-jax: the embeddings are meaningless",
-    }
+    config = release_config(cfg, torch_dtype=dtype, truncate_dim=None, _comment=(
+        "random weights written by jina-jax: the embeddings are meaningless"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_tokenizer(folder, cfg.vocab_size, seed)

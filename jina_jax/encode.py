@@ -141,13 +141,16 @@ def _plan(ids, row_tasks, limit, batch_size, token_budget, row_multiple=1):
     return plan
 
 
-def tokenize(model, texts, task=None, *, max_length: int = 512, prompt: str | None = None):
+def tokenize(model, texts, task=None, *, max_length: int | None = None,
+             prompt: str | None = None):
     """(ids int32 [N, bucket], lengths int32 [N]): texts with the task's instruction, as `encode`
     tokenizes them, right-padded to the bucket of the longest (so shapes come from a small set).
-    This is what the training batches are made of."""
+    This is what the training batches are made of. max_length defaults to 512 (or the model's
+    limit, if lower)."""
     cfg = model.config
     _check_texts(texts)
     limit = position_limit(cfg)
+    max_length = min(512, limit) if max_length is None else max_length
     if not isinstance(max_length, int) or not 2 <= max_length <= limit:
         raise ValueError(f"max_length must be an integer in 2..{limit}, got {max_length!r}")
     name = None if task is None else model.resolve_task(task)

@@ -148,6 +148,19 @@ class _HeadModel(JinaEmbeddingsV3):
     def head_module(self) -> nn.Module:
         raise NotImplementedError
 
+    def _heads_to_save(self) -> dict:
+        """This model's head as it is now, plus any other head the checkpoint carried. The
+        MLM decoder's stored copy of the word embeddings is dropped: Transformers re-ties it."""
+        from convert.heads import write_head
+
+        own = write_head(self.kind, jax.device_get(self.head_params))
+        stale = {"lm_head.decoder.weight"} if self.kind == "masked_lm" else set()
+        others = {k: v for k, v in self.heads.items() if k not in own and k not in stale}
+        return {**others, **own}
+
+    def _head_signature(self):
+        return self.kind, self.num_labels
+
     def _init_head(self, key):
         cfg = self.config
         h = jnp.zeros((1, 2, cfg.hidden_size), self.dtype)

@@ -7,6 +7,7 @@ The object is thin: the computation is `JinaEncoder.apply`, a pure function of
 from __future__ import annotations
 
 import collections
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -82,26 +83,44 @@ class JinaEmbeddingsV3:
                    param_dtype=pdt, heads=ckpt.heads, source=folder, **kwargs)
 
     def save_pretrained(self, folder: str, format: str = "jina_jax") -> None:
-        """Writes the base weights and every task adapter.
+        """Writes the base weights, every task adapter and the head (if any).
 
-        format: "jina_jax" (our own folder, what `jina-jax convert` writes) or "transformers"
-        (Transformers' `jina_embeddings_v3` weights plus one PEFT LoRA folder per task, loadable
-        with `PeftModel.from_pretrained`). Base weights are written in fp32 for "transformers"
-        and in the parameter dtype for "jina_jax". Head parameters are not exported yet.
+        format: "jina_jax" (our own folder, what `jina-jax convert` writes; parameter dtype),
+        "transformers" (Transformers' `jina_embeddings_v3` weights plus one PEFT LoRA folder
+        per task, loadable with `PeftModel.from_pretrained`; fp32) or "original" (the release's
+        single `model.safetensors` with all adapters stacked; fp32). The parent folder must
+        exist.
         """
-        from convert.export import save_transformers
+        from convert.export import save_original, save_transformers
         from convert.formats import Checkpoint, save_native
         from convert.tree import flatten
 
+        formats = ("jina_jax", "transformers", "original")
+        if format not in formats:
+            raise ValueError(f"format {format!r} is not supported; use one of {formats}")
+        parent = os.path.dirname(os.path.abspath(os.fspath(folder)))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{parent}: the parent folder of {os.fspath(folder)!r} does "
+                                    "not exist")
         flat = {p: np.asarray(v) for p, v in flatten(self.params).items()}
+        adapters = jax.device_get(self.adapters)
+        heads = self._heads_to_save()
         if format == "transformers":
-            save_transformers(folder, self.config, flat, self.adapters, self.scales, self.source)
-        elif format == "jina_jax":
-            save_native(folder, Checkpoint(self.config, flat, self.adapters, self.scales,
-                                           self.heads, "jina_jax", self.source or folder))
+            save_transformers(folder, self.config, flat, adapters, self.scales, self.source,
+                              heads=heads, head=self._head_signature())
+        elif format == "original":
+            save_original(folder, self.config, flat, adapters, self.scales, self.source,
+                          heads=heads)
         else:
-            raise ValueError(f"format {format!r} is not supported; use 'jina_jax' or "
-                             "'transformers'")
+            save_native(folder, Checkpoint(self.config, flat, adapters, self.scales, heads,
+                                           "jina_jax", self.source or folder))
+
+    def _heads_to_save(self) -> dict:
+        """Head tensors under checkpoint names (head models put their current head here)."""
+        return dict(self.heads)
+
+    def _head_signature(self):
+        return None
 
     # --- tasks -----------------------------------------------------------------------------
 

@@ -368,6 +368,8 @@ class Trainer:
                 if key not in keys:
                     raise ValueError(f"{path}: key {key!r} is missing (was the optimizer changed?)")
                 x = f.get_tensor(key)
+                if spec.shape == () and x.shape == (1,):  # safetensors stores scalars as [1]
+                    x = x.reshape(())
                 if x.shape != spec.shape or x.dtype != spec.dtype:
                     raise ValueError(f"{path}: key {key!r} is {x.dtype}{list(x.shape)}, expected "
                                      f"{spec.dtype}{list(spec.shape)}")
@@ -469,7 +471,7 @@ def _replicate(tree, mesh):
 
 def contrastive_batch(model, queries: Sequence[str], positives: Sequence[str], negatives=None, *,
                       query_task="retrieval.query", passage_task="retrieval.passage",
-                      max_length: int = 512) -> dict:
+                      max_length: int | None = None) -> dict:
     """Tokenised arrays for `Contrastive`: each text with its task's instruction, as `encode`
     sees it. negatives: None, or per query one string or a list of K strings (same K for all)."""
     if len(queries) != len(positives):
@@ -524,8 +526,11 @@ def read_pairs(path: str) -> list[dict]:
 
 
 def recall_at_k(model, queries, passages, ks=(1, 5, 10), *, query_task="retrieval.query",
-                passage_task="retrieval.passage", max_length: int = 512) -> dict:
+                passage_task="retrieval.passage", max_length: int | None = None) -> dict:
     """Recall@k of query i retrieving passage i among all passages, through `encode`."""
+    from .encode import position_limit
+
+    max_length = min(512, position_limit(model.config)) if max_length is None else max_length
     q = model.encode(list(queries), task=query_task, max_length=max_length,
                      show_progress_bar=False)
     p = model.encode(list(passages), task=passage_task, max_length=max_length,

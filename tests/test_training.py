@@ -134,3 +134,202 @@ def test_lora_gradients_match_peft_autograd(transformers_dir, hf_config, symmetr
                     jax.tree_util.tree_leaves(grads["adapters"][task]))
         matched = sum(float(np.sum(np.square(x))) for x in ours.values())
         assert abs(total - matched) <= 1e-6 * total, (task, total, matched)
+
+
+# --- training behaviour ----------------------------------------------------------------------
+
+def synthetic_pairs(n: int, seed: int = 0):
+    """Queries of three words from one alphabet, passages of the *matching* words from another
+    (a -> m, b -> n, ...), in a shuffled order: no token overlap, so an untrained model cannot
+    pair them, but the mapping is learnable and carries over to unseen combinations."""
+    import itertools
+    rng = np.random.default_rng(seed)
+    q_words, p_words = "abcdefghijkl", "mnopqrstuvwx"
+    combos = list(itertools.combinations(range(12), 3))
+    rng.shuffle(combos)
+    pairs = []
+    for c in combos[:n]:
+        c = list(c)
+        rng.shuffle(c)
+        pairs.append((" ".join(q_words[i] for i in c), " ".join(p_words[i] for i in c)))
+    return pairs
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_short_finetune_improves_recall_and_freezes_the_rest(transformers_dir):
+    from jina_jax.training import contrastive_batch, recall_at_k
+
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    frozen_before = _flat({"params": model.params, **{t: model.adapters[t] for t in
+                                                       ("separation", "classification")}})
+    pairs = synthetic_pairs(96)
+    train, held_out = pairs[:64], pairs[64:]
+    queries, passages = [q for q, _ in held_out], [p for _, p in held_out]
+    before = recall_at_k(model, queries, passages, ks=(1,))["recall@1"]
+
+    trainer = Trainer(model, Contrastive(), optax.adamw(3e-3), dropout=False)
+    state = trainer.init()
+    rng = np.random.default_rng(1)
+    history = []
+    for _ in range(40):
+        idx = rng.choice(len(train), 16, replace=False)
+        batch = contrastive_batch(model, [train[i][0] for i in idx], [train[i][1] for i in idx],
+                                  max_length=16)
+        state, metrics = trainer.step(state, batch)
+        history.append(float(metrics["loss"]))
+    trainer.update_model(state)
+    after = recall_at_k(model, queries, passages, ks=(1,))["recall@1"]
+    assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
+    assert after >= before + 0.15, (before, after)
+    frozen_after = _flat({"params": model.params, **{t: model.adapters[t] for t in
+                                                      ("separation", "classification")}})
+    for key, value in frozen_before.items():
+        np.testing.assert_array_equal(value, frozen_after[key], err_msg=key)
+    # PEFT's blocks stay blocks: the split q/k/v adapter's off-diagonal b is still zero.
+    b = np.asarray(model.adapters["retrieval.query"]["layers"]["attn"]["qkv"]["b"])
+    r, h = 3, b.shape[-1] // 3
+    assert np.all(b[:, :r, h:] == 0) and np.any(b[:, :r, :h] != 0)
+
+
+def test_optimizer_state_covers_trained_leaves_only(transformers_dir):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    trainer = Trainer(model, Contrastive(), optax.adam(1e-3))
+    state = trainer.init()
+    assert set(state.params) == {"adapters"}
+    assert set(state.params["adapters"]) == {"retrieval.query", "retrieval.passage"}
+    n_trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state))
+    assert n_opt == 2 * n_trained + 1  # Adam's mu and nu, and its step count
+
+
+def test_resume_gives_the_identical_next_step(transformers_dir, hf_config, tmp_path):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    trainer = Trainer(model, Contrastive(symmetric=True), optax.adamw(1e-3), dropout=True)
+    batch, *_ = contrastive_arrays(hf_config.vocab_size)
+    state = trainer.init(seed=5)
+    for _ in range(2):
+        state, _ = trainer.step(state, batch)
+    path = str(tmp_path / "state.safetensors")
+    trainer.save_state(path, state)
+    straight, m1 = trainer.step(state, batch)
+
+    again = Trainer(JinaEmbeddingsV3.from_pretrained(transformers_dir),
+                    Contrastive(symmetric=True), optax.adamw(1e-3), dropout=True)
+    restored = again.restore(path)
+    for key, value in _flat(state).items():
+        np.testing.assert_array_equal(value, _flat(restored)[key], err_msg=key)
+    resumed, m2 = again.step(restored, batch)
+    assert float(m1["loss"]) == float(m2["loss"])
+    for key, value in _flat(straight).items():
+        np.testing.assert_array_equal(value, _flat(resumed)[key], err_msg=key)
+    # Dropout really is on: another step's key gives another loss.
+    other, m3 = trainer.step(straight, batch)
+    assert float(m3["loss"]) != float(m1["loss"])
+
+
+def test_restore_refuses_a_different_trainer(transformers_dir, tmp_path):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    trainer = Trainer(model, Contrastive(), optax.adam(1e-3))
+    path = str(tmp_path / "state.safetensors")
+    trainer.save_state(path, trainer.init())
+    other = Trainer(model, Contrastive(), optax.adam(1e-3), train=["retrieval.query"])
+    with pytest.raises(ValueError, match="trains"):
+        other.restore(path)
+    sgd = Trainer(model, Contrastive(), optax.sgd(1e-3, momentum=0.9))
+    with pytest.raises(ValueError, match="state.safetensors"):
+        sgd.restore(path)
+
+
+def _rel(a, b):
+    a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() /
+                     max(np.abs(np.asarray(y)).max(), 1e-12)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_changes_memory_not_gradients(transformers_dir, hf_config, remat):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    batch, *_ = contrastive_arrays(hf_config.vocab_size)
+    plain = Trainer(model, Contrastive(), optax.sgd(1.0), dropout=False)
+    rematted = Trainer(model, Contrastive(), optax.sgd(1.0), dropout=False, remat=remat)
+    g1 = plain.gradients(plain.init(), batch)[2]
+    g2 = rematted.gradients(rematted.init(), batch)[2]
+    assert _rel(g2, g1) < 1e-5
+
+
+def test_gradient_accumulation_averages_micro_batches(transformers_dir, hf_config):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    batch, *_ = contrastive_arrays(hf_config.vocab_size)
+    single = Trainer(model, Contrastive(), optax.sgd(1.0), dropout=False)
+    accumulated = Trainer(model, Contrastive(), optax.sgd(1.0), dropout=False, accumulate=2)
+    state = single.init()
+    halves = [{k: v[j::2] for k, v in batch.items()} for j in range(2)]
+    parts = [single.gradients(state, h) for h in halves]
+    loss, _, grads = accumulated.gradients(state, batch)
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, parts[0][2], parts[1][2])
+    assert _rel(grads, mean) < 1e-5
+    assert abs(float(loss) - (float(parts[0][0]) + float(parts[1][0])) / 2) < 1e-6
+    with pytest.raises(ValueError, match="multiple of devices"):
+        accumulated.step(state, {k: v[:3] for k, v in batch.items()})
+
+
+def test_bf16_compute_keeps_fp32_master_weights(transformers_dir, hf_config):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    batch, *_ = contrastive_arrays(hf_config.vocab_size)
+    fp32 = Trainer(model, Contrastive(), optax.adam(1e-3), dropout=False)
+    bf16 = Trainer(model, Contrastive(), optax.adam(1e-3), dropout=False,
+                   compute_dtype="bfloat16")
+    state, metrics = bf16.step(bf16.init(), batch)
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
+    reference = float(fp32.gradients(fp32.init(), batch)[0])
+    assert np.isfinite(float(metrics["loss"]))
+    assert abs(float(metrics["loss"]) - reference) < 0.05 * abs(reference)  # bf16 rounding
+
+
+def test_new_adapter_trains_and_exports(transformers_dir, hf_config, tmp_path):
+    """A fresh rank-2 adapter (delta zero at first) trained on text-matching pairs with CoSENT,
+    then served by Transformers + PEFT, by the release format and by our own loader."""
+    from jina_jax.training import CoSENT
+
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    model.add_adapter("domain", rank=2, alpha=4.0, modules=["qkv", "fc1", "word"])
+    ids, mask = ref.padded_batch(hf_config.vocab_size)
+    base = np.asarray(model(ids, mask).last_hidden_state)
+    np.testing.assert_array_equal(base, np.asarray(model(ids, mask, task="domain").last_hidden_state))
+
+    a, al, am = _rows(hf_config.vocab_size, (5, 9, 3, 7), 4)
+    b, bl, bm = _rows(hf_config.vocab_size, (6, 4, 8, 10), 5)
+    batch = {"first_ids": a, "first_lengths": al, "second_ids": b, "second_lengths": bl,
+             "score": np.array([0.1, 0.9, 0.5, 0.3], np.float32)}
+    trainer = Trainer(model, CoSENT(task="domain"), optax.adam(1e-2), dropout=False)
+    state = trainer.init()
+    history = []
+    for _ in range(8):
+        state, metrics = trainer.step(state, batch)
+        history.append(float(metrics["loss"]))
+    assert history[-1] < history[0], history
+    trainer.update_model(state)
+    trained = np.asarray(model(ids, mask, task="domain").last_hidden_state)
+    assert np.abs(trained - base).max() > 1e-3  # the adapter is no longer zero
+
+    m = mask.astype(bool)
+    hf = str(tmp_path / "hf")
+    model.save_pretrained(hf, format="transformers")
+    for task in ("domain", "retrieval.query", "text-matching"):
+        ours = np.asarray(model(ids, mask, task=task).last_hidden_state)
+        folder = task.replace(".", "_").replace("-", "_")
+        theirs = ref.run(ref.peft_reference(hf, folder), ids, mask)[0]
+        assert np.abs(ours - theirs)[m].max() < 1e-4, task
+    for fmt in ("original", "jina_jax", "transformers"):
+        dst = str(tmp_path / fmt)
+        model.save_pretrained(dst, format=fmt)
+        again = JinaEmbeddingsV3.from_pretrained(dst)
+        assert set(again.tasks) == set(model.tasks)
+        for task in (None,) + model.tasks:
+            x = np.asarray(again(ids, mask, task=task).last_hidden_state)
+            y = np.asarray(model(ids, mask, task=task).last_hidden_state)
+            assert np.abs(x - y)[m].max() < 1e-4, (fmt, task)
