@@ -67,8 +67,9 @@ def _base_tensors(params_flat: dict, cfg) -> dict:
     return out
 
 
-def _adapter_tensors(adapter: dict, cfg):
-    """PEFT tensors for one adapter tree, and {runtime module suffix: rank} for rank_pattern."""
+def _adapter_tensors(adapter: dict, cfg, prefix: str = ""):
+    """PEFT tensors for one adapter tree, and {runtime module suffix: rank} for rank_pattern.
+    prefix: "roberta." when the adapter is for a head model (its encoder sits there)."""
     from .tree import flatten
 
     tensors, ranks = {}, {}
@@ -85,7 +86,7 @@ def _adapter_tensors(adapter: dict, cfg):
             la, lb = (a[i], b[i]) if i is not None else (a, b)
             cols = lb.shape[1] // len(runtime)
             for j, name in enumerate(runtime):
-                name = f"base_model.model.{name.format(i)}"
+                name = f"base_model.model.{prefix}{name.format(i)}"
                 block = lb[:, j * cols:(j + 1) * cols]
                 if embedding:  # A [r, V], B [H, r]
                     tensors[f"{name}.lora_embedding_A"] = np.ascontiguousarray(la.T)
@@ -131,7 +132,7 @@ def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scale
         json.dump({"prompts": dict(cfg.task_instructions), "default_prompt_name": None}, f,
                   indent=2)
     for task, adapter in adapters.items():
-        tensors, ranks = _adapter_tensors(adapter, cfg)
+        tensors, ranks = _adapter_tensors(adapter, cfg, "roberta." if heads else "")
         sub = os.path.join(folder, task.replace(".", "_").replace("-", "_"))
         os.makedirs(sub, exist_ok=True)
         write(tensors, os.path.join(sub, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -217,3 +217,53 @@ def test_sequence_losses_match_torch(problem):
     kind = "regression" if problem == "regression" else None
     got = losses.sequence_classification_loss(logits, labels, kind)
     assert abs(float(got) - float(want)) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["seq", "tok", "qa", "mlm"])
+def test_trained_head_exports_to_transformers(head_dirs, batch, tmp_path, case):
+    """Head and task adapter trained with the head's own loss, then served by Transformers'
+    head model + PEFT from `save_pretrained(format="transformers")`."""
+    import optax
+
+    from jina_jax.training import HeadLoss, Trainer
+
+    hf_cls, cls, num_labels = CASES[case]
+    model = _load(cls, head_dirs[case])
+    ids, mask = batch
+    lengths = mask.sum(1).astype(np.int32)
+    rows = {"ids": ids.astype(np.int32), "lengths": lengths}
+    rng = np.random.default_rng(0)
+    if case == "qa":
+        rows |= {"start_positions": np.array([1, 2, 0]), "end_positions": np.array([3, 2, 4])}
+    elif case == "seq":
+        rows["labels"] = np.array([0, 2, 1])
+    else:
+        labels = rng.integers(0, num_labels or ref.SMALL["vocab_size"], ids.shape)
+        rows["labels"] = np.where(mask.astype(bool), labels, -100)
+    trainer = Trainer(model, HeadLoss(task="classification"), optax.adam(3e-3),
+                      train=["head", "classification"], dropout=False)
+    state = trainer.init()
+    history = []
+    for _ in range(5):
+        state, metrics = trainer.step(state, rows)
+        history.append(float(metrics["loss"]))
+    assert history[-1] < history[0], history
+    trainer.update_model(state)
+
+    dst = str(tmp_path / "hf")
+    model.save_pretrained(dst, format="transformers")
+    m = mask.astype(bool)
+    for task in (None, "classification"):
+        ours = model(ids, mask, task=task)
+        ours = [np.asarray(x) for x in (ours.start_logits, ours.end_logits)] if case == "qa" \
+            else [np.asarray(ours.logits)]
+        folder = None if task is None else "classification"
+        with torch.no_grad():
+            out = ref.peft_reference(dst, folder, cls=hf_cls)(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        theirs = [out.start_logits.numpy(), out.end_logits.numpy()] if case == "qa" \
+            else [out.logits.numpy()]
+        for x, y in zip(ours, theirs):
+            if x.ndim >= 2 and x.shape[:2] == m.shape:
+                x, y = x[m], y[m]
+            assert np.abs(x - y).max() < ATOL, (case, task, np.abs(x - y).max())
