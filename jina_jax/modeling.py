@@ -59,6 +59,7 @@ class JinaEmbeddingsV3:
         self._tokenizer = None
         self._no_task = None
         self.mesh = None  # set by shard(): data parallelism over a 1-D device mesh
+        self.shard_params = False  # shard(shard_params=True): weights split over the mesh too
         self.compile_count = 0  # forward compilations so far (each new shape or input structure)
 
     # --- loading ---------------------------------------------------------------------------
@@ -187,8 +188,8 @@ class JinaEmbeddingsV3:
         self._merged.clear()
         self._stacked, self._no_task = {}, None
         if self.mesh is not None:
-            from .sharding import replicate
-            self.params = replicate(self.params, self.mesh)
+            from .sharding import place_params
+            self.params = place_params(self.params, self.mesh, self.shard_params)
 
     def _word_factors(self, forward_lora):
         """The single-task `lora` argument, in one shape for every task (and for no task):
@@ -214,13 +215,16 @@ class JinaEmbeddingsV3:
                                                    [self.scales[n] for n in names])}
         return self._stacked[names]
 
-    def shard(self, devices=None) -> "JinaEmbeddingsV3":
+    def shard(self, devices=None, *, shard_params: bool = False) -> "JinaEmbeddingsV3":
         """Data parallelism over `devices` (default: every device of the default backend):
-        parameters replicated, batch rows split. Batches must then have a multiple of the
-        device count rows; `encode` pads its batches to that. Returns self."""
+        batch rows split, parameters replicated, or with `shard_params` each large weight split
+        over the same devices (less memory per device; XLA gathers it where it is used).
+        Batches must then have a multiple of the device count rows; `encode` pads its batches
+        to that. Returns self."""
         from .sharding import batch_mesh
 
         self.mesh = batch_mesh(devices)
+        self.shard_params = shard_params
         self.invalidate()
         return self
 
@@ -270,9 +274,10 @@ class JinaEmbeddingsV3:
         if impl == "cudnn" and self._cudnn_failed:
             impl = "xla"
         if self.mesh is not None:
-            from .sharding import replicate, shard_rows
+            from .sharding import place_params, replicate, shard_rows
 
-            params, extra, lora = replicate((params, extra, lora), self.mesh)
+            params = place_params(params, self.mesh, self.shard_params)
+            extra, lora = replicate((extra, lora), self.mesh)
             ids, mask, lengths, rows, gate = (shard_rows(x, self.mesh)
                                               for x in (ids, mask, lengths, rows, gate))
         args = (params, extra, ids, mask, lengths, lora, rows, gate)

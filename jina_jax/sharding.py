@@ -1,7 +1,9 @@
-"""Data parallelism over every visible device: a 1-D mesh over the batch, parameters replicated.
+"""Data parallelism over every visible device: a 1-D mesh over the batch, parameters replicated
+(or, to save memory, split over the same devices and gathered by XLA where used).
 
-    model.shard()            # all devices of the default backend
-    model.encode(texts, ...) # batches split over the devices, results gathered in input order
+    model.shard()                    # all devices of the default backend
+    model.shard(shard_params=True)   # each large weight split over the devices too
+    model.encode(texts, ...)         # batches split over the devices, results in input order
 
 Batch row counts are rounded up to a multiple of the device count, so every device gets rows.
 """
@@ -23,6 +25,29 @@ def batch_mesh(devices=None) -> Mesh:
 def replicate(tree, mesh: Mesh):
     """Every leaf on every device of the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# Leaves smaller than this stay replicated: splitting them saves little and costs a gather each.
+MIN_SHARDED_SIZE = 1 << 16
+
+
+def param_spec(shape, n: int) -> PartitionSpec:
+    """Split the largest axis that divides evenly over n devices; small leaves replicated."""
+    if int(np.prod(shape)) < MIN_SHARDED_SIZE or not shape:
+        return PartitionSpec()
+    for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        if shape[axis] % n == 0:
+            return PartitionSpec(*([None] * axis + [AXIS]))
+    return PartitionSpec()
+
+
+def place_params(tree, mesh: Mesh, shard: bool = False):
+    """Parameters onto the mesh: replicated, or (shard=True) split leaf by leaf (`param_spec`)."""
+    if not shard:
+        return replicate(tree, mesh)
+    n = mesh.devices.size
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(np.shape(x), n))), tree)
 
 
 def shard_rows(x, mesh: Mesh):

@@ -211,12 +211,14 @@ class Trainer:
     dropout: the config's dropout rates in training (hidden, attention, classifier) or none.
     compute_dtype: e.g. "bfloat16" for bf16 compute; the trained master weights stay fp32.
     mesh: data parallelism (default: the model's, after `model.shard()`); batches are split by
-      rows, so their row count must be a multiple of the device count.
+      rows, so their row count must be a multiple of the device count. shard_params: split large
+      weights (frozen, trained and optimizer state) over the mesh (default: as the model does).
     """
 
     def __init__(self, model, objective, optimizer: optax.GradientTransformation, *, train=None,
                  remat: str | None = None, accumulate: int = 1, dropout: bool = True,
-                 compute_dtype=None, mesh=None, donate_state: bool = False):
+                 compute_dtype=None, mesh=None, shard_params: bool | None = None,
+                 donate_state: bool = False):
         from .modeling import as_dtype
         from .model import REMAT_POLICIES
 
@@ -234,7 +236,8 @@ class Trainer:
                 model.resolve_task(task)  # unknown names fail here, not inside the first step
         self.paths = _train_paths(model, objective, train)
         trainable, frozen = partition(variables(model), self.paths)
-        self.frozen = frozen if self.mesh is None else _replicate(frozen, self.mesh)
+        self.shard_params = model.shard_params if shard_params is None else shard_params
+        self.frozen = frozen if self.mesh is None else self._put(frozen)
         self._initial = trainable
         self.masks = _qkv_masks(trainable)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,) if donate_state else ())
@@ -253,7 +256,11 @@ class Trainer:
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), self._initial)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
-        return state if self.mesh is None else _replicate(state, self.mesh)
+        return state if self.mesh is None else self._put(state)
+
+    def _put(self, tree):
+        from .sharding import place_params
+        return place_params(tree, self.mesh, self.shard_params)
 
     # -- the step --
 
@@ -378,7 +385,7 @@ class Trainer:
             if keys:
                 raise ValueError(f"{path}: unexpected key(s) {sorted(keys)[:5]}")
         state = jax.tree_util.tree_unflatten(treedef, values)
-        return state if self.mesh is None else _replicate(state, self.mesh)
+        return state if self.mesh is None else self._put(state)
 
 
 # --- what trains ---------------------------------------------------------------------------
@@ -460,11 +467,6 @@ def _apply_masks(tree, masks: dict):
 
 def _cast(tree, dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-def _replicate(tree, mesh):
-    from .sharding import replicate
-    return replicate(tree, mesh)
 
 
 # --- data ----------------------------------------------------------------------------------

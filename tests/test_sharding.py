@@ -41,3 +41,59 @@ def test_sharded_encode_equals_single_device(transformers_dir):
                          text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+TRAIN_CODE = r"""
+import sys
+import jax, numpy as np, optax
+from jina_jax import JinaEmbeddingsV3
+import jina_jax.sharding
+from jina_jax.training import Contrastive, Trainer
+from tests.test_training import contrastive_arrays
+jina_jax.sharding.MIN_SHARDED_SIZE = 0  # the test model's weights are all small
+assert len(jax.devices()) == 4, jax.devices()
+batch, *_ = contrastive_arrays(120)
+results = []
+for shard in (False, True, "params"):
+    model = JinaEmbeddingsV3.from_pretrained(sys.argv[1])
+    if shard:
+        model.shard(shard_params=shard == "params")
+    trainer = Trainer(model, Contrastive(), optax.adamw(1e-3), dropout=True, accumulate=1)
+    state = trainer.init(seed=3)
+    for _ in range(2):
+        state, metrics = trainer.step(state, batch)
+    results.append((state, metrics))
+    if shard:
+        leaf = jax.tree_util.tree_leaves(state.params)[0]
+        assert len(leaf.sharding.device_set) == 4, leaf.sharding
+        placed = trainer._place(batch)["query_ids"]
+        assert len(placed.sharding.device_set) == 4
+        assert placed.addressable_shards[0].data.shape[0] == 1, placed.sharding
+        try:
+            trainer.step(state, {k: v[:2] for k, v in batch.items()})
+        except ValueError as e:
+            assert "runs on 4 devices" in str(e), e
+        else:
+            raise AssertionError("2 rows on 4 devices should fail")
+    if shard == "params":  # the word-embedding factor a [V=120, r] is split over the devices
+        word = state.params["adapters"]["retrieval.query"]["embeddings"]["word"]["a"]
+        assert word.addressable_shards[0].data.shape[0] == word.shape[0] // 4, word.sharding
+        table = trainer.frozen["params"]["embeddings"]["word"]["embedding"]
+        assert table.addressable_shards[0].data.shape[0] == table.shape[0] // 4, table.sharding
+(s1, m1), *others = results
+for s4, m4 in others:
+    assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s4)):
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() < 1e-5
+print("ok")
+"""
+
+
+def test_sharded_train_step_equals_single_device(transformers_dir):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", TRAIN_CODE, transformers_dir],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
