@@ -12,10 +12,10 @@ from jina_jax import JinaEmbeddingsV3
 TEXTS = ["first text", "", "zweiter Text — ü", "third one, a bit longer than the others"]
 
 
-def _cli(*args, stdin=None):
+def _cli(*args, stdin=None, env=None):
     exe = shutil.which("jina-jax")
     assert exe, "the jina-jax console script is not installed (pip install -e .)"
-    return subprocess.run([exe, *args], input=stdin, capture_output=True, text=True)
+    return subprocess.run([exe, *args], input=stdin, capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
