@@ -154,11 +154,12 @@ def memory(args):
           "tokens, fp32, XLA:CPU memory_analysis() (nothing allocated)")
     print(f"{'trains':<12}{'remat':<15}{'temp GB':>9}{'args GB':>9}{'out GB':>8}")
     out = {}
-    for train in (None, "all"):
-        for remat in (None, "dots_no_batch", "dots", "full"):
+    for train, policies in ((None, (None, "dots_no_batch", "dots", "full")),
+                            ("all", (None, "full"))):
+        for remat in policies:
             trainer = Trainer(model, Contrastive("query", "passage"), optax.adamw(1e-4),
                               train=train, remat=remat, dropout=False)
-            state = jax.eval_shape(trainer.init)
+            state = jax.eval_shape(trainer.init_from, trainer._initial)
             compiled = trainer._step.lower(trainer.frozen, state, batch).compile()
             mem = compiled.memory_analysis()
             gb = lambda x: x / 2 ** 30  # noqa: E731

@@ -253,10 +253,16 @@ class Trainer:
                            remat=self.remat)
 
     def init(self, seed: int = 0) -> TrainState:
-        params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), self._initial)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
+        state = self.init_from(self._initial, seed)
         return state if self.mesh is None else self._put(state)
+
+    def init_from(self, trainable, seed: int = 0) -> TrainState:
+        """A fresh state over `trainable` (a tree shaped like the trained leaves); pure, so
+        `jax.eval_shape` can give the state's shapes without allocating anything."""
+        # A copy: the state must not share buffers with the model (a donated step frees them).
+        params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), trainable)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
     def _put(self, tree):
         from .sharding import place_params

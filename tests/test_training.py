@@ -319,11 +319,26 @@ def test_new_adapter_trains_and_exports(transformers_dir, hf_config, tmp_path):
     m = mask.astype(bool)
     hf = str(tmp_path / "hf")
     model.save_pretrained(hf, format="transformers")
-    for task in ("domain", "retrieval.query", "text-matching"):
+    for task in model.tasks:
         ours = np.asarray(model(ids, mask, task=task).last_hidden_state)
         folder = task.replace(".", "_").replace("-", "_")
         theirs = ref.run(ref.peft_reference(hf, folder), ids, mask)[0]
         assert np.abs(ours - theirs)[m].max() < 1e-4, task
+    # The release format, read back by the release's own formula in PyTorch (not our loader).
+    import json
+
+    from safetensors.torch import load_file
+    orig = str(tmp_path / "orig-ref")
+    model.save_pretrained(orig, format="original")
+    stored = load_file(os.path.join(orig, "model.safetensors"))
+    conf = json.load(open(os.path.join(orig, "config.json")))
+    for task in (None,) + model.tasks:
+        theirs = ref.run(ref.original_reference(stored, hf_config, task,
+                                                tasks=conf["lora_adaptations"],
+                                                scale=conf["lora_alpha"] / conf["lora_rank"]),
+                         ids, mask)[0]
+        ours = np.asarray(model(ids, mask, task=task).last_hidden_state)
+        assert np.abs(ours - theirs)[m].max() < 1e-4, ("original", task)
     for fmt in ("original", "jina_jax", "transformers"):
         dst = str(tmp_path / fmt)
         model.save_pretrained(dst, format=fmt)
@@ -333,3 +348,38 @@ def test_new_adapter_trains_and_exports(transformers_dir, hf_config, tmp_path):
             x = np.asarray(again(ids, mask, task=task).last_hidden_state)
             y = np.asarray(model(ids, mask, task=task).last_hidden_state)
             assert np.abs(x - y)[m].max() < 1e-4, (fmt, task)
+
+
+def test_cosent_matches_its_definition():
+    from jina_jax import losses
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 8)), rng.standard_normal((5, 8))
+    scores = np.array([0.2, 0.9, 0.2, 0.5, 0.1])
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1) * 20
+    terms = [np.exp(cos[j] - cos[i]) for i in range(5) for j in range(5) if scores[i] > scores[j]]
+    expected = np.log1p(np.sum(terms))
+    assert abs(float(losses.cosent(a, b, scores)) - expected) < 1e-4 * expected
+
+
+def test_training_bad_input(transformers_dir, tmp_path):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        Trainer(model, Contrastive(), optax.sgd(1.0), train=["nope"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        Trainer(model, Contrastive(query_task="nope"), optax.sgd(1.0))
+    with pytest.raises(ValueError, match="train='head'"):
+        Trainer(model, Contrastive(), optax.sgd(1.0), train="head")
+    with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+        Trainer(model, Contrastive(), optax.sgd(1.0), remat="some")
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        model.add_adapter("x", rank=0)
+    with pytest.raises(ValueError, match="unknown adapter module"):
+        model.add_adapter("x", rank=2, modules=["fc3"])
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("retrieval_query", rank=2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.save_pretrained(str(tmp_path / "missing" / "out"), format="transformers")
+    trainer = Trainer(model, Contrastive(), optax.sgd(1.0))
+    with pytest.raises(ValueError, match="same number of rows"):
+        trainer.step(trainer.init(), {"query_ids": np.zeros((2, 4), np.int32),
+                                      "query_lengths": np.ones((3,), np.int32)})
