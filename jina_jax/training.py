@@ -64,8 +64,9 @@ def variables(model) -> dict:
 class Forward:
     """The encoder inside a train step, over the current variables.
 
-    `forward(seg, ...)` runs segments `(ids [N, L], lengths [N], task)` as ONE batch (rows padded
-    to the longest L, each row with its own task) and returns one `EncoderOutput` per segment.
+    `forward(seg, ...)` runs segments `(ids [N, L], lengths [N], task)` and returns one
+    `EncoderOutput` per segment. Segments of the same width L run as one batch whose rows each
+    use their own task (the mixed-task path).
     """
 
     def __init__(self, trainer: "Trainer", tree: dict, rng):
@@ -99,20 +100,24 @@ class Forward:
         return out, (lora, rows, gate)
 
     def __call__(self, *segments):
-        width = max(ids.shape[1] for ids, _, _ in segments)
-        pad = self.trainer.model.config.pad_token_id
-        ids = jnp.concatenate([jnp.pad(i, ((0, 0), (0, width - i.shape[1])), constant_values=pad)
-                               for i, _, _ in segments])
-        lengths = jnp.concatenate([n for _, n, _ in segments])
-        tasks = [self.trainer.model.resolve_task(t) if t is not None else None
-                 for ids_, _, t in segments for _ in range(ids_.shape[0])]
-        out, _ = self.run(ids, lengths, tasks)
-        outputs, start = [], 0
-        for seg_ids, _, _ in segments:
-            n, length = seg_ids.shape
-            pooled = None if out.pooler_output is None else out.pooler_output[start:start + n]
-            outputs.append(EncoderOutput(out.last_hidden_state[start:start + n, :length], pooled))
-            start += n
+        # Segments of one width run as one batch (each row with its task); different widths
+        # run separately, so short queries are not padded to the passages' length.
+        model = self.trainer.model
+        outputs: list = [None] * len(segments)
+        widths = sorted({ids.shape[1] for ids, _, _ in segments})
+        for width in widths:
+            members = [i for i, (ids, _, _) in enumerate(segments) if ids.shape[1] == width]
+            ids = jnp.concatenate([segments[i][0] for i in members])
+            lengths = jnp.concatenate([segments[i][1] for i in members])
+            tasks = [None if segments[i][2] is None else model.resolve_task(segments[i][2])
+                     for i in members for _ in range(segments[i][0].shape[0])]
+            out, _ = self.run(ids, lengths, tasks)
+            start = 0
+            for i in members:
+                n = segments[i][0].shape[0]
+                pooled = None if out.pooler_output is None else out.pooler_output[start:start + n]
+                outputs[i] = EncoderOutput(out.last_hidden_state[start:start + n], pooled)
+                start += n
         return outputs
 
 

@@ -16,15 +16,20 @@ TEMPERATURE = 0.07
 Q_LENGTHS, P_LENGTHS, N_LENGTHS = (5, 9, 3, 7), (12, 4, 8, 10), (6, 11, 2, 9)
 
 
-def _rows(vocab, lengths, seed):
+def _rows(vocab, lengths, seed, width=None):
     ids, mask = ref.padded_batch(vocab, lengths, seed=seed)
+    if width is not None:  # more padding on the right
+        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=1)
+        mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
     return ids.astype(np.int32), mask.sum(1).astype(np.int32), mask
 
 
-def contrastive_arrays(vocab):
-    """A padded batch of 4 queries, 4 positives and one hard negative each (mixed lengths)."""
-    (q, ql, qm), (p, pl, pm), (n, nl, nm) = (_rows(vocab, lengths, seed) for lengths, seed in
-                                             ((Q_LENGTHS, 1), (P_LENGTHS, 2), (N_LENGTHS, 3)))
+def contrastive_arrays(vocab, width=None):
+    """A padded batch of 4 queries, 4 positives and one hard negative each (mixed lengths).
+    width: pad all three to one width, so they run as one mixed-task forward."""
+    (q, ql, qm), (p, pl, pm), (n, nl, nm) = (_rows(vocab, lengths, seed, width)
+                                             for lengths, seed in ((Q_LENGTHS, 1), (P_LENGTHS, 2),
+                                                                   (N_LENGTHS, 3)))
     batch = {"query_ids": q, "query_lengths": ql, "positive_ids": p, "positive_lengths": pl,
              "negative_ids": n[:, None], "negative_lengths": nl[:, None]}
     return batch, (q, qm), (p, pm), (n, nm)
@@ -104,17 +109,19 @@ def _ours_in_peft_layout(grads, peft_names, cfg):
     return out
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_lora_gradients_match_peft_autograd(transformers_dir, hf_config, symmetric):
+@pytest.mark.parametrize("symmetric, width", [(False, None), (True, 16)])
+def test_lora_gradients_match_peft_autograd(transformers_dir, hf_config, symmetric, width):
+    """width 16: queries and passages padded alike, so they run as ONE forward whose rows use
+    different adapters (the mixed-task path); None: one forward per width."""
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
     trainer = Trainer(model, Contrastive(temperature=TEMPERATURE, symmetric=symmetric),
                       optax.sgd(1.0), dropout=False)
-    batch, *parts = contrastive_arrays(hf_config.vocab_size)
+    batch, *parts = contrastive_arrays(hf_config.vocab_size, width)
     loss, _, grads = trainer.gradients(trainer.init(), batch)
 
     peft_model = _peft_two_adapters(transformers_dir)
     torch_loss = _torch_loss(peft_model, parts, symmetric)
-    assert abs(float(loss) - float(torch_loss)) < 1e-5
+    assert abs(float(loss) - float(torch_loss.detach())) < 1e-5
     for task, folder in (("retrieval.query", "retrieval_query"),
                          ("retrieval.passage", "retrieval_passage")):
         named = {n: p for n, p in peft_model.named_parameters() if f".{folder}" in n}
