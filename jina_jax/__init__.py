@@ -10,10 +10,13 @@ from .heads import (
 )
 from . import losses
 from .modeling import JinaEmbeddingsV3
+from . import training
+from .training import CoSENT, Contrastive, HeadLoss, Trainer, TrainState
 
 __all__ = [
     "JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3", "losses",
     "JinaEmbeddingsV3ForMaskedLM", "JinaEmbeddingsV3ForSequenceClassification",
     "JinaEmbeddingsV3ForTokenClassification", "JinaEmbeddingsV3ForQuestionAnswering",
+    "training", "Trainer", "TrainState", "Contrastive", "CoSENT", "HeadLoss",
 ]
 __version__ = "0.1.0"

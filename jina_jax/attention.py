@@ -106,11 +106,17 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
 
     q, k, v: [B, L, N, D]; lengths: int32[B] or None; mask: bool[B, L] or None.
     Returns [B, L, N, D]. Softmax runs in fp32 on every path. `dropout` (a function on the
-    [B, N, L, S] probabilities) forces the plain path.
+    [B, N, L, S] probabilities, training only) forces the plain path whatever `implementation`
+    says, which materialises the logits: train long sequences with remat, or without
+    attention dropout (a config with attention_probs_dropout_prob=0).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
+    if dropout is not None:  # training with attention dropout: no fused path has the hook
+        if mask is None and lengths is not None:
+            mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+        return attention_with_dropout(q, k, v, mask, dropout)
     if implementation == "cudnn":
         if lengths is None:
             raise ValueError("the cuDNN attention path needs right-padded `lengths`, not a mask")
@@ -119,8 +125,6 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
             implementation="cudnn")
     if mask is None and lengths is not None:
         mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
-    if dropout is not None:
-        return attention_with_dropout(q, k, v, mask, dropout)
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, mask)
     if mask is not None:
