@@ -93,3 +93,20 @@ def test_finetune_batch_must_cover_every_device(transformers_dir, pairs_files, t
                str(tmp_path / "o"), "--batch-size", "2", env=env)
     assert run.returncode == 1
     assert "--batch-size 2 must be a multiple of the device count (4)" in run.stderr
+
+
+def test_finetune_resume_equals_a_straight_run(transformers_dir, pairs_files, tmp_path):
+    common = ["finetune", "--model", transformers_dir, "--data", pairs_files[0], "--batch-size",
+              "8", "--max-length", "16", "--lr", "3e-3", "--save-state"]
+    straight, first, resumed = (str(tmp_path / n) for n in ("straight", "first", "resumed"))
+    for args in ([*common, "--output", straight, "--steps", "5"],
+                 [*common, "--output", first, "--steps", "2"],
+                 [*common, "--output", resumed, "--steps", "5", "--resume",
+                  os.path.join(first, "train_state.safetensors")]):
+        run = _cli(*args)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a = JinaEmbeddingsV3.from_pretrained(straight).adapters
+    b = JinaEmbeddingsV3.from_pretrained(resumed).adapters
+    for task in ("retrieval.query", "retrieval.passage"):
+        for x, y in zip(_leaves(a[task]), _leaves(b[task])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
