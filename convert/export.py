@@ -35,19 +35,19 @@ _RUNTIME = {
 }
 
 
+def _architecture(cfg) -> dict:
+    """The size, dropout and special-token fields both formats' `config.json` spell alike."""
+    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "hidden_act", "hidden_dropout_prob",
+             "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+             "layer_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id")
+    return {name: getattr(cfg, name) for name in names}
+
+
 def _hf_config(cfg) -> dict:
     return {
         "architectures": ["JinaEmbeddingsV3Model"], "model_type": "jina_embeddings_v3",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
-        "hidden_dropout_prob": cfg.hidden_dropout_prob,
-        "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": True,
+        **_architecture(cfg), "tie_word_embeddings": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
     }
 
@@ -167,16 +167,7 @@ def release_config(cfg, **extra) -> dict:
     return {
         "architectures": ["XLMRobertaLoRA"], "model_type": "xlm-roberta",
         "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_theta,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
-        "hidden_dropout_prob": cfg.hidden_dropout_prob,
-        "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "lora_adaptations": list(cfg.lora_adaptations),
+        **_architecture(cfg), "lora_adaptations": list(cfg.lora_adaptations),
         "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout_p": 0.1,
         "task_instructions": dict(cfg.task_instructions),
         "matryoshka_dimensions": list(cfg.matryoshka_dimensions),
