@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.gpu import median_time  # noqa: E402  (two warm-up calls, then the median)
 from jina_jax import JinaConfig, JinaEmbeddingsV3  # noqa: E402
 from jina_jax.training import Contrastive, Trainer  # noqa: E402
 
@@ -46,15 +46,6 @@ def _batch(cfg, pairs: int, length: int, seed: int = 0):
             ids[i, 0], ids[i, n - 1] = 0, 2
         out[f"{side}_ids"], out[f"{side}_lengths"] = ids, lengths
     return out
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def speed(args):
@@ -87,8 +78,7 @@ def speed(args):
             holder["state"], m = trainer.step(holder["state"], batch)
             jax.block_until_ready(m["loss"])
 
-        one()
-        rows[f"jina-jax remat={remat}"] = (_median_time(one, args.repeats), first,
+        rows[f"jina-jax remat={remat}"] = (median_time(one, args.repeats), first,
                                            float(metrics["loss"]))
 
     model.save_pretrained(os.path.join(tmp, "hf"), format="transformers")
@@ -125,7 +115,7 @@ def speed(args):
     start = time.perf_counter()
     torch_loss = torch_step()
     first = time.perf_counter() - start
-    rows["PyTorch + PEFT"] = (_median_time(torch_step, args.repeats), first, torch_loss)
+    rows["PyTorch + PEFT"] = (median_time(torch_step, args.repeats), first, torch_loss)
 
     tokens = 2 * args.pairs * args.length
     ref = rows["PyTorch + PEFT"][0]
