@@ -252,11 +252,7 @@ def _finetune_tasks(model, args) -> tuple[str, str]:
 
 def _negatives(records) -> int | None:
     """How many hard negatives every record has (the per-step shape), None if some have none."""
-    counts = [0 if r.get("negative") is None else
-              (1 if isinstance(r["negative"], str) else len(r["negative"])) for r in records]
-    for r in records:
-        if isinstance(r.get("negative"), str):
-            r["negative"] = [r["negative"]]
+    counts = [len(r.get("negative") or ()) for r in records]  # read_pairs made them lists
     if min(counts) == 0:
         if max(counts):
             print(f"note: {sum(c > 0 for c in counts)} of {len(records)} records have hard "

@@ -510,8 +510,8 @@ def contrastive_batch(model, queries: Sequence[str], positives: Sequence[str], n
 
 
 def read_pairs(path: str) -> list[dict]:
-    """JSONL records {"query": str, "positive": str, "negative"?: str | [str]}; errors name the
-    file and line."""
+    """JSONL records {"query": str, "positive": str, "negative"?: str | [str]}, with a single
+    negative turned into a one-item list; errors name the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -532,6 +532,8 @@ def read_pairs(path: str) -> list[dict]:
                     isinstance(neg, list) and neg and all(isinstance(n, str) for n in neg))):
                 raise ValueError(f"{path}:{number}: 'negative' must be a string or a non-empty "
                                  "list of strings")
+            if isinstance(neg, str):
+                record["negative"] = [neg]
             records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
