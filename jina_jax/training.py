@@ -431,7 +431,7 @@ def _train_paths(model, objective, train) -> list[tuple[str, ...]]:
 
 def partition(tree: Mapping, paths: Sequence[tuple[str, ...]]):
     """(trainable, frozen): the subtrees at `paths`, and the rest (structures disjoint)."""
-    frozen = _copy_dicts(tree)
+    frozen = lora_lib._copy_dicts(tree)
     trainable: dict = {}
     for path in paths:
         node = frozen
@@ -449,12 +449,6 @@ def combine(a: Mapping, b: Mapping) -> dict:
     return out
 
 
-def _copy_dicts(tree):
-    if isinstance(tree, Mapping):
-        return {k: _copy_dicts(v) for k, v in tree.items()}
-    return tree
-
-
 def _qkv_masks(trainable: Mapping) -> dict:
     """{path of a fused qkv `b`: mask} for trained adapters read from split q/k/v factors."""
     masks = {}
@@ -470,7 +464,7 @@ def _qkv_masks(trainable: Mapping) -> dict:
 def _apply_masks(tree, masks: dict):
     if not masks:
         return tree
-    tree = _copy_dicts(tree)
+    tree = lora_lib._copy_dicts(tree)
     for path, mask in masks.items():
         lora_lib._set(tree, path, lora_lib._get(tree, path) * mask)
     return tree
