@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from jina_jax import JinaEmbeddingsV3
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,7 +56,6 @@ def main():
     import torch
 
     from harness import build_reference, flops_per_token
-    from jina_jax import JinaEmbeddingsV3
 
     folder = build_reference(tempfile.mkdtemp(prefix="jina-gpu-"), args.layers)
     model = JinaEmbeddingsV3.from_pretrained(folder, dtype="bfloat16")
@@ -62,8 +63,7 @@ def main():
     # 1. The fused attention really is in the compiled program.
     ids = np.ones((4, 512), np.int32)
     lengths = np.full((4,), 512, np.int32)
-    fn = model._compiled("cudnn", pooled=False)
-    hlo = fn.lower(model.params, None, ids, None, lengths, None, None, None).compile().as_text()
+    hlo = model.lower(ids, lengths=lengths).compile().as_text()
     fused = "__cudnn$fmha" in hlo
     print(f"cuDNN fused attention in the bf16 HLO: {'yes' if fused else 'NO'}")
 

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from jina_jax import JinaEmbeddingsV3
+
 H, HEADS, FFN, VOCAB = 1024, 16, 4096, 250002
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25}  # max-abs on last_hidden_state vs Transformers
 
@@ -81,8 +83,6 @@ class JaxContender(Contender):
     name = "jina-jax"
 
     def __init__(self, folder, dtype):
-        from jina_jax import JinaEmbeddingsV3
-
         self.model = JinaEmbeddingsV3.from_pretrained(folder, dtype=dtype)
 
     def run(self, ids):

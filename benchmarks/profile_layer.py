@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jina_jax import JinaConfig
 from jina_jax.attention import choose_implementation, dot_product_attention
-from jina_jax.model import Layer, LayerNorm, apply_rope, rope_tables
+from jina_jax.encoder import Layer, LayerNorm, apply_rope, rope_tables
 
 
 def timed(fn, *args, repeats=5):

@@ -31,7 +31,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gpu import median_time  # noqa: E402  (two warm-up calls, then the median)
-from jina_jax import JinaConfig, JinaEmbeddingsV3  # noqa: E402
+from convert.random_checkpoint import write_random_release  # noqa: E402
+from jina_jax import JinaConfig, JinaEmbeddingsV3, JinaEncoder  # noqa: E402
 from jina_jax.training import Contrastive, Trainer  # noqa: E402
 
 
@@ -52,8 +53,6 @@ def speed(args):
     import torch
     from peft import PeftModel
     from transformers import JinaEmbeddingsV3Model
-
-    from convert.random_checkpoint import write_random_release
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = JinaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
@@ -133,7 +132,6 @@ def speed(args):
 def memory(args):
     cfg = JinaConfig()
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    from jina_jax import JinaEncoder
     params = jax.eval_shape(lambda i: JinaEncoder(cfg).init(jax.random.PRNGKey(0), i), ids)
     model = JinaEmbeddingsV3(cfg, params["params"], {}, {})
     model.add_adapter("query", rank=4, seed=0)
@@ -149,8 +147,8 @@ def memory(args):
         for remat in policies:
             trainer = Trainer(model, Contrastive("query", "passage"), optax.adamw(1e-4),
                               train=train, remat=remat, dropout=False)
-            state = jax.eval_shape(trainer.init_from, trainer._initial)
-            compiled = trainer._step.lower(trainer.frozen, state, batch).compile()
+            state = jax.eval_shape(trainer.init_from, trainer.initial)
+            compiled = trainer.lower_step(state, batch).compile()
             mem = compiled.memory_analysis()
             gb = lambda x: x / 2 ** 30  # noqa: E731
             name = "LoRA" if train is None else "everything"

@@ -22,9 +22,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args) -> int:
-    import ml_dtypes
-
+    from jina_jax.config import as_dtype
     from jina_jax.hub import resolve
+    from jina_jax.tree import flatten
 
     from .formats import detect_format, load, save_native
     from .safetensors_io import CheckpointError
@@ -33,7 +33,7 @@ def run(args) -> int:
         print(f"error: {args.dst} already holds a checkpoint (use --force to overwrite)",
               file=sys.stderr)
         return 2
-    dtype = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(np.float32)
+    dtype = as_dtype(args.dtype)
     try:
         folder = resolve(args.src)
         fmt = detect_format(folder)
@@ -42,7 +42,7 @@ def run(args) -> int:
     except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(int(np.prod(v.shape)) for v in ckpt.params.values())
+    n = sum(int(np.prod(v.shape)) for v in flatten(ckpt.params).values())
     print(f"converted {args.src} ({fmt} format): {n:,} base parameters as {args.dtype}, "
           f"{len(ckpt.adapters)} task adapter(s) {list(ckpt.adapters)} -> {args.dst}")
     return 0

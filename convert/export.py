@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
-from .formats import TOKENIZER_FILES
-from .names import RELEASE_MODULES, TORCH_LEAF
-from .safetensors_io import Lazy, write
+from jina_jax.architecture import BY_PATH, release_key
+from jina_jax.tree import flatten, get_path
 
-# Target module path -> Transformers' runtime module names, which PEFT keys use (q, k, v for
-# the fused qkv; none for LayerNorms, which carry no adapters).
-_RUNTIME = {
-    ("embeddings", "word"): ["embeddings.word_embeddings"],
-    ("embeddings", "token_type"): ["embeddings.token_type_embeddings"],
-    ("layers", "attn", "qkv"): ["layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj",
-                                "layers.{}.self_attn.v_proj"],
-    ("layers", "attn", "out"): ["layers.{}.self_attn.o_proj"],
-    ("layers", "mlp", "fc1"): ["layers.{}.mlp.fc1"],
-    ("layers", "mlp", "fc2"): ["layers.{}.mlp.fc2"],
-    ("pooler", "dense"): ["pooler.dense"],
-}
+from .formats import copy_tokenizer
+from .safetensors_io import Lazy, write
 
 
 def _architecture(cfg) -> dict:
@@ -52,36 +40,31 @@ def _hf_config(cfg) -> dict:
     }
 
 
-def _base_tensors(params_flat: dict, cfg) -> dict:
+def _base_tensors(params: dict, cfg) -> dict:
     out = {}
-    for path, value in params_flat.items():
+    for path, value in flatten(params).items():
         module, leaf = path[:-1], path[-1]
-        name = RELEASE_MODULES[module]
         value = np.asarray(value, np.float32)
-        layers = range(cfg.num_hidden_layers) if module[0] == "layers" else [None]
+        layers = range(cfg.num_hidden_layers) if BY_PATH[module].layered else [None]
         for i in layers:
             v = value[i] if i is not None else value
             if leaf == "kernel":
                 v = v.T  # [in, out] -> PyTorch [out, in]
-            out[f"{name.format(i)}.{TORCH_LEAF[leaf]}"] = np.ascontiguousarray(v)
+            out[release_key(module, leaf, i)] = np.ascontiguousarray(v)
     return out
 
 
 def _adapter_tensors(adapter: dict, cfg, prefix: str = ""):
     """PEFT tensors for one adapter tree, and {runtime module suffix: rank} for rank_pattern.
     prefix: "roberta." when the adapter is for a head model (its encoder sits there)."""
-    from .tree import flatten
-
     tensors, ranks = {}, {}
     modules = {path[:-1] for path in flatten(adapter)}
     for module in sorted(modules):
-        node = adapter
-        for key in module:
-            node = node[key]
+        node = get_path(adapter, module)
         a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
-        runtime = _RUNTIME[module]
-        embedding = module[0] == "embeddings"
-        layers = range(cfg.num_hidden_layers) if module[0] == "layers" else [None]
+        runtime = BY_PATH[module].runtime
+        embedding = BY_PATH[module].kind == "embed"
+        layers = range(cfg.num_hidden_layers) if BY_PATH[module].layered else [None]
         for i in layers:
             la, lb = (a[i], b[i]) if i is not None else (a, b)
             cols = lb.shape[1] // len(runtime)
@@ -104,7 +87,7 @@ _HEAD_CLASSES = {"masked_lm": "JinaEmbeddingsV3ForMaskedLM",
                  "question_answering": "JinaEmbeddingsV3ForQuestionAnswering"}
 
 
-def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scales: dict,
+def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: dict,
                       source_folder: str | None = None, heads: dict | None = None,
                       head: tuple[str, int | None] | None = None) -> None:
     """Writes `folder` in the Transformers format plus one PEFT LoRA folder per task.
@@ -114,7 +97,7 @@ def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scale
     head, which names the architecture in config.json.
     """
     os.makedirs(folder, exist_ok=True)
-    tensors = _base_tensors(params_flat, cfg)
+    tensors = _base_tensors(params, cfg)
     if heads:
         tensors = {"roberta." + k: v for k, v in tensors.items()}
         tensors.update({k: np.asarray(v, np.float32) for k, v in heads.items()})
@@ -149,15 +132,7 @@ def save_transformers(folder: str, cfg, params_flat: dict, adapters: dict, scale
         }
         with open(os.path.join(sub, "adapter_config.json"), "w") as f:
             json.dump(conf, f, indent=2)
-    _copy_tokenizer(source_folder, folder, skip=("config_sentence_transformers.json",))
-
-
-def _copy_tokenizer(source_folder, folder, skip):
-    if source_folder and os.path.abspath(source_folder) != os.path.abspath(folder):
-        for name in TOKENIZER_FILES:
-            path = os.path.join(source_folder, name)
-            if os.path.isfile(path) and name not in skip:
-                shutil.copyfile(path, os.path.join(folder, name))
+    copy_tokenizer(source_folder, folder, skip=("config_sentence_transformers.json",))
 
 
 # --- the release's single-file format -------------------------------------------------------
@@ -175,7 +150,7 @@ def release_config(cfg, **extra) -> dict:
     }
 
 
-def save_original(folder: str, cfg, params_flat: dict, adapters: dict, scales: dict,
+def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
                   source_folder: str | None = None, heads: dict | None = None) -> None:
     """Writes the release layout: `roberta.`-prefixed keys, every Linear and Embedding
     parametrized with all tasks' factors stacked [T, ...] (fp32).
@@ -184,8 +159,6 @@ def save_original(folder: str, cfg, params_flat: dict, adapters: dict, scales: d
     (a @ b unchanged); modules an adapter lacks get zero factors; when the tasks' scales differ,
     each task's scale is folded into its B and lora_alpha = rank (scale 1).
     """
-    from .tree import flatten
-
     tasks = list(adapters)
     if not tasks:
         raise ValueError("the original format stacks task adapters; this model has none")
@@ -217,19 +190,21 @@ def save_original(folder: str, cfg, params_flat: dict, adapters: dict, scales: d
         return (a_all if leaf == "lora_A" else b_all).transpose(0, 2, 1)
 
     tensors = {}
-    for path, value in params_flat.items():
+    for path, value in flatten(params).items():
         module, leaf = path[:-1], path[-1]
-        layers = range(n_layers) if module[0] == "layers" else [None]
-        shape = tuple(np.shape(value))[1:] if module[0] == "layers" else tuple(np.shape(value))
+        layered = BY_PATH[module].layered
+        layers = range(n_layers) if layered else [None]
+        shape = tuple(np.shape(value))[1:] if layered else tuple(np.shape(value))
         for layer in layers:
-            name = "roberta." + RELEASE_MODULES[module].format(layer)
+            name = "roberta." + BY_PATH[module].release_name(layer)
 
             def base(value=value, layer=layer, leaf=leaf):
                 v = np.asarray(value[layer] if layer is not None else value, np.float32)
                 return v.T if leaf == "kernel" else v
             torch_shape = shape[::-1] if leaf == "kernel" else shape
             if leaf not in ("kernel", "embedding"):
-                tensors[f"{name}.{TORCH_LEAF[leaf]}"] = Lazy(shape, np.float32, base)
+                tensors["roberta." + release_key(module, leaf, layer)] = Lazy(shape, np.float32,
+                                                                              base)
                 continue
             tensors[f"{name}.parametrizations.weight.original"] = Lazy(torch_shape, np.float32, base)
             for factor in ("lora_A", "lora_B"):
@@ -242,4 +217,4 @@ def save_original(folder: str, cfg, params_flat: dict, adapters: dict, scales: d
     config.update(lora_rank=rank, lora_alpha=scale * rank)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    _copy_tokenizer(source_folder, folder, skip=())
+    copy_tokenizer(source_folder, folder)

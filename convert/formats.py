@@ -7,8 +7,9 @@
   adapter folder per task (`retrieval_query/adapter_config.json`, `adapter_model.safetensors`).
 - "jina_jax": written by `jina-jax convert`: the target tree under its own names.
 
-Every reader returns a `Checkpoint` whose params are the flat target tree as numpy arrays; the
-model side turns them into device arrays leaf by leaf.
+Every reader returns a `Checkpoint` of plain nested trees (params, adapters) and the head tensors
+under their checkpoint names; `load(place=...)` moves each parameter leaf to a device as soon as
+it is complete.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import shutil
 
 import numpy as np
 
+from jina_jax.architecture import weight_shape
 from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
+from jina_jax.tree import flatten, nest, set_path
 
 from . import names
+from .builders import AdapterBuilder, ParamBuilder
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorSource
 from .safetensors_io import write as save_file
-from .tree import AdapterBuilder, ParamBuilder, _module_shape, flatten, nest, param_shapes
 
 FORMAT_KEY = "jina_jax_format"
 FORMAT_VERSION = 1
@@ -41,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclasses.dataclass
 class Checkpoint:
     config: JinaConfig
-    params: dict            # flat {path tuple: np.ndarray}, the target tree
+    params: dict            # the nested parameter tree (numpy arrays, or whatever `place` made)
     adapters: dict          # {task: adapter tree of np.float32 factors} (see jina_jax/lora.py)
     scales: dict            # {task: float}
     heads: dict             # {torch key: np.ndarray}: head tensors, untouched
@@ -111,7 +114,7 @@ def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
     for key in sorted((k for k, t in targets.items() if t.leaf in ("weight", "bias")),
                       key=lambda k: -int(np.prod(src.shape(k)))):
         builder.put(targets[key], src.read(key), key, src.file_of(key))
-    return builder.finish()
+    return nest(builder.finish())
 
 
 # --- the release ---------------------------------------------------------------------------
@@ -288,10 +291,9 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     builder = ParamBuilder(cfg, dtype, params_file.path, place)
     for key in params_file.keys():
         builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)
-    params = builder.finish()
+    params = nest(builder.finish())
 
     adapters: dict = {task: {} for task in scales}
-    shapes = param_shapes(cfg)
     path = os.path.join(folder, ADAPTERS_FILE)
     if os.path.isfile(path):
         f = SafetensorsFile(path)
@@ -303,7 +305,7 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
                                       "config.json's lora_scales does not list")
             value = f.read(key).astype(np.float32)
             try:
-                rows, cols = _module_shape(shapes, module)
+                rows, cols = weight_shape(cfg, module)
             except KeyError:
                 raise CheckpointError(f"{path}: key {key!r} adapts no parameter of this "
                                       "config") from None
@@ -313,10 +315,7 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
             if not ok:
                 raise CheckpointError(f"{path}: key {key!r} has shape {list(value.shape)}, which "
                                       f"does not fit {'/'.join(module)} [{rows}, {cols}]")
-            node = adapters[task]
-            for k in module:
-                node = node.setdefault(k, {})
-            node[factor] = value
+            set_path(adapters[task], module + (factor,), value)
     heads_path = os.path.join(folder, HEADS_FILE)
     heads = {}
     if os.path.isfile(heads_path):
@@ -330,7 +329,7 @@ def save_native(folder: str, ckpt: Checkpoint, dtype=None):
     os.makedirs(folder, exist_ok=True)
     cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
     meta = {"format": "jina-jax"}
-    save_file({"/".join(p): cast(v) for p, v in ckpt.params.items()},
+    save_file({"/".join(p): cast(v) for p, v in flatten(ckpt.params).items()},
               os.path.join(folder, PARAMS_FILE), metadata=meta)
     factors = {f"{task}/" + "/".join(p): np.asarray(v, np.float32)
                for task, tree in ckpt.adapters.items() for p, v in flatten(tree).items()}
@@ -343,10 +342,18 @@ def save_native(folder: str, ckpt: Checkpoint, dtype=None):
               "lora_scales": {t: float(s) for t, s in ckpt.scales.items()}}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    copy_tokenizer(ckpt.folder, folder)
+
+
+def copy_tokenizer(source_folder: str | None, folder: str, skip=()) -> None:
+    """The tokenizer files of `source_folder` (those it has, less `skip`) into `folder`."""
+    if not source_folder or os.path.abspath(source_folder) == os.path.abspath(folder):
+        return
     for name in TOKENIZER_FILES:
-        path = os.path.join(ckpt.folder, name)
-        if os.path.isfile(path) and os.path.abspath(ckpt.folder) != os.path.abspath(folder):
+        path = os.path.join(source_folder, name)
+        if os.path.isfile(path) and name not in skip:
             shutil.copyfile(path, os.path.join(folder, name))
 
 
-__all__ = ["Checkpoint", "CheckpointError", "detect_format", "load", "save_native", "nest"]
+__all__ = ["Checkpoint", "CheckpointError", "copy_tokenizer", "detect_format", "load",
+           "save_native"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jina_jax.tree import get_path, set_path
+
 from .safetensors_io import CheckpointError
 
 # {head kind: {checkpoint key: (path in the head tree, is a Linear weight to transpose)}}
@@ -67,10 +69,7 @@ def read_head(kind: str, heads: dict, expected: dict, source: str):
             raise CheckpointError(f"{source}: head key {key!r} has shape {list(value.shape)} "
                                   f"(in [in, out] layout) but the model expects "
                                   f"{list(expected[path])}{hint}")
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
+        set_path(tree, path, value)
     return tree, unused
 
 
@@ -86,10 +85,7 @@ def write_head(kind: str, tree: dict) -> dict:
     The MLM decoder's tied copies are written too, as Transformers writes them."""
     out = {}
     for key, (path, transpose) in LAYOUTS[kind].items():
-        value = tree
-        for p in path:
-            value = value[p]
-        value = np.asarray(value, np.float32)
+        value = np.asarray(get_path(tree, path), np.float32)
         out[key] = np.ascontiguousarray(value.T if transpose else value)
     if kind == "masked_lm":
         out["lm_head.decoder.bias"] = out["lm_head.bias"]

@@ -15,25 +15,33 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jina_jax import architecture
+
 HEAD_PREFIXES = ("lm_head.", "classifier.", "qa_outputs.")
 _PREFIXES = ("base_model.model.", "roberta.")
-_LAYER = r"(?:encoder\.)?layers\.(?P<layer>\d+)\."
 
-# (regex on the module name, target module path, module kind)
-_MODULES = [
-    (r"embeddings\.word_embeddings", ("embeddings", "word"), "embed"),
-    (r"embeddings\.token_type_embeddings", ("embeddings", "token_type"), "embed"),
-    (r"(?:emb_ln|embeddings\.LayerNorm)", ("embeddings", "norm"), "norm"),
-    (_LAYER + r"mixer\.Wqkv", ("layers", "attn", "qkv"), "linear"),
-    (_LAYER + r"self_attn\.(?P<slot>[qkv])_proj", ("layers", "attn", "qkv"), "linear"),
-    (_LAYER + r"(?:mixer\.out_proj|self_attn\.o_proj)", ("layers", "attn", "out"), "linear"),
-    (_LAYER + r"mlp\.fc1", ("layers", "mlp", "fc1"), "linear"),
-    (_LAYER + r"mlp\.fc2", ("layers", "mlp", "fc2"), "linear"),
-    (_LAYER + r"(?:norm1|post_attention_layernorm)", ("layers", "norm1"), "norm"),
-    (_LAYER + r"(?:norm2|post_mlp_layernorm)", ("layers", "norm2"), "norm"),
-    (r"pooler\.dense", ("pooler", "dense"), "linear"),
-]
-_MODULES = [(re.compile(p + r"$"), path, kind) for p, path, kind in _MODULES]
+
+def _pattern(name: str) -> str:
+    """A module name as a regex: "{}" is the layer; layer names may carry "encoder." or not."""
+    if name.startswith("encoder."):
+        name = name[len("encoder."):]
+    pattern = re.escape(name).replace(r"\{\}", r"(?P<layer>\d+)")
+    return r"(?:encoder\.)?" + pattern if "{}" in name else pattern
+
+
+def _patterns():
+    """(regex on the module name, module, slot) for the release's name and every run-time
+    name; a module with three run-time names is the fused qkv: q, k, v fill slots 0, 1, 2."""
+    out = []
+    for module in architecture.MODULES:
+        out.append((re.compile(_pattern(module.release) + "$"), module, None))
+        for slot, name in enumerate(module.runtime):
+            fused = len(module.runtime) > 1
+            out.append((re.compile(_pattern(name) + "$"), module, slot if fused else None))
+    return out
+
+
+_PATTERNS = _patterns()
 
 # Leaf suffixes of the formats, longest first.
 _LEAVES = [
@@ -47,9 +55,6 @@ _LEAVES = [
     (".weight", "weight"),
     (".bias", "bias"),
 ]
-_LEAF_NAMES = {"linear": {"weight": "kernel", "bias": "bias"},
-               "embed": {"weight": "embedding"},
-               "norm": {"weight": "scale", "bias": "bias"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,8 @@ class Target:
     @property
     def param(self) -> str | None:
         """The parameter leaf name in the target tree, for base weights."""
-        return _LEAF_NAMES[self.kind].get(self.leaf)
+        names = {torch: ours for ours, torch in architecture.LEAVES[self.kind].items()}
+        return names.get(self.leaf)
 
 
 def strip_prefixes(key: str) -> str:
@@ -82,41 +88,17 @@ def parse(key: str) -> Target | None:
     name = strip_prefixes(key)
     for suffix, leaf in _LEAVES:
         if name.endswith(suffix):
-            module = name[: -len(suffix)]
+            module_name = name[: -len(suffix)]
             break
     else:
         return None
-    for pattern, path, kind in _MODULES:
-        m = pattern.match(module)
+    for pattern, module, slot in _PATTERNS:
+        m = pattern.match(module_name)
         if m is None:
             continue
-        groups = m.groupdict()
-        layer = int(groups["layer"]) if groups.get("layer") is not None else None
-        slot = "qkv".index(groups["slot"]) if groups.get("slot") else None
-        target = Target(path, kind, leaf, layer, slot)
+        layer = m.groupdict().get("layer")
+        target = Target(module.path, module.kind, leaf, None if layer is None else int(layer), slot)
         if leaf in ("weight", "bias") and target.param is None:
             return None
         return target
     return None
-
-
-# Target module path -> the release's module name ({} is the layer index).
-RELEASE_MODULES = {
-    ("embeddings", "word"): "embeddings.word_embeddings",
-    ("embeddings", "token_type"): "embeddings.token_type_embeddings",
-    ("embeddings", "norm"): "emb_ln",
-    ("layers", "attn", "qkv"): "encoder.layers.{}.mixer.Wqkv",
-    ("layers", "attn", "out"): "encoder.layers.{}.mixer.out_proj",
-    ("layers", "mlp", "fc1"): "encoder.layers.{}.mlp.fc1",
-    ("layers", "mlp", "fc2"): "encoder.layers.{}.mlp.fc2",
-    ("layers", "norm1"): "encoder.layers.{}.norm1",
-    ("layers", "norm2"): "encoder.layers.{}.norm2",
-    ("pooler", "dense"): "pooler.dense",
-}
-# Target parameter leaf -> the PyTorch leaf.
-TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def release_key(module: tuple[str, ...], param: str, layer: int | None) -> str:
-    """The release's spelling of a target leaf (Transformers writes the same, unprefixed)."""
-    return f"{RELEASE_MODULES[module].format(layer)}.{TORCH_LEAF.get(param, param)}"

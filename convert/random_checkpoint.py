@@ -1,4 +1,4 @@
-"""A random-weight checkpoint in the release's own layout (format A), for offline first runs and
+"""A random-weight checkpoint in the release's own layout, for offline first runs and
 benchmarks. Its embeddings are meaningless: it only shows the machinery working.
 
 `jina-jax random-checkpoint DST [--layers N] [--dtype bfloat16|float32]` writes `config.json`, a
@@ -11,49 +11,39 @@ from __future__ import annotations
 import json
 import os
 
-import ml_dtypes
 import numpy as np
 
-from jina_jax.config import JinaConfig
+from jina_jax.architecture import modules
+from jina_jax.config import JinaConfig, as_dtype
 
 from .export import release_config
 from .safetensors_io import Lazy, write
 
-_LINEARS = ("mixer.Wqkv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")
-
-
 def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{key: (shape, kind)} of a release checkpoint for `cfg`; kind picks the initialisation."""
-    h, f, v, t, r = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
-                     len(cfg.lora_adaptations), cfg.lora_rank)
+    """{key: (shape, kind)} of a release checkpoint for `cfg` (from the architecture table);
+    kind picks the initialisation. Every Linear and Embedding carries the stacked task factors,
+    as the release's do."""
+    t, r = len(cfg.lora_adaptations), cfg.lora_rank
     out: dict = {}
-
-    def parametrized(module, shape, embedding):
-        out[f"roberta.{module}.parametrizations.weight.original"] = (shape, "weight")
-        if embedding:  # A [T, V, r], B [T, r, H]
-            out[f"roberta.{module}.parametrizations.weight.0.lora_A"] = ((t, shape[0], r), "lora_a")
-            out[f"roberta.{module}.parametrizations.weight.0.lora_B"] = ((t, r, shape[1]), "lora_b")
-        else:  # A [T, r, in], B [T, out, r]
-            out[f"roberta.{module}.parametrizations.weight.0.lora_A"] = ((t, r, shape[1]), "lora_a")
-            out[f"roberta.{module}.parametrizations.weight.0.lora_B"] = ((t, shape[0], r), "lora_b")
-
-    parametrized("embeddings.word_embeddings", (v, h), True)
-    parametrized("embeddings.token_type_embeddings", (cfg.type_vocab_size, h), True)
-    out["roberta.emb_ln.weight"] = ((h,), "norm")
-    out["roberta.emb_ln.bias"] = ((h,), "bias")
-    shapes = {"mixer.Wqkv": (3 * h, h), "mixer.out_proj": (h, h), "mlp.fc1": (f, h),
-              "mlp.fc2": (h, f)}
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"encoder.layers.{i}."
-        for name in _LINEARS:
-            parametrized(prefix + name, shapes[name], False)
-            out[f"roberta.{prefix}{name}.bias"] = ((shapes[name][0],), "bias")
-        for norm in ("norm1", "norm2"):
-            out[f"roberta.{prefix}{norm}.weight"] = ((h,), "norm")
-            out[f"roberta.{prefix}{norm}.bias"] = ((h,), "bias")
-    if cfg.add_pooling_layer:
-        parametrized("pooler.dense", (h, h), False)
-        out["roberta.pooler.dense.bias"] = ((h,), "bias")
+    for module in modules(cfg):
+        for layer in range(cfg.num_hidden_layers) if module.layered else [None]:
+            name = "roberta." + module.release_name(layer)
+            weight = module.shape(cfg)
+            if module.kind == "norm":
+                out[f"{name}.weight"] = (weight, "norm")
+                out[f"{name}.bias"] = (weight, "bias")
+                continue
+            parametrized = f"{name}.parametrizations.weight"
+            if module.kind == "embed":  # weight [V, H]; A [T, V, r], B [T, r, H]
+                out[f"{parametrized}.original"] = (weight, "weight")
+                out[f"{parametrized}.0.lora_A"] = ((t, weight[0], r), "lora_a")
+                out[f"{parametrized}.0.lora_B"] = ((t, r, weight[1]), "lora_b")
+                continue
+            rows, cols = weight  # weight [out, in]; A [T, r, in], B [T, out, r]
+            out[f"{parametrized}.original"] = ((cols, rows), "weight")
+            out[f"{parametrized}.0.lora_A"] = ((t, r, rows), "lora_a")
+            out[f"{parametrized}.0.lora_B"] = ((t, cols, r), "lora_b")
+            out[f"{name}.bias"] = ((cols,), "bias")
     return out
 
 
@@ -61,7 +51,7 @@ def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: in
                          dtype: str = "bfloat16") -> str:
     cfg = cfg or JinaConfig()
     os.makedirs(folder, exist_ok=True)
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    np_dtype = as_dtype(dtype)
     std = {"weight": 0.02, "bias": 0.02, "norm": 0.05, "lora_a": 0.5, "lora_b": 0.01}
 
     def maker(key, shape, kind):

@@ -1,22 +1,54 @@
-"""jina-jax: jina-embeddings-v3 in pure JAX/Flax."""
+"""jina-jax: jina-embeddings-v3 in pure JAX/Flax.
 
-from .config import JinaConfig
-from .model import EncoderOutput, JinaEncoder
-from .heads import (
-    JinaEmbeddingsV3ForMaskedLM,
-    JinaEmbeddingsV3ForQuestionAnswering,
-    JinaEmbeddingsV3ForSequenceClassification,
-    JinaEmbeddingsV3ForTokenClassification,
-)
-from . import losses
-from .modeling import JinaEmbeddingsV3
-from . import training
-from .training import CoSENT, Contrastive, HeadLoss, Trainer, TrainState
+The public names below load their module on first use, so `import jina_jax` (and the command
+line's `--help`) costs no JAX import, and `convert` can use `jina_jax.config` without pulling in
+the model.
+"""
 
-__all__ = [
-    "JinaConfig", "JinaEncoder", "EncoderOutput", "JinaEmbeddingsV3", "losses",
-    "JinaEmbeddingsV3ForMaskedLM", "JinaEmbeddingsV3ForSequenceClassification",
-    "JinaEmbeddingsV3ForTokenClassification", "JinaEmbeddingsV3ForQuestionAnswering",
-    "training", "Trainer", "TrainState", "Contrastive", "CoSENT", "HeadLoss",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "JinaConfig": "config",
+    "JinaEncoder": "encoder", "EncoderOutput": "encoder",
+    "JinaEmbeddingsV3": "embedder",
+    "JinaEmbeddingsV3ForMaskedLM": "heads",
+    "JinaEmbeddingsV3ForSequenceClassification": "heads",
+    "JinaEmbeddingsV3ForTokenClassification": "heads",
+    "JinaEmbeddingsV3ForQuestionAnswering": "heads",
+    "Trainer": "training", "TrainState": "training", "Contrastive": "training",
+    "CoSENT": "training", "HeadLoss": "training",
+}
+_SUBMODULES = ("losses", "training")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import losses, training
+    from .config import JinaConfig
+    from .embedder import JinaEmbeddingsV3
+    from .encoder import EncoderOutput, JinaEncoder
+    from .heads import (JinaEmbeddingsV3ForMaskedLM, JinaEmbeddingsV3ForQuestionAnswering,
+                        JinaEmbeddingsV3ForSequenceClassification,
+                        JinaEmbeddingsV3ForTokenClassification)
+    from .training import CoSENT, Contrastive, HeadLoss, Trainer, TrainState

@@ -29,6 +29,8 @@ class _UsageError(Exception):
 
 def _read_input(path: str, text_field: str | None):
     """(texts, records): records are the JSONL objects, or None for plain text input."""
+    from .records import read_jsonl
+
     try:
         data = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     except OSError as e:
@@ -40,15 +42,9 @@ def _read_input(path: str, text_field: str | None):
         return lines, None
     field = text_field or "text"
     texts, records = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _UsageError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise _UsageError(f"{path}, line {n}: no string field {field!r}")
+    for n, record in read_jsonl(lines, path):
+        if not isinstance(record.get(field), str):
+            raise _UsageError(f"{path}:{n}: no string field {field!r}")
         texts.append(record[field])
         records.append(record)
     return texts, records
@@ -75,7 +71,7 @@ def _write_output(path: str, emb, texts, records):
 def run_embed(args) -> int:
     from convert import CheckpointError
 
-    from .modeling import JinaEmbeddingsV3
+    from .embedder import JinaEmbeddingsV3
 
     task = None if args.task.lower() == "none" else args.task
     try:
@@ -149,7 +145,7 @@ def _finetune(args) -> int:
     from tqdm.auto import tqdm
 
     from . import training
-    from .modeling import JinaEmbeddingsV3
+    from .embedder import JinaEmbeddingsV3
 
     output = os.path.abspath(args.output)
     if not os.path.isdir(os.path.dirname(output)):
@@ -186,7 +182,7 @@ def _finetune(args) -> int:
     per_epoch = len(records) // args.batch_size
 
     def evaluate(step):
-        trainer.update_model(state)
+        model.update(trainer.trained(state))
         recall = training.recall_at_k(model, [r["query"] for r in evals],
                                       [r["positive"] for r in evals], (1, 5, 10),
                                       query_task=query_task, passage_task=passage_task,
@@ -220,7 +216,7 @@ def _finetune(args) -> int:
                 evaluate(done)
     if evals is not None:
         evaluate(args.steps)
-    trainer.update_model(state)
+    model.update(trainer.trained(state))
     model.save_pretrained(output, format=args.format)
     if args.save_state:
         trainer.save_state(os.path.join(output, "train_state.safetensors"), state)
@@ -287,7 +283,8 @@ def main(argv=None) -> int:
     if args.command == "finetune":
         return run_finetune(args)
     from convert.random_checkpoint import write_random_release
-    from jina_jax.config import JinaConfig
+
+    from .config import JinaConfig
 
     write_random_release(args.dst, JinaConfig(num_hidden_layers=args.layers), seed=args.seed,
                          dtype=args.dtype)

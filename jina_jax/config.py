@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 # The released model's task adapters, in adapter order, and their instructions.
 RELEASE_TASKS = (
     "retrieval.query",
@@ -128,3 +131,19 @@ class JinaConfig:
     def from_json_file(cls, path: str | os.PathLike) -> "JinaConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+# Dtype spellings accepted wherever a dtype is named (API, CLI, converter).
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def as_dtype(dtype) -> np.dtype:
+    """A numpy dtype from a name ("bfloat16", "fp32", ...) or a dtype object; bfloat16 is
+    `ml_dtypes.bfloat16`, which is also what `jnp.bfloat16` is."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[dtype]
+        return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    return np.dtype(dtype)

@@ -12,56 +12,25 @@ number of compilations is bounded by the buckets touched, and a repeat call comp
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections import defaultdict
 
 import numpy as np
+from tqdm.auto import tqdm
 
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+from .tokenize import bucket_for, check_max_length, check_texts, pad, position_limit, token_ids
+
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_TOKEN_BUDGET = 16384
 PROGRESS_MIN_BATCHES = 10
 # A filler row for incomplete batches: "<s></s>", two real tokens, so nothing divides by zero.
-_FILLER = (0, 2)
-
-
-def load_tokenizer(folder: str | None):
-    from tokenizers import Tokenizer
-
-    path = os.path.join(folder or "", "tokenizer.json")
-    if folder is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no tokenizer.json next to the checkpoint; encode() "
-                                "needs one (convert copies it, random-checkpoint writes one)")
-    tok = Tokenizer.from_file(path)
-    tok.no_padding()
-    return tok
-
-
-def position_limit(cfg) -> int:
-    """Usable tokens: the release's 8194 positions carry two XLM-R offsets, leaving 8192."""
-    return cfg.max_position_embeddings - 2
-
-
-def bucket_for(length: int, limit: int) -> int:
-    for b in BUCKETS:
-        if length <= b and b <= limit:
-            return b
-    return limit
+FILLER = [0, 2]
 
 
 def rows_for(bucket: int, count: int, batch_size: int, token_budget: int) -> int:
     cap = max(1, min(batch_size, token_budget // bucket))
     return min(cap, 1 << max(0, count - 1).bit_length())
-
-
-def _check_texts(texts):
-    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__len__"):
-        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, not a string")
 
 
 def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
@@ -71,12 +40,9 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
     cfg = model.config
     single = isinstance(texts, str)
     texts = [texts] if single else texts
-    _check_texts(texts)
+    check_texts(texts)
     limit = position_limit(cfg)
-    max_length = min(DEFAULT_MAX_LENGTH, limit) if max_length is None else max_length
-    if not isinstance(max_length, int) or not 2 <= max_length <= limit:
-        raise ValueError(f"max_length must be an integer in 2..{limit} (the model's position "
-                         f"limit), got {max_length!r}")
+    max_length = check_max_length(max_length, cfg, DEFAULT_MAX_LENGTH)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
@@ -86,34 +52,21 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
         if truncate_dim not in cfg.matryoshka_dimensions:
             warnings.warn(f"truncate_dim={truncate_dim} is not one of the dimensions the model was "
                           f"trained for {list(cfg.matryoshka_dimensions)}")
-    if prompt is not None and not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     row_tasks = model.resolve_tasks(task, len(texts), "texts")
     dim = truncate_dim or cfg.hidden_size
     if not texts:
         return np.zeros((0, dim), np.float32)
 
-    prompts = [prompt if prompt is not None else ("" if t is None else cfg.instruction(t))
-               for t in row_tasks]
-    tokenizer = model.tokenizer
-    tokenizer.enable_truncation(max_length)
-    encodings = tokenizer.encode_batch([p + t for p, t in zip(prompts, texts)])
-    ids = [e.ids for e in encodings]
+    ids = token_ids(model.tokenizer, cfg, texts, row_tasks, max_length, prompt)
 
     plan = _plan(ids, row_tasks, limit, batch_size, max_tokens_per_batch, model.row_multiple)
     show = len(plan) >= PROGRESS_MIN_BATCHES if show_progress_bar is None else show_progress_bar
     pooled = np.zeros((len(texts), cfg.hidden_size), np.float32)
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(texts), disable=not show, file=sys.stderr, desc="encode",
               unit="text") as bar:
         for name, bucket, rows, members in plan:
-            batch = np.ones((rows, bucket), np.int32) * cfg.pad_token_id
-            lengths = np.zeros((rows,), np.int32)
-            for r in range(rows):
-                tokens = ids[members[r]] if r < len(members) else _FILLER
-                batch[r, : len(tokens)] = tokens
-                lengths[r] = len(tokens)
+            rows_ids = [ids[m] for m in members] + [FILLER] * (rows - len(members))
+            batch, lengths = pad(rows_ids, bucket, cfg.pad_token_id)
             out = model.pooled(batch, lengths, name)
             pooled[members] = np.asarray(out)[: len(members)]
             bar.update(len(members))
@@ -139,29 +92,3 @@ def _plan(ids, row_tasks, limit, batch_size, token_budget, row_multiple=1):
         for start in range(0, len(members), rows):
             plan.append((task or None, bucket, rows, members[start:start + rows]))
     return plan
-
-
-def tokenize(model, texts, task=None, *, max_length: int | None = None,
-             prompt: str | None = None):
-    """(ids int32 [N, bucket], lengths int32 [N]): texts with the task's instruction, as `encode`
-    tokenizes them, right-padded to the bucket of the longest (so shapes come from a small set).
-    This is what the training batches are made of. max_length defaults to 512 (or the model's
-    limit, if lower)."""
-    cfg = model.config
-    _check_texts(texts)
-    limit = position_limit(cfg)
-    max_length = min(512, limit) if max_length is None else max_length
-    if not isinstance(max_length, int) or not 2 <= max_length <= limit:
-        raise ValueError(f"max_length must be an integer in 2..{limit}, got {max_length!r}")
-    name = None if task is None else model.resolve_task(task)
-    prefix = prompt if prompt is not None else ("" if name is None else cfg.instruction(name))
-    tokenizer = model.tokenizer
-    tokenizer.enable_truncation(max_length)
-    encoded = [e.ids for e in tokenizer.encode_batch([prefix + t for t in texts])]
-    width = bucket_for(max((len(e) for e in encoded), default=2), limit)
-    ids = np.full((len(texts), width), cfg.pad_token_id, np.int32)
-    lengths = np.zeros((len(texts),), np.int32)
-    for i, tokens in enumerate(encoded):
-        ids[i, : len(tokens)] = tokens
-        lengths[i] = len(tokens)
-    return ids, lengths

@@ -12,27 +12,23 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from convert.heads import read_head, saved_num_labels, write_head
+
 from . import losses
-from .model import Dtype, LayerNorm, Linear
-from .modeling import JinaEmbeddingsV3
+from .embedder import JinaEmbeddingsV3
+from .encoder import Dtype, LayerNorm, Linear
+from .tree import flatten
 
 
 @flax.struct.dataclass
-class MaskedLMOutput:
-    logits: jax.Array                 # [B, L, V]
+class LogitsOutput:
+    logits: jax.Array  # MaskedLM [B, L, V]; sequence classification [B, C]; token [B, L, C]
     loss: jax.Array | None = None
 
 
-@flax.struct.dataclass
-class SequenceClassifierOutput:
-    logits: jax.Array                 # [B, C]
-    loss: jax.Array | None = None
-
-
-@flax.struct.dataclass
-class TokenClassifierOutput:
-    logits: jax.Array                 # [B, L, C]
-    loss: jax.Array | None = None
+# Transformers' names for the same shape of output.
+MaskedLMOutput = SequenceClassifierOutput = TokenClassifierOutput = LogitsOutput
 
 
 @flax.struct.dataclass
@@ -51,7 +47,8 @@ class MaskedLMHead(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, h, table, table_lora=None, rows=None, gate=None, deterministic=True):
+    def __call__(self, h, table, table_lora=None, task_index=None, task_mask=None,
+                 deterministic=True):
         """h: [B, L, H]; table: [V, H]; table_lora: a [T, V, R], b [T, R, H] (scale in b)."""
         x = Linear(self.hidden_size, self.dtype, self.param_dtype, name="dense")(h)
         x = jax.nn.gelu(x, approximate=False)
@@ -61,8 +58,8 @@ class MaskedLMHead(nn.Module):
         logits = jnp.einsum("blh,vh->blv", x, table.astype(self.dtype)) + bias.astype(self.dtype)
         if table_lora is not None:
             # The adapted table E + a @ b, without forming it: x @ b^T @ a^T.
-            a = table_lora["a"][rows].astype(self.dtype)
-            b = (table_lora["b"][rows] * gate[:, None, None]).astype(self.dtype)
+            a = table_lora["a"][task_index].astype(self.dtype)
+            b = (table_lora["b"][task_index] * task_mask[:, None, None]).astype(self.dtype)
             # [B, L, R]
             xr = jnp.einsum("blh,brh->blr", x, b)
             # [B, L, V]
@@ -111,7 +108,7 @@ class QuestionAnsweringHead(nn.Module):
         return logits[..., 0], logits[..., 1]
 
 
-class _HeadModel(JinaEmbeddingsV3):
+class HeadModel(JinaEmbeddingsV3):
     """The encoder object plus one head; subclasses name the head kind and build the module."""
     kind: str = ""
     default_num_labels: int | None = 2
@@ -119,9 +116,6 @@ class _HeadModel(JinaEmbeddingsV3):
     def __init__(self, *args, num_labels: int | None = None, seed: int = 0,
                  classifier_dropout: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        from convert.heads import read_head, saved_num_labels
-        from convert.tree import flatten
-
         saved = saved_num_labels(self.kind, self.heads)
         if num_labels is not None and saved is not None and num_labels != saved:
             raise ValueError(f"num_labels={num_labels}, but the checkpoint's {self.kind} head has "
@@ -148,17 +142,15 @@ class _HeadModel(JinaEmbeddingsV3):
     def head_module(self) -> nn.Module:
         raise NotImplementedError
 
-    def _heads_to_save(self) -> dict:
+    def head_tensors(self) -> dict:
         """This model's head as it is now, plus any other head the checkpoint carried. The
         MLM decoder's stored copy of the word embeddings is dropped: Transformers re-ties it."""
-        from convert.heads import write_head
-
         own = write_head(self.kind, jax.device_get(self.head_params))
         stale = {"lm_head.decoder.weight"} if self.kind == "masked_lm" else set()
         others = {k: v for k, v in self.heads.items() if k not in own and k not in stale}
         return {**others, **own}
 
-    def _head_signature(self):
+    def head_signature(self):
         return self.kind, self.num_labels
 
     def _init_head(self, key):
@@ -169,13 +161,19 @@ class _HeadModel(JinaEmbeddingsV3):
         # The reference's init: Linear weights N(0, 0.02), biases 0, LayerNorm 1 / 0.
         return self.head_module().init(key, *args)["params"]
 
-    def _outputs(self, encoded, params, head_params, lora, rows, gate, rng=None):
-        """`rng` (training) turns the head's dropout on."""
+    def head_outputs(self, encoded, params, head_params, lora, task_index, task_mask):
+        return self.apply_head(encoded, params, head_params, lora, task_index, task_mask)
+
+    def apply_head(self, encoded, params, head_params, lora=None, task_index=None,
+                   task_mask=None, rng=None):
+        """The head on an encoder output, as a pure function of the weights: `params` the
+        encoder's, `lora`/`task_index`/`task_mask` the adapter inputs the encoder ran with (the
+        MLM decoder may need them). `rng` (training) turns the head's dropout on."""
         kw = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
         return self.head_module().apply({"params": head_params}, encoded.last_hidden_state, **kw)
 
 
-class JinaEmbeddingsV3ForMaskedLM(_HeadModel):
+class JinaEmbeddingsV3ForMaskedLM(HeadModel):
     """Masked LM. The decoder is the word-embedding table itself. `adapt_decoder` says whether
     a task adapter's word-embedding delta also reaches the decoder: False (default) matches
     `PeftModel` (the adapter wraps the embedding lookup only), True matches the adapter merged
@@ -192,24 +190,25 @@ class JinaEmbeddingsV3ForMaskedLM(_HeadModel):
         return MaskedLMHead(cfg.vocab_size, cfg.hidden_size, cfg.layer_norm_eps, self.dtype,
                             self.param_dtype)
 
-    def _outputs(self, encoded, params, head_params, lora, rows, gate, rng=None):
+    def apply_head(self, encoded, params, head_params, lora=None, task_index=None,
+                   task_mask=None, rng=None):
         table = params["embeddings"]["word"]["embedding"]
         table_lora = None
         if self.adapt_decoder and lora is not None:
             table_lora = lora.get("embeddings", {}).get("word")
-        if table_lora is not None and rows is None:
+        if table_lora is not None and task_index is None:
             b = encoded.last_hidden_state.shape[0]
-            rows, gate = jnp.zeros((b,), jnp.int32), jnp.ones((b,), self.dtype)
+            task_index, task_mask = jnp.zeros((b,), jnp.int32), jnp.ones((b,), self.dtype)
         return self.head_module().apply({"params": head_params}, encoded.last_hidden_state, table,
-                                        table_lora, rows, gate)
+                                        table_lora, task_index, task_mask)
 
     def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> MaskedLMOutput:
-        logits = self._run(input_ids, attention_mask, task, self.head_params)
+        logits = self.run(input_ids, attention_mask, task)
         loss = None if labels is None else losses.masked_lm_loss(logits, jnp.asarray(labels))
         return MaskedLMOutput(logits=logits, loss=loss)
 
 
-class JinaEmbeddingsV3ForSequenceClassification(_HeadModel):
+class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
     kind = "sequence_classification"
 
     def head_module(self):
@@ -218,13 +217,13 @@ class JinaEmbeddingsV3ForSequenceClassification(_HeadModel):
 
     def __call__(self, input_ids, attention_mask=None, task=None, labels=None,
                  problem_type: str | None = None) -> SequenceClassifierOutput:
-        logits = self._run(input_ids, attention_mask, task, self.head_params)
+        logits = self.run(input_ids, attention_mask, task)
         loss = None if labels is None else losses.sequence_classification_loss(
             logits, jnp.asarray(labels), problem_type)
         return SequenceClassifierOutput(logits=logits, loss=loss)
 
 
-class JinaEmbeddingsV3ForTokenClassification(_HeadModel):
+class JinaEmbeddingsV3ForTokenClassification(HeadModel):
     kind = "token_classification"
 
     def head_module(self):
@@ -232,13 +231,13 @@ class JinaEmbeddingsV3ForTokenClassification(_HeadModel):
                                        self.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> TokenClassifierOutput:
-        logits = self._run(input_ids, attention_mask, task, self.head_params)
+        logits = self.run(input_ids, attention_mask, task)
         loss = None if labels is None else losses.token_classification_loss(
             logits, jnp.asarray(labels))
         return TokenClassifierOutput(logits=logits, loss=loss)
 
 
-class JinaEmbeddingsV3ForQuestionAnswering(_HeadModel):
+class JinaEmbeddingsV3ForQuestionAnswering(HeadModel):
     kind = "question_answering"
 
     def head_module(self):
@@ -249,7 +248,7 @@ class JinaEmbeddingsV3ForQuestionAnswering(_HeadModel):
         if self.num_labels != 2:
             raise ValueError(f"question answering needs num_labels=2 (start, end), got "
                              f"{self.num_labels}")
-        start, end = self._run(input_ids, attention_mask, task, self.head_params)
+        start, end = self.run(input_ids, attention_mask, task)
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = losses.span_loss(start, end, jnp.asarray(start_positions),

@@ -12,86 +12,74 @@ subset of the modules. `s` is one float per task (alpha / rank, or alpha / sqrt(
 
 What the forward receives (`lora` argument of the model) is a *stacked* tree: the same paths, with
 a task axis T after the layer axis (`a [T, I, R]`, layers `a [L, T, I, R]`) and `s` folded into b.
-Each batch row picks its task with `rows` int32[B]; `gate` float[B] switches the delta off for rows
-that use no adapter.
+Each batch row picks its task with `task_index` int32[B]; `task_mask` float[B] switches the delta
+off for rows that use no adapter (`task_rows` builds both from one task name per row).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .architecture import BY_PATH, DEFAULT_LORA_MODULES, LORA_MODULES
+from .tree import copy_dicts, get_path, set_path
+
 WORD_EMBEDDINGS = ("embeddings", "word")
-_LAYERS = "layers"
 
 
-def low_rank_delta(x, factors, rows, gate):
+def task_rows(row_tasks: Sequence[str | None]):
+    """(names, task_index int32[B], task_mask float32[B]) for one task name (or None) per row:
+    `names` are the distinct tasks, sorted, which is the order to `stack` their adapters in."""
+    names = sorted({t for t in row_tasks if t is not None})
+    position = {n: i for i, n in enumerate(names)}
+    task_index = np.array([position.get(t, 0) for t in row_tasks], np.int32)
+    task_mask = np.array([t is not None for t in row_tasks], np.float32)
+    return names, task_index, task_mask
+
+
+def low_rank_delta(x, factors, task_index, task_mask):
     """Per-row LoRA update for a Linear.
 
-    x: [B, L, I]; factors: a [T, I, R], b [T, R, O] (scale folded in); rows: int32[B];
-    gate: [B]. Returns [B, L, O].
+    x: [B, L, I]; factors: a [T, I, R], b [T, R, O] (scale folded in); task_index: int32[B];
+    task_mask: [B]. Returns [B, L, O].
     """
-    a = factors["a"][rows].astype(x.dtype)
-    b = (factors["b"][rows] * gate[:, None, None]).astype(x.dtype)
+    a = factors["a"][task_index].astype(x.dtype)
+    b = (factors["b"][task_index] * task_mask[:, None, None]).astype(x.dtype)
     # [B, L, R]
     h = jnp.einsum("bli,bir->blr", x, a)
     # [B, L, O]
     return jnp.einsum("blr,bro->blo", h, b)
 
 
-def embedding_delta(ids, factors, rows, gate, dtype):
+def embedding_delta(ids, factors, task_index, task_mask, dtype):
     """Per-row LoRA update for an Embedding, on the gathered rows only.
 
-    ids: int[B, L]; factors: a [T, V, R], b [T, R, H]; rows: int32[B]; gate: [B]. Returns [B, L, H].
-    Never materialises a [V, H] table.
+    ids: int[B, L]; factors: a [T, V, R], b [T, R, H]; task_index: int32[B]; task_mask: [B].
+    Returns [B, L, H]. Never materialises a [V, H] table.
     """
     # [B, L, R]
-    a = factors["a"][rows[:, None], ids].astype(dtype)
-    b = (factors["b"][rows] * gate[:, None, None]).astype(dtype)
+    a = factors["a"][task_index[:, None], ids].astype(dtype)
+    b = (factors["b"][task_index] * task_mask[:, None, None]).astype(dtype)
     # [B, L, H]
     return jnp.einsum("blr,brh->blh", a, b)
 
 
-def _walk(tree: Mapping, path=()):
-    """Yields (path, {"a", "b"}) for every adapted module of an adapter tree."""
-    for key, value in tree.items():
+def adapted_modules(adapter: Mapping, path=()):
+    """Yields (module path, {"a", "b"}) for every adapted module of an adapter tree."""
+    for key, value in adapter.items():
         if isinstance(value, Mapping) and "a" in value and "b" in value:
             yield path + (key,), value
         elif isinstance(value, Mapping):
-            yield from _walk(value, path + (key,))
+            yield from adapted_modules(value, path + (key,))
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _copy_dicts(tree):
-    """Copies the dict structure (not the arrays) so a merged tree shares untouched leaves."""
-    if isinstance(tree, Mapping):
-        return {k: _copy_dicts(v) for k, v in tree.items()}
-    return tree
-
-
-def _weight_name(module: Mapping) -> str:
-    for name in ("kernel", "embedding"):
-        if name in module:
-            return name
-    raise KeyError(f"module has neither kernel nor embedding: {sorted(module)}")
-
-
-def adapter_paths(adapter: Mapping) -> list[tuple[str, ...]]:
-    return [path for path, _ in _walk(adapter)]
+def weight_name(module_path) -> str:
+    """The leaf an adapter adapts in a module: "kernel" (Linear) or "embedding"."""
+    return "embedding" if BY_PATH[tuple(module_path)].kind == "embed" else "kernel"
 
 
 def merge(params: Mapping, adapter: Mapping, scale: float, *, keep_word_embeddings: bool = True):
@@ -102,19 +90,19 @@ def merge(params: Mapping, adapter: Mapping, scale: float, *, keep_word_embeddin
     adds `a[ids] @ b` on the gathered rows instead of copying a [V, H] table per task.
     Returns (merged params, stacked lora tree for the forward).
     """
-    merged = _copy_dicts(params)
+    merged = copy_dicts(params)
     forward_lora: dict = {}
-    for path, fac in _walk(adapter):
+    for path, fac in adapted_modules(adapter):
         if keep_word_embeddings and path == WORD_EMBEDDINGS:
-            _set(forward_lora, path, {"a": fac["a"][None], "b": (fac["b"] * scale)[None]})
+            set_path(forward_lora, path, {"a": fac["a"][None], "b": (fac["b"] * scale)[None]})
             continue
-        module = _get(merged, path)
-        name = _weight_name(module)
+        module = get_path(merged, path)
+        name = weight_name(path)
         weight = module[name]
         # Merge in fp32 whatever the storage dtype, then store back in it.
         a = jnp.asarray(fac["a"], jnp.float32)
         b = jnp.asarray(fac["b"], jnp.float32)
-        if path[0] == _LAYERS:
+        if BY_PATH[path].layered:
             # [L, I, O]
             delta = jnp.einsum("lir,lro->lio", a, b)
         else:
@@ -132,7 +120,7 @@ def stack(adapters: Sequence[Mapping], scales: Sequence[float]):
     """
     shapes: dict[tuple, tuple] = {}
     for adapter in adapters:
-        for path, fac in _walk(adapter):
+        for path, fac in adapted_modules(adapter):
             a_shape, b_shape = np.shape(fac["a"]), np.shape(fac["b"])
             rank = a_shape[-1]
             if path in shapes:
@@ -141,11 +129,11 @@ def stack(adapters: Sequence[Mapping], scales: Sequence[float]):
             shapes[path] = (a_shape, b_shape, rank)
     out: dict = {}
     for path, (a_shape, b_shape, rank) in shapes.items():
-        layered = path[0] == _LAYERS
+        layered = BY_PATH[path].layered
         a_list, b_list = [], []
         for adapter, scale in zip(adapters, scales):
             try:
-                fac = _get(adapter, path)
+                fac = get_path(adapter, path)
                 a, b = jnp.asarray(fac["a"]), jnp.asarray(fac["b"]) * scale
             except KeyError:
                 a = jnp.zeros(a_shape[:-1] + (rank,), jnp.float32)
@@ -158,56 +146,37 @@ def stack(adapters: Sequence[Mapping], scales: Sequence[float]):
             b_list.append(b)
         # Layers: [L, T, ...] so the scan over layers slices the first axis.
         axis = 1 if layered else 0
-        _set(out, path, {"a": jnp.stack(a_list, axis), "b": jnp.stack(b_list, axis)})
+        set_path(out, path, {"a": jnp.stack(a_list, axis), "b": jnp.stack(b_list, axis)})
     return out
 
 
-def cast(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-# Short module names (what users pass) -> the module paths an adapter tree uses.
-MODULES = {
-    "word": ("embeddings", "word"),
-    "token_type": ("embeddings", "token_type"),
-    "qkv": ("layers", "attn", "qkv"),
-    "out": ("layers", "attn", "out"),
-    "fc1": ("layers", "mlp", "fc1"),
-    "fc2": ("layers", "mlp", "fc2"),
-    "pooler": ("pooler", "dense"),
-}
-# What the release adapts: every Linear and Embedding of the encoder.
-DEFAULT_MODULES = ("word", "token_type", "qkv", "out", "fc1", "fc2")
-
-
-def init_adapter(params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_MODULES, *,
+def init_adapter(params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_LORA_MODULES, *,
                  seed: int = 0):
     """A fresh adapter whose delta is zero, initialised as PEFT does: a Linear gets a uniform in
     ±1/sqrt(in) and b = 0; an Embedding gets a = 0 and b ~ N(0, 1). Shapes come from `params`."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    unknown = [m for m in modules if m not in MODULES]
+    unknown = [m for m in modules if m not in LORA_MODULES]
     if unknown or not modules:
-        raise ValueError(f"unknown adapter module(s) {unknown}; choose from {sorted(MODULES)}")
+        raise ValueError(f"unknown adapter module(s) {unknown}; choose from {sorted(LORA_MODULES)}")
     key = jax.random.PRNGKey(seed)
     adapter: dict = {}
     for i, name in enumerate(modules):
-        path = MODULES[name]
+        path = LORA_MODULES[name]
         try:
-            module = _get(params, path)
+            weight = get_path(params, path + (weight_name(path),))
         except KeyError:
             raise ValueError(f"module {name!r} ({'/'.join(path)}) is not in this model") from None
-        weight = module[_weight_name(module)]
         lead, (rows, cols) = tuple(weight.shape[:-2]), tuple(weight.shape[-2:])
         k = jax.random.fold_in(key, i)
-        if path[0] == "embeddings":
+        if BY_PATH[path].kind == "embed":
             a = jnp.zeros(lead + (rows, rank), jnp.float32)
             b = jax.random.normal(k, lead + (rank, cols), jnp.float32)
         else:
             bound = 1.0 / np.sqrt(rows)
             a = jax.random.uniform(k, lead + (rows, rank), jnp.float32, -bound, bound)
             b = jnp.zeros(lead + (rank, cols), jnp.float32)
-        _set(adapter, path, {"a": a, "b": b})
+        set_path(adapter, path, {"a": a, "b": b})
     return adapter
 
 
@@ -226,3 +195,65 @@ def qkv_block_mask(b) -> np.ndarray:
     owned = feeds.sum(-1, keepdims=True) == 1
     allowed = np.where(owned, feeds, True)
     return np.repeat(allowed, b.shape[-1] // 3, axis=-1).astype(np.float32)
+
+
+def word_rank(adapter: Mapping) -> int:
+    """The rank of an adapter's word-embedding factors (0 when it has none)."""
+    word = adapter.get("embeddings", {}).get("word")
+    return 0 if word is None else int(np.shape(word["a"])[-1])
+
+
+def word_factors(forward_lora, rank: int, vocab_size: int, hidden_size: int):
+    """The single-task `lora` argument in one shape for every task (and for no task): the
+    word-embedding factors zero-padded to `rank` (the largest among the model's adapters), zeros
+    where a task has none. Switching tasks then reuses the compiled forward instead of tracing
+    a new one; the zero columns add nothing. None when no adapter has word factors."""
+    if rank == 0:
+        return None
+    word = (forward_lora or {}).get("embeddings", {}).get("word")
+    a = jnp.zeros((1, vocab_size, rank), jnp.float32)
+    b = jnp.zeros((1, rank, hidden_size), jnp.float32)
+    if word is not None:
+        r = word["a"].shape[-1]
+        a = a.at[..., :r].set(word["a"])
+        b = b.at[:, :r].set(word["b"])
+    return {"embeddings": {"word": {"a": a, "b": b}}}
+
+
+class TaskCache:
+    """Forward inputs per task for one set of weights: merged params for a single task (least
+    recently used, at most `max_tasks`), stacked factors for the last mixed set of tasks."""
+
+    def __init__(self, max_tasks: int = 2):
+        self.max_tasks = max_tasks
+        self.merged: collections.OrderedDict = collections.OrderedDict()
+        self.stacked: dict = {}
+        self.base = None  # (params, word factors) for no task: nothing to merge, never evicted
+
+    def clear(self):
+        self.merged.clear()
+        self.stacked, self.base = {}, None
+
+    def single(self, name, params, adapters: Mapping, scales: Mapping, vocab_size, hidden_size):
+        """(params, lora) for one task (None: no adapter): merged weights + word factors."""
+        rank = max((word_rank(a) for a in adapters.values()), default=0)
+        if name is None:
+            if self.base is None:
+                self.base = (params, word_factors(None, rank, vocab_size, hidden_size))
+            return self.base
+        if name in self.merged:
+            self.merged.move_to_end(name)
+            return self.merged[name]
+        merged, forward_lora = merge(params, adapters[name], scales[name])
+        entry = (merged, word_factors(forward_lora, rank, vocab_size, hidden_size))
+        self.merged[name] = entry
+        while len(self.merged) > max(1, self.max_tasks):
+            self.merged.popitem(last=False)
+        return entry
+
+    def mixed(self, names: tuple, adapters: Mapping, scales: Mapping):
+        """The stacked factors of `names` (the mixed-batch path)."""
+        if names not in self.stacked:
+            self.stacked = {names: stack([adapters[n] for n in names],
+                                         [scales[n] for n in names])}
+        return self.stacked[names]

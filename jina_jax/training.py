@@ -5,7 +5,7 @@
     for queries, passages in data:
         batch = contrastive_batch(model, queries, passages)
         state, metrics = trainer.step(state, batch)
-    trainer.update_model(state)                                 # trained weights into `model`
+    model.update(trainer.trained(state))                        # trained weights into `model`
     model.save_pretrained("out", format="transformers")
 
 Everything that can train sits in one tree, `variables(model)`:
@@ -35,10 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 from . import lora as lora_lib
 from . import losses
 from .attention import choose_implementation
-from .model import EncoderOutput, JinaEncoder, mean_pool
+from .config import as_dtype
+from .encoder import REMAT_POLICIES, EncoderOutput, JinaEncoder, mean_pool
+from .records import read_jsonl
+from .sharding import global_batch, place_params
+from .tokenize import check_max_length, tokenize
+from .tree import combine, copy_dicts, get_path, set_path
 
 STATE_FORMAT = "jina-jax-train-state-1"
 
@@ -82,22 +90,22 @@ class Forward:
 
     def run(self, ids, lengths, tasks: Sequence):
         """ids [B, L], lengths [B], tasks: one adapter name (or None) per row (static).
-        Returns (EncoderOutput, (lora, rows, gate)): the latter is what heads need."""
+        Returns (EncoderOutput, (lora, task_index, task_mask)): the latter is what heads need."""
         trainer, model = self.trainer, self.trainer.model
-        names = sorted({t for t in tasks if t is not None})
-        lora = rows = gate = None
+        names, task_index, task_mask = lora_lib.task_rows(tasks)
+        lora = None
         if names:
             adapters = self.variables["adapters"]
             lora = lora_lib.stack([adapters[n] for n in names], [model.scales[n] for n in names])
-            index = {n: i for i, n in enumerate(names)}
-            rows = jnp.asarray([index.get(t, 0) for t in tasks], jnp.int32)
-            gate = jnp.asarray([t is not None for t in tasks], jnp.float32)
+        else:
+            task_index = task_mask = None
         impl = choose_implementation(trainer.dtype, model.config.head_dim, True, ids.shape[1])
         module = trainer.module(impl)
         rng = self.next_rng()
         out = module.apply({"params": self.variables["params"]}, ids, lengths=lengths, lora=lora,
-                           rows=rows, gate=gate, rngs=None if rng is None else {"dropout": rng})
-        return out, (lora, rows, gate)
+                           task_index=task_index, task_mask=task_mask,
+                           rngs=None if rng is None else {"dropout": rng})
+        return out, (lora, task_index, task_mask)
 
     def __call__(self, *segments):
         # Segments of one width run as one batch (each row with its task); different widths
@@ -192,9 +200,9 @@ class HeadLoss:
             raise TypeError(f"HeadLoss needs a head model, got {type(model).__name__}")
         task = None if self.task is None else model.resolve_task(self.task)
         ids = batch["ids"]
-        encoded, (lora, rows, gate) = forward.run(ids, batch["lengths"], [task] * ids.shape[0])
-        out = model._outputs(encoded, forward.variables["params"], forward.variables["head"],
-                             lora, rows, gate, rng=forward.next_rng())
+        encoded, adapter_inputs = forward.run(ids, batch["lengths"], [task] * ids.shape[0])
+        out = model.apply_head(encoded, forward.variables["params"], forward.variables["head"],
+                               *adapter_inputs, rng=forward.next_rng())
         if kind == "question_answering":
             return losses.span_loss(*out, batch["start_positions"], batch["end_positions"]), {}
         if kind == "sequence_classification":
@@ -224,9 +232,6 @@ class Trainer:
                  remat: str | None = None, accumulate: int = 1, dropout: bool = True,
                  compute_dtype=None, mesh=None, shard_params: bool | None = None,
                  donate_state: bool = False):
-        from .modeling import as_dtype
-        from .model import REMAT_POLICIES
-
         if remat is not None and remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected None or one of "
                              f"{sorted(REMAT_POLICIES)}")
@@ -243,7 +248,7 @@ class Trainer:
         trainable, frozen = partition(variables(model), self.paths)
         self.shard_params = model.shard_params if shard_params is None else shard_params
         self.frozen = frozen if self.mesh is None else self._put(frozen)
-        self._initial = trainable
+        self.initial = trainable  # the trained leaves' starting values
         self.masks = _qkv_masks(trainable)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,) if donate_state else ())
         self._grad = jax.jit(self._grad_fn)
@@ -258,7 +263,7 @@ class Trainer:
                            remat=self.remat)
 
     def init(self, seed: int = 0) -> TrainState:
-        state = self.init_from(self._initial, seed)
+        state = self.init_from(self.initial, seed)
         return state if self.mesh is None else self._put(state)
 
     def init_from(self, trainable, seed: int = 0) -> TrainState:
@@ -270,7 +275,6 @@ class Trainer:
                            opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
     def _put(self, tree):
-        from .sharding import place_params
         return place_params(tree, self.mesh, self.shard_params)
 
     # -- the step --
@@ -312,14 +316,20 @@ class Trainer:
 
     def step(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
         """One optimizer update on `batch` (a dict of arrays, rows on axis 0)."""
-        return self._step(self.frozen, state, self._place(batch))
+        return self._step(self.frozen, state, self.place_batch(batch))
+
+    def lower_step(self, state: TrainState, batch: Mapping):
+        """The lowered train step (`.compile().memory_analysis()`); `state` and `batch` may be
+        abstract (`jax.eval_shape(trainer.init_from, trainer.initial)`, ShapeDtypeStructs)."""
+        return self._step.lower(self.frozen, state, batch)
 
     def gradients(self, state: TrainState, batch: Mapping, rng=None):
         """(loss, metrics, grads) at `state` without updating (grads in `state.params`' tree)."""
         rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
-        return self._grad(state.params, self.frozen, self._place(batch), rng)
+        return self._grad(state.params, self.frozen, self.place_batch(batch), rng)
 
-    def _place(self, batch: Mapping):
+    def place_batch(self, batch: Mapping):
+        """The batch checked (rows agree and split over devices x accumulate) and on device(s)."""
         if not isinstance(batch, Mapping) or not batch:
             raise TypeError("batch must be a non-empty dict of arrays")
         rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
@@ -334,28 +344,22 @@ class Trainer:
                              f"x accumulate ({self.accumulate})")
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        from .sharding import global_batch
         return global_batch(batch, self.mesh)
 
     # -- results --
 
+    def trained(self, state: TrainState) -> dict:
+        """The trained subtrees of `state` on the host: {"params"?, "adapters"?: {task: factors},
+        "head"?}, what `model.update` takes."""
+        return jax.device_get(state.params)
+
     def update_model(self, state: TrainState):
-        """Writes the trained weights into the model (in its parameter dtype), so that `encode`,
-        `save_pretrained` and the rest use them."""
-        model, trained = self.model, jax.device_get(state.params)
-        if "params" in trained:
-            model.params = _cast(trained["params"], model.param_dtype)
-        for name, tree in trained.get("adapters", {}).items():
-            model.adapters[name] = _cast(tree, jnp.float32)
-        if "head" in trained:
-            model.head_params = _cast(trained["head"], model.param_dtype)
-        model.invalidate()
-        return model
+        """The trained weights into the model (`model.update(trainer.trained(state))`), so that
+        `encode`, `save_pretrained` and the rest use them. Returns the model."""
+        return self.model.update(self.trained(state))
 
     def save_state(self, path: str, state: TrainState) -> None:
         """Params, optimizer state, step and RNG in one safetensors file (exact values)."""
-        from safetensors.numpy import save_file
-
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{parent}: the folder for the train state does not exist")
@@ -366,8 +370,6 @@ class Trainer:
 
     def restore(self, path: str) -> TrainState:
         """The state `save_state` wrote, checked leaf by leaf against this trainer's."""
-        from safetensors import safe_open
-
         template = jax.eval_shape(self.init)
         with safe_open(path, "np") as f:
             meta = f.metadata() or {}
@@ -431,22 +433,11 @@ def _train_paths(model, objective, train) -> list[tuple[str, ...]]:
 
 def partition(tree: Mapping, paths: Sequence[tuple[str, ...]]):
     """(trainable, frozen): the subtrees at `paths`, and the rest (structures disjoint)."""
-    frozen = lora_lib._copy_dicts(tree)
+    frozen = copy_dicts(tree)
     trainable: dict = {}
     for path in paths:
-        node = frozen
-        for key in path[:-1]:
-            node = node[key]
-        lora_lib._set(trainable, path, node.pop(path[-1]))
+        set_path(trainable, path, get_path(frozen, path[:-1]).pop(path[-1]))
     return trainable, frozen
-
-
-def combine(a: Mapping, b: Mapping) -> dict:
-    """Deep union of two disjoint nested dicts."""
-    out = dict(b)
-    for key, value in a.items():
-        out[key] = combine(value, b[key]) if key in b and isinstance(value, Mapping) else value
-    return out
 
 
 def _qkv_masks(trainable: Mapping) -> dict:
@@ -464,14 +455,10 @@ def _qkv_masks(trainable: Mapping) -> dict:
 def _apply_masks(tree, masks: dict):
     if not masks:
         return tree
-    tree = lora_lib._copy_dicts(tree)
+    tree = copy_dicts(tree)
     for path, mask in masks.items():
-        lora_lib._set(tree, path, lora_lib._get(tree, path) * mask)
+        set_path(tree, path, get_path(tree, path) * mask)
     return tree
-
-
-def _cast(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -483,8 +470,6 @@ def contrastive_batch(model, queries: Sequence[str], positives: Sequence[str], n
     sees it. negatives: None, or per query one string or a list of K strings (same K for all)."""
     if len(queries) != len(positives):
         raise ValueError(f"{len(queries)} queries but {len(positives)} positives")
-    from .encode import tokenize
-
     batch = {}
     batch["query_ids"], batch["query_lengths"] = tokenize(model, list(queries), query_task,
                                                           max_length=max_length)
@@ -508,16 +493,7 @@ def read_pairs(path: str) -> list[dict]:
     negative turned into a one-item list; errors name the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected an object, got "
-                                 f"{type(record).__name__}")
+        for number, record in read_jsonl(f, path):
             for key in ("query", "positive"):
                 if not isinstance(record.get(key), str):
                     raise ValueError(f"{path}:{number}: {key!r} must be a string")
@@ -537,9 +513,7 @@ def read_pairs(path: str) -> list[dict]:
 def recall_at_k(model, queries, passages, ks=(1, 5, 10), *, query_task="retrieval.query",
                 passage_task="retrieval.passage", max_length: int | None = None) -> dict:
     """Recall@k of query i retrieving passage i among all passages, through `encode`."""
-    from .encode import position_limit
-
-    max_length = min(512, position_limit(model.config)) if max_length is None else max_length
+    max_length = check_max_length(max_length, model.config, 512)
     q = model.encode(list(queries), task=query_task, max_length=max_length,
                      show_progress_bar=False)
     p = model.encode(list(passages), task=passage_task, max_length=max_length,

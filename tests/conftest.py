@@ -1,19 +1,26 @@
-"""Session fixtures: reference checkpoints built once per test run with Transformers + PEFT."""
+"""Session fixtures: reference checkpoints built once per test run with Transformers + PEFT.
 
+The reference stack (torch, Transformers, PEFT) is imported by the fixtures that need it, so the
+pure-JAX unit tests run without it installed.
+"""
+
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from convert.random_checkpoint import write_tokenizer  # noqa: E402
-from tests import reference as ref  # noqa: E402
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="session")
+def ref():
+    from tests import reference
+
+    return reference
 
 
 @pytest.fixture(scope="session")
@@ -22,25 +29,27 @@ def ckpt_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf_config():
+def hf_config(ref):
     return ref.make_config()
 
 
 @pytest.fixture(scope="session")
-def transformers_dir(ckpt_root, hf_config):
-    """Format B: base weights + five PEFT LoRA folders."""
+def transformers_dir(ref, ckpt_root, hf_config):
+    """Transformers format: base weights + five PEFT LoRA folders."""
     folder = str(ckpt_root / "transformers")
     ref.write_transformers(folder, ref.random_base(hf_config))
     write_tokenizer(folder, hf_config.vocab_size)
-    # Format B keeps task instructions where sentence-transformers does.
+    # The Transformers format keeps task instructions where sentence-transformers does.
     with open(os.path.join(folder, "config_sentence_transformers.json"), "w") as f:
         json.dump({"prompts": ref.INSTRUCTIONS, "default_prompt_name": None}, f)
     return folder
 
 
 @pytest.fixture(scope="session")
-def original_fp32(ckpt_root, transformers_dir):
-    """Format A, fp32 storage: (folder, stored tensors)."""
+def original_fp32(ref, ckpt_root, transformers_dir):
+    """The release format, fp32 storage: (folder, stored tensors)."""
+    import torch
+
     folder = str(ckpt_root / "original-fp32")
     stored = ref.write_original(folder, transformers_dir, torch.float32)
     shutil.copy(os.path.join(transformers_dir, "tokenizer.json"), folder)
@@ -48,7 +57,9 @@ def original_fp32(ckpt_root, transformers_dir):
 
 
 @pytest.fixture(scope="session")
-def original_bf16(ckpt_root, transformers_dir):
-    """Format A, bf16 storage, as the release ships."""
+def original_bf16(ref, ckpt_root, transformers_dir):
+    """The release format, bf16 storage, as the release ships."""
+    import torch
+
     folder = str(ckpt_root / "original-bf16")
     return folder, ref.write_original(folder, transformers_dir, torch.bfloat16, seed=11)

@@ -1,7 +1,7 @@
 """Builds reference checkpoints with the live Transformers + PEFT stack (test time only).
 
-Everything here is the *reference*: the format-B folders are written by Transformers and PEFT
-themselves, and format-A folders are assembled from the same Transformers weights in the release's
+Everything here is the *reference*: the Transformers-format folders are written by Transformers and PEFT
+themselves, and release-format folders are assembled from the same Transformers weights in the release's
 layout, with the release's LoRA formula applied in PyTorch for the reference outputs.
 """
 
@@ -16,6 +16,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import JinaEmbeddingsV3Config, JinaEmbeddingsV3Model
+
+torch.set_num_threads(1)
 
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 INSTRUCTIONS = {"retrieval.query": "Q: ", "retrieval.passage": "P: ", "separation": "",
@@ -64,7 +66,7 @@ def random_base(cfg: JinaEmbeddingsV3Config, seed: int = 0, cls=JinaEmbeddingsV3
 
 
 def write_transformers(folder: str, model, adapters=PEFT_ADAPTERS, seed: int = 1) -> None:
-    """Format B: `save_pretrained` of the base (or head) model, plus one PEFT folder per task."""
+    """The Transformers format: `save_pretrained` of the base (or head) model, plus one PEFT folder per task."""
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder)
     for i, (name, kw) in enumerate(adapters.items()):
@@ -94,7 +96,7 @@ def peft_reference(folder: str, task_folder: str | None, cls=JinaEmbeddingsV3Mod
 
 def write_original(folder: str, transformers_folder: str, dtype=torch.float32, seed: int = 7,
                    with_pooler: bool = True) -> dict:
-    """Format A from a format-B base: `roberta.` prefix, parametrized weights, stacked LoRA for
+    """The release (original) format from a Transformers-format base: `roberta.` prefix, parametrized weights, stacked LoRA for
     all five tasks on every Linear and Embedding. Returns the LoRA factors (torch, fp32, as
     stored) for the reference."""
     shutil.rmtree(folder, ignore_errors=True)

@@ -68,7 +68,7 @@ def test_errors(transformers_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": broken\n')
     malformed = _cli("embed", "--model", transformers_dir, "--task", "none", "--input", str(bad))
-    assert malformed.returncode == 1 and "bad.jsonl, line 2: not valid JSON" in malformed.stderr
+    assert malformed.returncode == 1 and "bad.jsonl:2: not valid JSON" in malformed.stderr
     ext = _cli("embed", "--model", transformers_dir, "--task", "none", "--output",
                str(tmp_path / "o.csv"), stdin="x")
     assert ext.returncode == 1 and "must end in .npy or .jsonl" in ext.stderr

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from jina_jax import JinaEmbeddingsV3
-from jina_jax.encode import bucket_for, position_limit
+from jina_jax.tokenize import bucket_for, position_limit
 from tests import reference as ref
 
 CORPUS = [

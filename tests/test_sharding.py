@@ -66,7 +66,7 @@ for shard in (False, True, "params"):
     if shard:
         leaf = jax.tree_util.tree_leaves(state.params)[0]
         assert len(leaf.sharding.device_set) == 4, leaf.sharding
-        placed = trainer._place(batch)["query_ids"]
+        placed = trainer.place_batch(batch)["query_ids"]
         assert len(placed.sharding.device_set) == 4
         assert placed.addressable_shards[0].data.shape[0] == 1, placed.sharding
         try:

@@ -11,7 +11,8 @@ import numpy as np
 from safetensors import safe_open
 
 from convert.safetensors_io import SafetensorsFile, write
-from convert.tree import flatten, param_shapes
+from jina_jax.architecture import param_shapes
+from jina_jax.tree import flatten
 from jina_jax import JinaConfig, JinaEmbeddingsV3, JinaEncoder
 from tests import reference as ref
 
@@ -77,7 +78,7 @@ def test_task_cache_is_bounded(transformers_dir):
     assert model.params_for("separation") is first  # cached
     for task in ("retrieval.query", "classification", "text-matching"):
         model.params_for(task)
-    assert len(model._merged) == 2 and "separation" not in model._merged
+    assert model.cached_tasks == ["classification", "text-matching"]
 
 
 def test_writer_output_opens_with_safetensors(tmp_path):

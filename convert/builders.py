@@ -1,8 +1,6 @@
-"""The target parameter tree, and builders that fill it tensor by tensor with full checking.
-
-`param_shapes(config)` is the tree `JinaEncoder.init` makes (a test holds the two equal). The
-builders accept one source tensor at a time, check it against the config, and at the end refuse a
-tree with any hole: nothing loads half-filled.
+"""Builders that fill the parameter tree and the adapter trees one source tensor at a time,
+checking each against the config, and at the end refuse a tree with any hole: nothing loads
+half-filled. Shapes come from the architecture table (`jina_jax.architecture`).
 """
 
 from __future__ import annotations
@@ -11,63 +9,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from .names import Target, release_key
+from jina_jax.architecture import Path, param_shapes, release_key, weight_shape
+from jina_jax.tree import set_path
+
+from .names import Target
 from .safetensors_io import CheckpointError
-
-Path = tuple[str, ...]
-
-
-def param_shapes(cfg) -> dict[Path, tuple[int, ...]]:
-    """Flat {path: shape} of the encoder's parameters for a `JinaConfig`."""
-    h, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    shapes = {
-        ("embeddings", "word", "embedding"): (cfg.vocab_size, h),
-        ("embeddings", "token_type", "embedding"): (cfg.type_vocab_size, h),
-        ("embeddings", "norm", "scale"): (h,),
-        ("embeddings", "norm", "bias"): (h,),
-    }
-    per_layer = {
-        ("attn", "qkv", "kernel"): (h, 3 * h), ("attn", "qkv", "bias"): (3 * h,),
-        ("attn", "out", "kernel"): (h, h), ("attn", "out", "bias"): (h,),
-        ("mlp", "fc1", "kernel"): (h, f), ("mlp", "fc1", "bias"): (f,),
-        ("mlp", "fc2", "kernel"): (f, h), ("mlp", "fc2", "bias"): (h,),
-        ("norm1", "scale"): (h,), ("norm1", "bias"): (h,),
-        ("norm2", "scale"): (h,), ("norm2", "bias"): (h,),
-    }
-    shapes.update({("layers",) + p: (n_layers,) + s for p, s in per_layer.items()})
-    if cfg.add_pooling_layer:
-        shapes[("pooler", "dense", "kernel")] = (h, h)
-        shapes[("pooler", "dense", "bias")] = (h,)
-    return shapes
-
-
-def nest(flat: dict[Path, object]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
-def flatten(tree, prefix: Path = ()) -> dict[Path, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _module_shape(shapes, module: Path) -> tuple[int, int]:
-    """(in, out) of a Linear's kernel or (rows, dim) of an Embedding's table, per layer."""
-    for leaf in ("kernel", "embedding"):
-        if module + (leaf,) in shapes:
-            shape = shapes[module + (leaf,)]
-            return shape[-2], shape[-1]
-    raise KeyError(module)
 
 
 class ParamBuilder:
@@ -154,7 +100,6 @@ class AdapterBuilder:
 
     def __init__(self, cfg, source: str):
         self.cfg, self.source = cfg, source
-        self.shapes = param_shapes(cfg)
         # (task, module) -> layer -> slot -> {"a": ..., "b": ...}
         self.parts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
         self.keys: dict = {}
@@ -162,7 +107,7 @@ class AdapterBuilder:
     def put(self, task: str, target: Target, factor: str, value: np.ndarray, key: str, file: str):
         module = target.module
         try:
-            rows, cols = _module_shape(self.shapes, module)
+            rows, cols = weight_shape(self.cfg, module)
         except KeyError:
             raise CheckpointError(f"{file}: LoRA key {key!r} adapts {'/'.join(module)}, which "
                                   "this model does not have") from None
@@ -198,7 +143,7 @@ class AdapterBuilder:
                                       f"{fac['a'].shape[1]} vs {fac['b'].shape[0]}")
         if set(slots) == {None}:
             return slots[None]["a"], slots[None]["b"]
-        rows, cols = _module_shape(self.shapes, module)
+        rows, cols = weight_shape(self.cfg, module)
         third = cols // 3
         ranks = {s: slots[s]["a"].shape[1] for s in sorted(slots)}
         a = np.concatenate([slots[s]["a"] for s in sorted(slots)], axis=1)
@@ -217,7 +162,7 @@ class AdapterBuilder:
                 a, b = fused[None]
             else:
                 rank = max(a.shape[1] for a, _ in fused.values())
-                rows, cols = _module_shape(self.shapes, module)
+                rows, cols = weight_shape(self.cfg, module)
                 n = self.cfg.num_hidden_layers
                 # Layers the adapter skips, or with a smaller rank, get zeros: a @ b is unchanged.
                 a = np.zeros((n, rows, rank), np.float32)
@@ -225,8 +170,5 @@ class AdapterBuilder:
                 for layer, (fa, fb) in fused.items():
                     a[layer, :, : fa.shape[1]] = fa
                     b[layer, : fb.shape[0]] = fb
-            node = out.setdefault(task, {})
-            for key in module[:-1]:
-                node = node.setdefault(key, {})
-            node[module[-1]] = {"a": a, "b": b}
+            set_path(out.setdefault(task, {}), module, {"a": a, "b": b})
         return out

@@ -57,14 +57,14 @@ class Linear(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, lora=None, rows=None, gate=None):
+    def __call__(self, x, lora=None, task_index=None, task_mask=None):
         kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x = x.astype(self.dtype)
         # [B, L, O]
         y = jnp.einsum("bli,io->blo", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         if lora is not None:
-            y = y + low_rank_delta(x, lora, rows, gate)
+            y = y + low_rank_delta(x, lora, task_index, task_mask)
         return y
 
 
@@ -76,12 +76,12 @@ class Embed(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, ids, lora=None, rows=None, gate=None):
+    def __call__(self, ids, lora=None, task_index=None, task_mask=None):
         table = self.param("embedding", _init, (self.num_embeddings, self.features), self.param_dtype)
         # [B, L, H]
         x = jnp.take(table, ids, axis=0).astype(self.dtype)
         if lora is not None:
-            x = x + embedding_delta(ids, lora, rows, gate, self.dtype)
+            x = x + embedding_delta(ids, lora, task_index, task_mask, self.dtype)
         return x
 
 
@@ -123,20 +123,27 @@ def apply_rope(x, cos, sin):
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-class Attention(nn.Module):
+class Block(nn.Module):
+    """The fields every part of the encoder shares (the parts pass them down unchanged)."""
     config: JinaConfig
     dtype: Dtype
     param_dtype: Dtype
-    implementation: str = "xla"
-    deterministic: bool = True
+    implementation: str = "xla"   # attention implementation (see `attention.py`)
+    deterministic: bool = True    # False: dropout on (needs a "dropout" rng)
 
+    def part(self, cls, name: str):
+        return cls(self.config, self.dtype, self.param_dtype, self.implementation,
+                   self.deterministic, name=name)
+
+
+class Attention(Block):
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, mask, lora, rows, gate):
+    def __call__(self, x, cos, sin, lengths, mask, lora, task_index, task_mask):
         cfg = self.config
         b, l, h = x.shape
         dense = lambda n, name: Linear(n, self.dtype, self.param_dtype, name=name)
         # [B, L, 3H] -> [B, L, 3, N, D]; fused rows are [q; k; v], heads contiguous.
-        qkv = dense(3 * h, "qkv")(x, _sub(lora, "qkv"), rows, gate)
+        qkv = dense(3 * h, "qkv")(x, _sub(lora, "qkv"), task_index, task_mask)
         qkv = qkv.reshape(b, l, 3, cfg.num_attention_heads, cfg.head_dim)
         q = apply_rope(qkv[:, :, 0], cos, sin)
         k = apply_rope(qkv[:, :, 1], cos, sin)
@@ -146,82 +153,63 @@ class Attention(nn.Module):
         # [B, L, N, D]
         o = dot_product_attention(q, k, qkv[:, :, 2], lengths=lengths, mask=mask,
                                   implementation=self.implementation, dropout=dropout)
-        return dense(h, "out")(o.reshape(b, l, h), _sub(lora, "out"), rows, gate)
+        return dense(h, "out")(o.reshape(b, l, h), _sub(lora, "out"), task_index, task_mask)
 
 
-class MLP(nn.Module):
-    config: JinaConfig
-    dtype: Dtype
-    param_dtype: Dtype
-
+class MLP(Block):
     @nn.compact
-    def __call__(self, x, lora, rows, gate):
+    def __call__(self, x, lora, task_index, task_mask):
         cfg = self.config
         y = Linear(cfg.intermediate_size, self.dtype, self.param_dtype, name="fc1")(
-            x, _sub(lora, "fc1"), rows, gate)
+            x, _sub(lora, "fc1"), task_index, task_mask)
         y = jax.nn.gelu(y, approximate=cfg.hidden_act != "gelu")
         return Linear(cfg.hidden_size, self.dtype, self.param_dtype, name="fc2")(
-            y, _sub(lora, "fc2"), rows, gate)
+            y, _sub(lora, "fc2"), task_index, task_mask)
 
 
-class Layer(nn.Module):
+class Layer(Block):
     """One post-LayerNorm block; written for `nn.scan` (carry in, carry out)."""
-    config: JinaConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    implementation: str = "xla"
-    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, lora, cos, sin, lengths, mask, rows, gate):
+    def __call__(self, x, lora, cos, sin, lengths, mask, task_index, task_mask):
         cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout_prob, deterministic=self.deterministic)
         norm = lambda name: LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = Attention(cfg, self.dtype, self.param_dtype, self.implementation, self.deterministic,
-                      name="attn")(
-            x, cos, sin, lengths, mask, _sub(lora, "attn"), rows, gate)
+        h = self.part(Attention, "attn")(
+            x, cos, sin, lengths, mask, _sub(lora, "attn"), task_index, task_mask)
         x = norm("norm1")(x + drop(h))
-        h = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(x, _sub(lora, "mlp"), rows, gate)
+        h = self.part(MLP, "mlp")(x, _sub(lora, "mlp"), task_index, task_mask)
         x = norm("norm2")(x + drop(h))
         return x, None
 
 
-class Embeddings(nn.Module):
-    config: JinaConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    deterministic: bool = True
-
+class Embeddings(Block):
     @nn.compact
-    def __call__(self, ids, type_ids, lora, rows, gate):
+    def __call__(self, ids, type_ids, lora, task_index, task_mask):
         cfg = self.config
         embed = lambda n, name: Embed(n, cfg.hidden_size, self.dtype, self.param_dtype, name=name)
-        x = embed(cfg.vocab_size, "word")(ids, _sub(lora, "word"), rows, gate)
+        x = embed(cfg.vocab_size, "word")(ids, _sub(lora, "word"), task_index, task_mask)
         x = x + embed(cfg.type_vocab_size, "token_type")(
-            type_ids, _sub(lora, "token_type"), rows, gate)
+            type_ids, _sub(lora, "token_type"), task_index, task_mask)
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob, deterministic=self.deterministic)(x)
 
 
-class Pooler(nn.Module):
-    config: JinaConfig
-    dtype: Dtype
-    param_dtype: Dtype
-
+class Pooler(Block):
     @nn.compact
-    def __call__(self, x, lora, rows, gate):
+    def __call__(self, x, lora, task_index, task_mask):
         """x: [B, L, H] -> tanh(dense(x[:, 0])) [B, H]."""
         dense = Linear(self.config.hidden_size, self.dtype, self.param_dtype, name="dense")
-        return jnp.tanh(dense(x[:, :1], _sub(lora, "dense"), rows, gate)[:, 0])
+        return jnp.tanh(dense(x[:, :1], _sub(lora, "dense"), task_index, task_mask)[:, 0])
 
 
-class JinaEncoder(nn.Module):
+class JinaEncoder(Block):
     """The encoder: a pure function of (params, ids, padding, lora) once `apply`'d.
 
     Attributes:
       config: the architecture.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
-      implementation: attention implementation ("xla" or "cudnn"; see `attention.py`).
+      implementation: attention implementation ("xla", "cudnn" or "blockwise"; `attention.py`).
       deterministic: False enables dropout (needs a "dropout" rng).
       scan_layers: stack the layers and `scan` them (compile time independent of depth).
       remat: rematerialise each layer in the backward pass: None (keep every activation),
@@ -231,33 +219,33 @@ class JinaEncoder(nn.Module):
     config: JinaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    implementation: str = "xla"
-    deterministic: bool = True
     scan_layers: bool = True
     remat: str | None = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, lengths=None, lora=None, rows=None,
-                 gate=None, token_type_ids=None) -> EncoderOutput:
+    def __call__(self, input_ids, attention_mask=None, lengths=None, lora=None, task_index=None,
+                 task_mask=None, token_type_ids=None) -> EncoderOutput:
         """input_ids: int[B, L]. Padding as `lengths` int32[B] (right-padded rows) or
         `attention_mask` [B, L] (any pattern); neither means no padding. `lora`: stacked adapter
-        tree or None; `rows` int32[B] picks each row's task in it, `gate` [B] turns it off per row.
+        tree or None; `task_index` int32[B] picks each row's task in it, `task_mask` [B] turns it
+        off per row.
         """
         cfg = self.config
         b, l = input_ids.shape
         if lora is not None:
-            rows = jnp.zeros((b,), jnp.int32) if rows is None else rows
-            gate = jnp.ones((b,), self.dtype) if gate is None else gate.astype(self.dtype)
+            if task_index is None:
+                task_index = jnp.zeros((b,), jnp.int32)
+            task_mask = (jnp.ones((b,), self.dtype) if task_mask is None
+                         else task_mask.astype(self.dtype))
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = Embeddings(cfg, self.dtype, self.param_dtype, self.deterministic, name="embeddings")(
-            input_ids, token_type_ids, _sub(lora, "embeddings"), rows, gate)
+        x = self.part(Embeddings, "embeddings")(
+            input_ids, token_type_ids, _sub(lora, "embeddings"), task_index, task_mask)
 
         cos, sin = rope_tables(l, cfg.head_dim, cfg.rope_theta, self.dtype)
         layer_lora = _sub(lora, "layers")
-        layer_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                        implementation=self.implementation, deterministic=self.deterministic)
-        args = (cos, sin, lengths, attention_mask, rows, gate)
+        layer_fields = (cfg, self.dtype, self.param_dtype, self.implementation, self.deterministic)
+        args = (cos, sin, lengths, attention_mask, task_index, task_mask)
         layer_cls = Layer
         if self.remat is not None:
             if self.remat not in REMAT_POLICIES:
@@ -274,14 +262,14 @@ class JinaEncoder(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * len(args),
                 length=cfg.num_hidden_layers,
             )
-            x, _ = stack(**layer_kw, name="layers")(x, layer_lora, *args)
+            x, _ = stack(*layer_fields, name="layers")(x, layer_lora, *args)
         else:
             for i in range(cfg.num_hidden_layers):
                 li = jax.tree_util.tree_map(lambda t: t[i], layer_lora)
-                x, _ = layer_cls(**layer_kw, name=f"layers_{i}")(x, li, *args)
+                x, _ = layer_cls(*layer_fields, name=f"layers_{i}")(x, li, *args)
 
         pooled = None
         if cfg.add_pooling_layer:
-            pooled = Pooler(cfg, self.dtype, self.param_dtype, name="pooler")(
-                x, _sub(lora, "pooler"), rows, gate)
+            pooled = self.part(Pooler, "pooler")(
+                x, _sub(lora, "pooler"), task_index, task_mask)
         return EncoderOutput(last_hidden_state=x, pooler_output=pooled)

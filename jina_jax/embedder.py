@@ -1,0 +1,327 @@
+"""`JinaEmbeddingsV3`: the user object. Weights (params, adapters, scales) and the config, plus
+three helpers it owns: a per-task cache of merged weights (`lora.TaskCache`), the compiled
+forward (`forward.CompiledForward`) and the tokenizer. Loading and saving are `checkpoint.py`'s.
+
+The computation itself is `JinaEncoder.apply`, a pure function of (params, ids, padding, lora)
+that JAX users can call directly (`module`, `params_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint
+from . import lora as lora_lib
+from .architecture import DEFAULT_LORA_MODULES
+from .config import JinaConfig, as_dtype, canonical_task
+from .encode import encode
+from .encoder import EncoderOutput, JinaEncoder
+from .forward import CompiledForward
+from .tokenize import load_tokenizer
+
+
+class JinaEmbeddingsV3:
+    """jina-embeddings-v3 encoder with its task adapters.
+
+    model = JinaEmbeddingsV3.from_pretrained(src, dtype="float32")
+    out = model(input_ids, attention_mask, task="retrieval.query")
+    out.last_hidden_state  # [B, L, H];  out.pooler_output  # [B, H] or None
+    """
+
+    def __init__(self, config: JinaConfig, params, adapters=None, scales=None, *,
+                 dtype="float32", param_dtype=None, heads=None, max_cached_tasks: int = 2,
+                 source: str | None = None):
+        self.config = config
+        self.dtype = as_dtype(dtype)
+        self.param_dtype = as_dtype(param_dtype) if param_dtype is not None else self.dtype
+        self.params = params
+        self.adapters = dict(adapters or {})
+        self.scales = dict(scales or {})
+        self.heads = dict(heads or {})  # head tensors of the checkpoint, under their own keys
+        self.source = source
+        self.head_params = None  # a head model's head parameters
+        self.task_cache = lora_lib.TaskCache(max_cached_tasks)
+        self.forward = CompiledForward(config, self.dtype, self.param_dtype, self.head_outputs)
+        self._tokenizer = None
+
+    # --- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, src, *, dtype="float32", param_dtype=None, revision=None,
+                        **kwargs) -> "JinaEmbeddingsV3":
+        """Loads a hub id or a folder in any supported format (detected from its files).
+
+        dtype: compute dtype; param_dtype: storage dtype of the weights (default: dtype).
+        """
+        param_dtype = param_dtype if param_dtype is not None else dtype
+        ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
+        return cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
+                   param_dtype=param_dtype, heads=ckpt.heads, source=ckpt.folder, **kwargs)
+
+    def save_pretrained(self, folder: str, format: str = "jina_jax") -> None:
+        """Writes the base weights, every task adapter and the head (if any).
+
+        format: "jina_jax" (our own folder, what `jina-jax convert` writes; parameter dtype),
+        "transformers" (Transformers' `jina_embeddings_v3` weights plus one PEFT LoRA folder
+        per task, loadable with `PeftModel.from_pretrained`; fp32) or "original" (the release's
+        single `model.safetensors` with all adapters stacked; fp32). The parent folder must
+        exist.
+        """
+        ckpt = checkpoint.Checkpoint(self.config, self.params, self.adapters, self.scales,
+                                     self.head_tensors(), "jina_jax", self.source)
+        checkpoint.save(folder, format, ckpt, head=self.head_signature())
+
+    def head_tensors(self) -> dict:
+        """Head tensors to save, under checkpoint keys (a head model puts its own head here)."""
+        return dict(self.heads)
+
+    def head_signature(self) -> tuple[str, int | None] | None:
+        """(head kind, num_labels) of a head model; None for the embedding model."""
+        return None
+
+    def head_outputs(self, encoded: EncoderOutput, params, head_params, lora, task_index,
+                     task_mask):
+        """What the compiled forward returns (traced): the encoder output here; a head model
+        applies its head."""
+        return encoded
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.adapters)
+
+    def resolve_task(self, task: str) -> str:
+        """The adapter name for any spelling of a task; ValueError listing the valid ones."""
+        if not isinstance(task, str):
+            raise TypeError(f"task must be a string or None, got {type(task).__name__}")
+        for name in self.adapters:
+            if canonical_task(name) == canonical_task(task):
+                return name
+        raise ValueError(f"unknown task {task!r}; this checkpoint has {list(self.adapters)} "
+                         "(or None for no adapter)")
+
+    def resolve_tasks(self, task, n: int, unit: str = "rows") -> list:
+        """One adapter name (or None) per row, from None, one task, or a list of them."""
+        if task is None or isinstance(task, str):
+            return [None if task is None else self.resolve_task(task)] * n
+        if not isinstance(task, Sequence):
+            raise TypeError(f"task must be None, a string or a list of them, got "
+                            f"{type(task).__name__}")
+        if len(task) != n:
+            raise ValueError(f"task has {len(task)} entries but there are {n} {unit}")
+        names = []
+        for i, t in enumerate(task):
+            try:
+                names.append(None if t is None else self.resolve_task(t))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"task[{i}]: {e}") from None
+        return names
+
+    def params_for(self, task: str | None):
+        """(params, lora) for one task: merged weights plus the word-embedding factors.
+
+        The result is cached (least recently used, `max_cached_tasks` entries), so a single-task
+        forward costs what the base model costs.
+        """
+        name = None if task is None else self.resolve_task(task)
+        cfg = self.config
+        return self.task_cache.single(name, self.params, self.adapters, self.scales,
+                                      cfg.vocab_size, cfg.hidden_size)
+
+    @property
+    def cached_tasks(self) -> list[str]:
+        """Tasks whose merged weights are cached, least recently used first."""
+        return list(self.task_cache.merged)
+
+    def task_inputs(self, task, batch: int) -> dict:
+        """The forward's weight inputs for a task spec over `batch` rows: merged params for one
+        task (or none), else the base params with stacked factors and per-row task_index/mask."""
+        row_tasks = self.resolve_tasks(task, batch)
+        if len(set(row_tasks)) == 1:  # one task (or none) for every row: the merged path
+            params, lora = self.params_for(row_tasks[0])
+            return {"params": params, "lora": lora}
+        names, task_index, task_mask = lora_lib.task_rows(row_tasks)
+        lora = self.task_cache.mixed(tuple(names), self.adapters, self.scales)
+        return {"params": self.params, "lora": lora, "task_index": task_index,
+                "task_mask": task_mask}
+
+    def add_adapter(self, name: str, rank: int = 4, alpha: float | None = None,
+                    modules=DEFAULT_LORA_MODULES, *, instruction: str = "", seed: int = 0):
+        """A new task adapter whose delta starts at zero (PEFT's initialisation), ready to train.
+        scale = alpha / rank (alpha defaults to rank); modules: short names from
+        `architecture.LORA_MODULES` (default: every Linear and Embedding, as the release
+        adapts). `instruction` is prepended to texts for this task by `encode`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if any(canonical_task(n) == canonical_task(name) for n in self.adapters):
+            raise ValueError(f"an adapter named {name!r} already exists: {list(self.adapters)}")
+        adapter = lora_lib.init_adapter(self.params, rank, tuple(modules), seed=seed)
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha!r}")
+        self.adapters[name] = adapter
+        self.scales[name] = alpha / rank
+        cfg = self.config
+        self.config = cfg.replace(
+            lora_adaptations=tuple(cfg.lora_adaptations) + (name,),
+            task_instructions=tuple(cfg.task_instructions) + ((name, instruction),))
+        self.invalidate()
+        return self
+
+    def update(self, trained: dict):
+        """Takes trained weights: a tree with any of "params" (the base encoder), "adapters"
+        ({task: factors}, replacing those tasks) and "head" (a head model's head), as
+        `Trainer.trained(state)` returns it. Stored in the parameter dtype (factors in fp32);
+        every cache derived from the old weights is dropped. Returns self."""
+        cast = lambda tree, dtype: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+        if "params" in trained:
+            self.params = cast(trained["params"], self.param_dtype)
+        for name, tree in trained.get("adapters", {}).items():
+            self.adapters[self.resolve_task(name)] = cast(tree, np.float32)
+        if "head" in trained:
+            self.set_head(cast(trained["head"], self.param_dtype))
+        self.invalidate()
+        return self
+
+    def set_head(self, head_params):
+        if self.head_params is None:
+            raise ValueError(f"{type(self).__name__} has no head to update")
+        self.head_params = head_params
+
+    def invalidate(self):
+        """Drops every cache derived from params/adapters (after they change)."""
+        self.task_cache.clear()
+        self.params = self.forward.place(self.params)
+
+    # --- devices ---------------------------------------------------------------------------
+
+    def shard(self, devices=None, *, shard_params: bool = False) -> "JinaEmbeddingsV3":
+        """Data parallelism over `devices` (default: every device of the default backend):
+        batch rows split, parameters replicated, or with `shard_params` each large weight split
+        over the same devices (less memory per device; XLA gathers it where it is used).
+        Batches must then have a multiple of the device count rows; `encode` pads its batches
+        to that. Returns self."""
+        self.forward.shard(devices, shard_params)
+        self.invalidate()
+        return self
+
+    @property
+    def mesh(self):
+        return self.forward.mesh
+
+    @property
+    def shard_params(self) -> bool:
+        return self.forward.shard_params
+
+    @property
+    def row_multiple(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.devices.size)
+
+    @property
+    def compile_count(self) -> int:
+        """Forward compilations so far (each new shape or input structure)."""
+        return self.forward.compile_count
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
+        return self.forward.module(implementation, deterministic)
+
+    def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None) -> dict:
+        """Checked inputs of the compiled forward: ids, padding (`lengths` for right-padded
+        rows, else a mask), the task's weights and, for a head model, the head's."""
+        ids = check_ids(input_ids, self.config)
+        if lengths is None:
+            mask, lengths = padding(attention_mask, ids.shape)
+        else:
+            lengths = np.asarray(lengths, np.int32)
+            if lengths.shape != (ids.shape[0],):
+                raise ValueError(f"lengths has shape {list(lengths.shape)}, expected "
+                                 f"[{ids.shape[0]}]")
+            mask = None
+        return {"ids": ids, "mask": mask, "lengths": lengths, "head_params": self.head_params,
+                **self.task_inputs(task, ids.shape[0])}
+
+    def lower(self, input_ids, attention_mask=None, task=None, *, lengths=None,
+              pooled: bool = False):
+        """The lowered forward for these inputs (`.as_text()`, `.compile()`): what runs, without
+        running it."""
+        return self.forward.lower(**self.forward_inputs(input_ids, attention_mask, task,
+                                                        lengths=lengths), pooled=pooled)
+
+    def pooled(self, input_ids, lengths, task=None):
+        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
+        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths),
+                            pooled=True)
+
+    def run(self, input_ids, attention_mask=None, task=None):
+        """The compiled forward's output (a head model's: its head's) for these inputs."""
+        return self.forward(**self.forward_inputs(input_ids, attention_mask, task))
+
+    def __call__(self, input_ids, attention_mask=None, task=None) -> EncoderOutput:
+        """input_ids, attention_mask: int [B, L] (numpy or jax). task: None (no adapter), a task
+        name, or a list with one name (or None) per row."""
+        return self.run(input_ids, attention_mask, task)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's `tokenizer.json` through `tokenizers` (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source)
+        return self._tokenizer
+
+    def encode(self, texts, task=None, *, prompt=None, batch_size: int = 32,
+               max_length: int | None = None, truncate_dim: int | None = None,
+               normalize: bool = True, show_progress_bar: bool | None = None,
+               max_tokens_per_batch: int = 16384):
+        """Sentence embeddings, as the release's `encode` computes them.
+
+        texts: a string (returns [D]) or a list of strings (returns [N, D]), float32 numpy.
+        task: a task name (its instruction is prepended and its adapter used), None (no adapter,
+          no instruction), or a list with one task per text. prompt: replaces the instruction.
+        max_length: tokens per text, `<s>`/`</s>` included (default 8192, at most the model's
+          limit); longer texts are truncated. truncate_dim: Matryoshka dimension, applied before
+          normalisation. Batches hold at most `batch_size` rows and `max_tokens_per_batch`
+          padded tokens. The progress bar (stderr) is on by default for long jobs only.
+        """
+        return encode(self, texts, task=task, prompt=prompt, batch_size=batch_size,
+                      max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
+                      show_progress_bar=show_progress_bar,
+                      max_tokens_per_batch=max_tokens_per_batch)
+
+
+def check_ids(input_ids, cfg: JinaConfig) -> np.ndarray:
+    """input_ids as int32 [B, L], checked against the vocabulary and the position limit."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))
+    if len(bad):
+        r, c = bad[0]
+        raise ValueError(f"input_ids[{r}, {c}] = {ids[r, c]} is outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
+    return ids.astype(np.int32)
+
+
+def padding(attention_mask, shape):
+    """(mask, lengths): lengths int32[B] when every row is right-padded, else the bool mask."""
+    if attention_mask is None:
+        return None, None
+    mask = np.asarray(attention_mask)
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(shape)}")
+    mask = mask.astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    if (mask == (np.arange(shape[1])[None, :] < lengths[:, None])).all():
+        return None, lengths
+    return mask, None

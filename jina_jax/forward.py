@@ -1,0 +1,110 @@
+"""The compiled forward of a model object: one jitted function per (attention implementation,
+output), each compiled once per input shape, placed on a device mesh when there is one.
+
+    forward = CompiledForward(config, dtype, param_dtype)
+    out = forward(params, ids, lengths=lengths, lora=lora)          # EncoderOutput
+    pooled = forward(params, ids, lengths=lengths, pooled=True)     # mean-pooled fp32 [B, H]
+
+The attention implementation is chosen per call (`attention.choose_implementation`); if the
+cuDNN kernel fails to lower, this forward says so once and uses XLA from then on. A head model
+passes `outputs`, a pure function that turns the encoder output into its head's output inside
+the same compiled function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import jax
+
+from .attention import choose_implementation
+from .encoder import EncoderOutput, JinaEncoder, mean_pool
+from .sharding import batch_mesh, place_params, replicate, shard_rows
+
+
+def encoder_output(encoded: EncoderOutput, params, head_params, lora, task_index, task_mask):
+    """The default `outputs`: the encoder's own output."""
+    return encoded
+
+
+class CompiledForward:
+    def __init__(self, config, dtype, param_dtype, outputs: Callable = encoder_output):
+        self.config, self.dtype, self.param_dtype, self.outputs = config, dtype, param_dtype, outputs
+        self.functions: dict = {}
+        self.cudnn_failed = False
+        self.compile_count = 0  # traces so far: one per new shape or input structure
+        self.mesh = None
+        self.shard_params = False
+
+    def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
+        return JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                           implementation=implementation, deterministic=deterministic)
+
+    def implementation(self, ids, lengths=None) -> str:
+        """The attention implementation for a batch: cuDNN needs right-padded `lengths`."""
+        impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None,
+                                     ids.shape[1])
+        return "xla" if impl == "cudnn" and self.cudnn_failed else impl
+
+    def function(self, implementation: str, pooled: bool = False):
+        """The jitted `(params, head_params, ids, mask, lengths, lora, task_index, task_mask)`
+        for one implementation; `pooled` returns mean-pooled fp32 [B, H] instead of the full
+        outputs (what `encode` needs: no [B, L, H] goes to the host)."""
+        key = (implementation, pooled)
+        if key not in self.functions:
+            module = self.module(implementation)
+
+            def forward(params, head_params, ids, mask, lengths, lora, task_index, task_mask):
+                self.compile_count += 1  # runs once per trace, i.e. per compiled shape
+                out = module.apply({"params": params}, ids, attention_mask=mask, lengths=lengths,
+                                   lora=lora, task_index=task_index, task_mask=task_mask)
+                if pooled:
+                    return mean_pool(out.last_hidden_state, lengths)
+                return self.outputs(out, params, head_params, lora, task_index, task_mask)
+
+            self.functions[key] = jax.jit(forward)
+        return self.functions[key]
+
+    @property
+    def implementations(self) -> list[str]:
+        """The implementations compiled so far, in order."""
+        return [impl for impl, _ in self.functions]
+
+    def shard(self, devices=None, shard_params: bool = False):
+        self.mesh, self.shard_params = batch_mesh(devices), shard_params
+
+    def place(self, params):
+        """Parameters onto the mesh (as they are without one)."""
+        return params if self.mesh is None else place_params(params, self.mesh, self.shard_params)
+
+    def arguments(self, params, ids, *, mask=None, lengths=None, lora=None, task_index=None,
+                  task_mask=None, head_params=None) -> tuple:
+        """The compiled function's positional arguments, placed on the mesh if any."""
+        if self.mesh is not None:
+            params = self.place(params)
+            head_params, lora = replicate((head_params, lora), self.mesh)
+            ids, mask, lengths, task_index, task_mask = (
+                shard_rows(x, self.mesh) for x in (ids, mask, lengths, task_index, task_mask))
+        return params, head_params, ids, mask, lengths, lora, task_index, task_mask
+
+    def lower(self, params, ids, *, pooled: bool = False, **inputs):
+        """The lowered computation for these inputs (`.compile()`, `.as_text()`), e.g. to check
+        which attention kernel a shape gets."""
+        impl = self.implementation(ids, inputs.get("lengths"))
+        return self.function(impl, pooled).lower(*self.arguments(params, ids, **inputs))
+
+    def __call__(self, params, ids, *, pooled: bool = False, **inputs):
+        """ids: int32 [B, L]; inputs: mask or lengths, lora, task_index, task_mask, head_params
+        (see `arguments`)."""
+        impl = self.implementation(ids, inputs.get("lengths"))
+        args = self.arguments(params, ids, **inputs)
+        if impl == "cudnn":
+            try:
+                return self.function(impl, pooled)(*args)
+            except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
+                self.cudnn_failed = True
+                impl = "xla"
+                warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
+                              "using the XLA implementation from now on")
+        return self.function(impl, pooled)(*args)

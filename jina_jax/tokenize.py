@@ -1,0 +1,92 @@
+"""Texts -> token ids, as the release's `encode` tokenizes them: the task's instruction
+prepended, `<s> ... </s>` added, truncated at `max_length` tokens (specials included). One path
+for `encode` and for training batches; each caller keeps its own default `max_length`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# Padded lengths: a batch's width is the smallest bucket that holds its longest text.
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def load_tokenizer(folder: str | None) -> Tokenizer:
+    path = os.path.join(folder or "", "tokenizer.json")
+    if folder is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no tokenizer.json next to the checkpoint; encode() "
+                                "needs one (convert copies it, random-checkpoint writes one)")
+    tok = Tokenizer.from_file(path)
+    tok.no_padding()
+    return tok
+
+
+def position_limit(cfg) -> int:
+    """Usable tokens: the release's 8194 positions carry two XLM-R offsets, leaving 8192."""
+    return cfg.max_position_embeddings - 2
+
+
+def bucket_for(length: int, limit: int) -> int:
+    for b in BUCKETS:
+        if length <= b and b <= limit:
+            return b
+    return limit
+
+
+def check_texts(texts) -> None:
+    if texts is None or isinstance(texts, (str, bytes, dict)) or not hasattr(texts, "__len__"):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, not a string")
+
+
+def check_max_length(max_length, cfg, default: int) -> int:
+    """`max_length`, or `default` capped at the model's limit when None; checked."""
+    limit = position_limit(cfg)
+    max_length = min(default, limit) if max_length is None else max_length
+    if not isinstance(max_length, int) or isinstance(max_length, bool) \
+            or not 2 <= max_length <= limit:
+        raise ValueError(f"max_length must be an integer in 2..{limit} (the model's position "
+                         f"limit), got {max_length!r}")
+    return max_length
+
+
+def token_ids(tokenizer: Tokenizer, cfg, texts, row_tasks, max_length: int,
+              prompt: str | None = None) -> list[list[int]]:
+    """Token ids per text: `prompt` (default: each row's task instruction; none for a None
+    task) + text, through the tokenizer's batch API."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+    prefixes = [prompt if prompt is not None else ("" if t is None else cfg.instruction(t))
+                for t in row_tasks]
+    tokenizer.enable_truncation(max_length)
+    return [e.ids for e in tokenizer.encode_batch([p + t for p, t in zip(prefixes, texts)])]
+
+
+def pad(ids: list, width: int, pad_id: int):
+    """(ids int32 [N, width], lengths int32 [N]): right-padded rows."""
+    out = np.full((len(ids), width), pad_id, np.int32)
+    lengths = np.zeros((len(ids),), np.int32)
+    for i, tokens in enumerate(ids):
+        out[i, : len(tokens)] = tokens
+        lengths[i] = len(tokens)
+    return out, lengths
+
+
+def tokenize(model, texts, task=None, *, max_length: int | None = None,
+             prompt: str | None = None):
+    """(ids int32 [N, bucket], lengths int32 [N]): texts with the task's instruction, as `encode`
+    tokenizes them, right-padded to the bucket of the longest (so shapes come from a small set).
+    This is what training batches are made of. max_length defaults to 512 (or the model's
+    limit, if lower)."""
+    cfg = model.config
+    check_texts(texts)
+    max_length = check_max_length(max_length, cfg, 512)
+    name = None if task is None else model.resolve_task(task)
+    ids = token_ids(model.tokenizer, cfg, texts, [name] * len(texts), max_length, prompt)
+    width = bucket_for(max((len(e) for e in ids), default=2), position_limit(cfg))
+    return pad(ids, width, cfg.pad_token_id)
