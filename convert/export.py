@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from jina_jax.architecture import BY_PATH, release_key
+from jina_jax.files import writes_folder
 from jina_jax.tree import flatten, get_path
 
 from .formats import copy_tokenizer
@@ -87,6 +88,7 @@ _HEAD_CLASSES = {"masked_lm": "JinaEmbeddingsV3ForMaskedLM",
                  "question_answering": "JinaEmbeddingsV3ForQuestionAnswering"}
 
 
+@writes_folder
 def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: dict,
                       source_folder: str | None = None, heads: dict | None = None,
                       head: tuple[str, int | None] | None = None) -> None:
@@ -94,9 +96,9 @@ def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: di
 
     heads: head tensors (checkpoint names) to write beside the encoder, which then goes under
     `roberta.` as Transformers' head models save it; head: (kind, num_labels) of the model's own
-    head, which names the architecture in config.json.
+    head, which names the architecture in config.json. Written whole or not at all (an existing
+    folder is replaced).
     """
-    os.makedirs(folder, exist_ok=True)
     tensors = _base_tensors(params, cfg)
     if heads:
         tensors = {"roberta." + k: v for k, v in tensors.items()}
@@ -150,6 +152,7 @@ def release_config(cfg, **extra) -> dict:
     }
 
 
+@writes_folder
 def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
                   source_folder: str | None = None, heads: dict | None = None) -> None:
     """Writes the release layout: `roberta.`-prefixed keys, every Linear and Embedding
@@ -157,7 +160,8 @@ def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
 
     The format has one rank and one scale for everything. Ranks are zero-padded to the largest
     (a @ b unchanged); modules an adapter lacks get zero factors; when the tasks' scales differ,
-    each task's scale is folded into its B and lora_alpha = rank (scale 1).
+    each task's scale is folded into its B and lora_alpha = rank (scale 1). Written whole or
+    not at all (an existing folder is replaced).
     """
     tasks = list(adapters)
     if not tasks:
@@ -211,7 +215,6 @@ def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
                 made = stacked(module, factor, shape, layer)
                 tensors[f"{name}.parametrizations.weight.0.{factor}"] = made
     tensors.update({k: np.asarray(v, np.float32) for k, v in (heads or {}).items()})
-    os.makedirs(folder, exist_ok=True)
     write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     config = release_config(cfg.replace(lora_adaptations=tuple(tasks)), torch_dtype="float32")
     config.update(lora_rank=rank, lora_alpha=scale * rank)

@@ -25,6 +25,7 @@ import numpy as np
 
 from jina_jax.architecture import weight_shape
 from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
+from jina_jax.files import writes_folder
 from jina_jax.tree import flatten, nest, set_path
 
 from . import names
@@ -324,9 +325,10 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     return Checkpoint(cfg, params, adapters, scales, heads, "jina_jax", folder)
 
 
+@writes_folder
 def save_native(folder: str, ckpt: Checkpoint, dtype=None):
-    """Writes a jina-jax folder; `dtype` (default: as held) applies to the base parameters."""
-    os.makedirs(folder, exist_ok=True)
+    """Writes a jina-jax folder, whole or not at all (an existing one is replaced); `dtype`
+    (default: as held) applies to the base parameters."""
     cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
     meta = {"format": "jina-jax"}
     save_file({"/".join(p): cast(v) for p, v in flatten(ckpt.params).items()},

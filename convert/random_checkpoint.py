@@ -15,6 +15,7 @@ import numpy as np
 
 from jina_jax.architecture import modules
 from jina_jax.config import JinaConfig, as_dtype
+from jina_jax.files import atomic_file, writes_folder
 
 from .export import release_config
 from .safetensors_io import Lazy, write
@@ -47,10 +48,11 @@ def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+@writes_folder
 def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: int = 0,
                          dtype: str = "bfloat16") -> str:
+    """Writes the folder whole or not at all (an existing one is replaced)."""
     cfg = cfg or JinaConfig()
-    os.makedirs(folder, exist_ok=True)
     np_dtype = as_dtype(dtype)
     std = {"weight": 0.02, "bias": 0.02, "norm": 0.05, "lora_a": 0.5, "lora_b": 0.01}
 
@@ -70,7 +72,6 @@ def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: in
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_tokenizer(folder, cfg.vocab_size, seed)
-    return folder
 
 
 def write_tokenizer(folder: str, vocab_size: int, seed: int = 0) -> str:
@@ -119,7 +120,7 @@ def write_tokenizer(folder: str, vocab_size: int, seed: int = 0) -> str:
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", 0), ("</s>", 2)])
     tok.add_special_tokens(specials + ["<mask>"])
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "tokenizer.json")
-    tok.save(path)
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(tok.to_str())
     return path

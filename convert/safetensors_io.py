@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from jina_jax.files import atomic_file
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -173,8 +175,7 @@ def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) 
         offset += value.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = os.fspath(path) + ".partial"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:  # never a half-written file under the real name
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key in sorted(tensors):
@@ -184,4 +185,3 @@ def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) 
                 raise ValueError(f"{path}: key {key!r}: made shape {arr.shape}, declared {value.shape}")
             f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
             del arr
-    os.replace(tmp, path)  # never leave a half-written file under the real name

@@ -1,93 +1,149 @@
-"""The `jina-jax` command line: `convert`, `embed`, `finetune`, `random-checkpoint`."""
+"""The `jina-jax` command line: `convert`, `embed`, `finetune`, `random-checkpoint`.
+
+Each subcommand imports what it needs when it runs, so `jina-jax --help` and every subcommand's
+`--help` answer at once. Every command follows `commands.py`: the parser refuses bad values, an
+existing output needs --overwrite, outputs appear whole or not at all (`files.py`), and an
+expected stop (bad input, Ctrl-C, a closed pipe) ends in one line, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from .commands import (UsageError, check_output, non_negative_int, positive_float, positive_int,
+                       run_guarded)
 
 
 def _embed_parser(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="hub id or checkpoint folder")
-    p.add_argument("--task", required=True,
-                   help="task adapter (e.g. retrieval.passage), or 'none' for no adapter")
-    p.add_argument("--input", default="-", help="text file (one text per line) or JSONL; - = stdin")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--task", help="task adapter (e.g. retrieval.passage), or 'none' for no "
+                      "adapter")
+    task.add_argument("--query", dest="task", action="store_const", const="retrieval.query",
+                      help="shorthand for --task retrieval.query")
+    task.add_argument("--document", dest="task", action="store_const",
+                      const="retrieval.passage", help="shorthand for --task retrieval.passage")
+    p.add_argument("--input", default="-",
+                   help="text file (one text per line) or JSONL (one object per line); - = stdin. "
+                        "Blank lines are skipped in both.")
     p.add_argument("--text-field", default=None,
                    help="read JSONL records and embed this field (default 'text' for .jsonl input)")
     p.add_argument("--output", default="-",
                    help="OUT.npy (float32 [N, D]) or OUT.jsonl (input records + 'embedding'); "
                         "- = JSONL on stdout")
-    p.add_argument("--truncate-dim", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--truncate-dim", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
-class _UsageError(Exception):
-    pass
+def _check_model_options(model, args):
+    """The flags that depend on the checkpoint, named as flags."""
+    from .tokenize import position_limit
+
+    cfg = model.config
+    limit = position_limit(cfg)
+    if args.max_length is not None and not 2 <= args.max_length <= limit:
+        raise UsageError(f"--max-length must be in 2..{limit} for this model, got "
+                         f"{args.max_length}")
+    if args.truncate_dim is not None and args.truncate_dim > cfg.hidden_size:
+        raise UsageError(f"--truncate-dim must be in 1..{cfg.hidden_size} for this model, got "
+                         f"{args.truncate_dim}")
+    task = None if args.task.lower() == "none" else args.task
+    if task is not None:
+        try:
+            task = model.resolve_task(task)
+        except ValueError as e:
+            raise UsageError(f"--task: {e}") from None
+    return task
 
 
-def _read_input(path: str, text_field: str | None):
-    """(texts, records): records are the JSONL objects, or None for plain text input."""
-    from .records import read_jsonl
+class NpyWriter:
+    """Rows of float32 [N, D] appended to an open `.npy` file whose row count is written last:
+    the header reserves room for any N and is rewritten when the rows are done."""
+    HEADER = 128
 
-    try:
-        data = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
-    except OSError as e:
-        raise _UsageError(f"cannot read input {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise _UsageError(f"input {path} is not UTF-8 text ({e.reason})") from None
-    lines = data.splitlines()
-    if text_field is None and not path.endswith(".jsonl"):
-        return lines, None
-    field = text_field or "text"
-    texts, records = [], []
-    for n, record in read_jsonl(lines, path):
-        if not isinstance(record.get(field), str):
-            raise _UsageError(f"{path}:{n}: no string field {field!r}")
-        texts.append(record[field])
-        records.append(record)
-    return texts, records
+    def __init__(self, f, dim: int):
+        self.f, self.dim, self.rows = f, dim, 0
+        f.write(self._header())  # a placeholder of the final header's size
+
+    def _header(self) -> bytes:
+        text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({self.rows}, {self.dim}), }}"
+        text = text.ljust(self.HEADER - 10 - 1) + "\n"
+        return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+    def write(self, vector, record):
+        self.f.write(vector.astype("<f4").tobytes())
+        self.rows += 1
+
+    def close(self):
+        self.f.seek(0)
+        self.f.write(self._header())
 
 
-def _write_output(path: str, emb, texts, records):
-    import numpy as np
+class JsonlWriter:
+    """One JSON object per text: the input record (or {"text": ...}) plus "embedding"."""
 
-    if path.endswith(".npy"):
-        np.save(path, emb)
-        return
-    if path != "-" and not path.endswith(".jsonl"):
-        raise _UsageError(f"--output must end in .npy or .jsonl (or be -), got {path}")
-    records = records if records is not None else [{"text": t} for t in texts]
-    out = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
-    try:
-        for record, vector in zip(records, emb):
-            out.write(json.dumps({**record, "embedding": [float(x) for x in vector]}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    def __init__(self, f):
+        self.f, self.rows = f, 0
+
+    def write(self, vector, record):
+        self.f.write(json.dumps({**record, "embedding": [float(x) for x in vector]}) + "\n")
+        self.rows += 1
+
+    def close(self):
+        self.f.flush()
 
 
 def run_embed(args) -> int:
-    from convert import CheckpointError
+    from collections import deque
 
     from .embedder import JinaEmbeddingsV3
+    from .files import atomic_file
+    from .records import TextInput
 
-    task = None if args.task.lower() == "none" else args.task
-    try:
-        texts, records = _read_input(args.input, args.text_field)
-        model = JinaEmbeddingsV3.from_pretrained(args.model, dtype=args.dtype)
-        if task is not None:
-            model.resolve_task(task)  # an unknown task fails before any work
-        emb = model.encode(texts, task=task, batch_size=args.batch_size,
-                           max_length=args.max_length, truncate_dim=args.truncate_dim)
-        _write_output(args.output, emb, texts, records)
-    except (_UsageError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError,
-            TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"embedded {len(texts)} text(s) -> {args.output} [{emb.shape[0]}, {emb.shape[1]}]",
-          file=sys.stderr)
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise UsageError(f"--input {args.input}: no such file")
+    to_stdout = args.output == "-"
+    if not to_stdout:
+        check_output(args.output, "--output", overwrite=args.overwrite, sources=[args.input],
+                     suffixes=(".npy", ".jsonl"))
+    model = JinaEmbeddingsV3.from_pretrained(args.model, dtype=args.dtype)
+    task = _check_model_options(model, args)
+    dim = args.truncate_dim or model.config.truncate_dim or model.config.hidden_size
+
+    source = TextInput(args.input, args.text_field)
+    records: deque = deque()
+
+    def texts():
+        for text, record in source:
+            records.append(record if record is not None else {"text": text})
+            yield text
+
+    embeddings = model.iter_encode(texts(), task=task, batch_size=args.batch_size,
+                                   max_length=args.max_length, truncate_dim=args.truncate_dim,
+                                   show_progress_bar=sys.stderr.isatty())
+
+    def write_all(writer) -> int:
+        for vector in embeddings:
+            writer.write(vector, records.popleft())
+        writer.close()
+        return writer.rows
+
+    if to_stdout:
+        count = write_all(JsonlWriter(sys.stdout))
+    elif args.output.endswith(".npy"):
+        with atomic_file(args.output, "wb") as f:
+            count = write_all(NpyWriter(f, dim))
+    else:
+        with atomic_file(args.output, "w", encoding="utf-8") as f:
+            count = write_all(JsonlWriter(f))
+    skipped = f", {source.skipped} blank line(s) skipped" if source.skipped else ""
+    print(f"embedded {count} text(s) -> {args.output} [{count}, {dim}]{skipped}", file=sys.stderr)
     return 0
 
 
@@ -101,44 +157,35 @@ def _finetune_parser(p: argparse.ArgumentParser):
                    help="'retrieval' (queries through retrieval.query, passages through "
                         "retrieval.passage; trains both), an existing task (both sides through "
                         "it), or a new name together with --rank")
-    p.add_argument("--rank", type=int, default=None, help="rank of a new adapter")
-    p.add_argument("--alpha", type=float, default=None, help="alpha of a new adapter (default rank)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps before cosine decay")
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 512)")
+    p.add_argument("--rank", type=positive_int, default=None, help="rank of a new adapter")
+    p.add_argument("--alpha", type=positive_float, default=None,
+                   help="alpha of a new adapter (default rank)")
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--warmup", type=non_negative_int, default=0,
+                   help="linear warm-up steps before cosine decay")
+    p.add_argument("--temperature", type=positive_float, default=0.05)
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="tokens per text (default 512)")
     p.add_argument("--eval-data", default=None, help="JSONL pairs for recall@k")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations "
-                   "(0: at the end only)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--eval-every", type=non_negative_int, default=0,
+                   help="steps between evaluations (0: at the end only)")
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--remat", default=None, choices=["full", "dots", "dots_no_batch"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (trained weights stay float32)")
     p.add_argument("--format", choices=["jina_jax", "transformers", "original"],
                    default="jina_jax", help="checkpoint format written to --output")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--save-state", action="store_true",
                    help="also write OUTPUT/train_state.safetensors (for --resume)")
     p.add_argument("--resume", default=None, help="a train_state.safetensors to continue from")
 
 
 def run_finetune(args) -> int:
-    from convert import CheckpointError
-
-    try:
-        return _finetune(args)
-    except (_UsageError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError,
-            TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def _finetune(args) -> int:
-    import os
-
     import jax
     import numpy as np
     import optax
@@ -147,26 +194,22 @@ def _finetune(args) -> int:
     from . import training
     from .embedder import JinaEmbeddingsV3
 
-    output = os.path.abspath(args.output)
-    if not os.path.isdir(os.path.dirname(output)):
-        raise _UsageError(f"--output: the parent folder {os.path.dirname(output)} does not exist")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise _UsageError(f"--output {output} exists and is not a folder")
-    for name in ("steps", "batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            raise _UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.rank is not None and args.rank < 1:
-        raise _UsageError(f"--rank must be a positive integer, got {args.rank}")
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data),
+                       ("--resume", args.resume)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file")
+    output = check_output(args.output, "--output", overwrite=args.overwrite, folder=True,
+                          sources=[args.model, args.data, args.eval_data, args.resume])
     records = training.read_pairs(args.data)
     evals = training.read_pairs(args.eval_data) if args.eval_data else None
     if len(records) < args.batch_size:
-        raise _UsageError(f"--batch-size {args.batch_size} is larger than the {len(records)} "
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(records)} "
                           f"training pairs in {args.data}")
 
     model = JinaEmbeddingsV3.from_pretrained(args.model)
     devices = len(jax.devices())
     if args.batch_size < devices or args.batch_size % devices:
-        raise _UsageError(f"--batch-size {args.batch_size} must be a multiple of the device "
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the device "
                           f"count ({devices}): every device takes the same number of rows")
     if devices > 1:
         model.shard()
@@ -229,20 +272,20 @@ def _finetune_tasks(model, args) -> tuple[str, str]:
     """(query task, passage task) for --adapter; a new adapter is created here."""
     if args.adapter == "retrieval":
         if args.rank is not None:
-            raise _UsageError("--rank creates a new adapter; it does not apply to "
+            raise UsageError("--rank creates a new adapter; it does not apply to "
                               "--adapter retrieval")
         return model.resolve_task("retrieval.query"), model.resolve_task("retrieval.passage")
     try:
         name = model.resolve_task(args.adapter)
     except ValueError:
         if args.rank is None:
-            raise _UsageError(f"unknown adapter {args.adapter!r}; this checkpoint has "
+            raise UsageError(f"unknown adapter {args.adapter!r}; this checkpoint has "
                               f"{list(model.tasks)} (or 'retrieval'); add --rank R to create a "
                               f"new adapter named {args.adapter!r}") from None
         model.add_adapter(args.adapter, rank=args.rank, alpha=args.alpha, seed=args.seed)
         return args.adapter, args.adapter
     if args.rank is not None:
-        raise _UsageError(f"--rank creates a new adapter, but {args.adapter!r} already exists")
+        raise UsageError(f"--rank creates a new adapter, but {args.adapter!r} already exists")
     return name, name
 
 
@@ -257,11 +300,24 @@ def _negatives(records) -> int | None:
     return min(counts)
 
 
+def run_random_checkpoint(args) -> int:
+    from convert.random_checkpoint import write_random_release
+
+    from .config import JinaConfig
+
+    check_output(args.dst, "DST", overwrite=args.overwrite, folder=True)
+    write_random_release(args.dst, JinaConfig(num_hidden_layers=args.layers), seed=args.seed,
+                         dtype=args.dtype)
+    print(f"wrote a random {args.layers}-layer release-format checkpoint to {args.dst} "
+          "(its embeddings are meaningless)")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jina-jax")
-    commands = parser.add_subparsers(dest="command", required=True)
     from convert.__main__ import build_parser, run as run_convert
 
+    parser = argparse.ArgumentParser(prog="jina-jax")
+    commands = parser.add_subparsers(dest="command", required=True)
     build_parser(commands.add_parser("convert", help="convert a checkpoint to a jina-jax folder"))
     _embed_parser(commands.add_parser("embed", help="embed texts from a file or stdin"))
     _finetune_parser(commands.add_parser(
@@ -271,26 +327,19 @@ def main(argv=None) -> int:
         help="write a random-weight checkpoint in the release format (meaningless embeddings; "
              "for offline first runs and benchmarks)")
     rand.add_argument("dst")
-    rand.add_argument("--layers", type=int, default=24, help="number of layers (24 = released)")
+    rand.add_argument("--layers", type=positive_int, default=24,
+                      help="number of layers (24 = released)")
     rand.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                       help="storage dtype (the release ships bfloat16)")
-    rand.add_argument("--seed", type=int, default=0)
+    rand.add_argument("--seed", type=non_negative_int, default=0)
+    rand.add_argument("--overwrite", action="store_true", help="replace an existing DST folder")
     args = parser.parse_args(argv)
-    if args.command == "convert":
-        return run_convert(args)
-    if args.command == "embed":
-        return run_embed(args)
-    if args.command == "finetune":
-        return run_finetune(args)
-    from convert.random_checkpoint import write_random_release
-
-    from .config import JinaConfig
-
-    write_random_release(args.dst, JinaConfig(num_hidden_layers=args.layers), seed=args.seed,
-                         dtype=args.dtype)
-    print(f"wrote a random {args.layers}-layer release-format checkpoint to {args.dst} "
-          "(its embeddings are meaningless)")
-    return 0
+    run, target = {"convert": (run_convert, args.__dict__.get("dst")),
+                   "embed": (run_embed, args.__dict__.get("output")),
+                   "finetune": (run_finetune, args.__dict__.get("output")),
+                   "random-checkpoint": (run_random_checkpoint, args.__dict__.get("dst"))}[
+                       args.command]
+    return run_guarded(run, args, None if target == "-" else target)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from . import checkpoint
 from . import lora as lora_lib
 from .architecture import DEFAULT_LORA_MODULES
 from .config import JinaConfig, as_dtype, canonical_task
-from .encode import encode
+from .encode import DEFAULT_WINDOW, encode, iter_encode
 from .encoder import EncoderOutput, JinaEncoder
 from .forward import CompiledForward
 from .tokenize import load_tokenizer
@@ -278,22 +278,29 @@ class JinaEmbeddingsV3:
     def encode(self, texts, task=None, *, prompt=None, batch_size: int = 32,
                max_length: int | None = None, truncate_dim: int | None = None,
                normalize: bool = True, show_progress_bar: bool | None = None,
-               max_tokens_per_batch: int = 16384):
+               max_tokens_per_batch: int = 16384, window: int = DEFAULT_WINDOW):
         """Sentence embeddings, as the release's `encode` computes them.
 
-        texts: a string (returns [D]) or a list of strings (returns [N, D]), float32 numpy.
+        texts: a string (returns [D]), or a list or any iterable of strings (returns [N, D]),
+          float32 numpy.
         task: a task name (its instruction is prepended and its adapter used), None (no adapter,
           no instruction), or a list with one task per text. prompt: replaces the instruction.
         max_length: tokens per text, `<s>`/`</s>` included (default 8192, at most the model's
           limit); longer texts are truncated. truncate_dim: Matryoshka dimension, applied before
           normalisation. Batches hold at most `batch_size` rows and `max_tokens_per_batch`
-          padded tokens. The progress bar (stderr) is on by default for long jobs only.
+          padded tokens; texts are sorted by length within windows of `window` texts. The
+          progress bar (stderr) is on by default for long jobs only.
         """
         return encode(self, texts, task=task, prompt=prompt, batch_size=batch_size,
                       max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
                       show_progress_bar=show_progress_bar,
-                      max_tokens_per_batch=max_tokens_per_batch)
+                      max_tokens_per_batch=max_tokens_per_batch, window=window)
 
+    def iter_encode(self, texts, task=None, **kwargs):
+        """`encode` as an iterator: one float32 [D] embedding per text of `texts` (any iterable
+        of strings, e.g. a file read line by line), in input order, holding at most two windows
+        of texts in memory. Same keyword arguments as `encode`."""
+        return iter_encode(self, texts, task=task, **kwargs)
 
 def check_ids(input_ids, cfg: JinaConfig) -> np.ndarray:
     """input_ids as int32 [B, L], checked against the vocabulary and the position limit."""

@@ -13,6 +13,7 @@ the same compiled function.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -21,6 +22,39 @@ import jax
 from .attention import choose_implementation
 from .encoder import EncoderOutput, JinaEncoder, mean_pool
 from .sharding import batch_mesh, place_params, replicate, shard_rows
+
+
+# "0" / "off" / "false" turns the persistent compilation cache off; any other value is its folder.
+CACHE_ENV = "JINA_JAX_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jina-jax", "xla")
+
+
+def enable_compilation_cache(folder: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache so that a second process compiles nothing
+    it compiled before (same model shapes, same machine). The folder: `folder`, else
+    $JINA_JAX_COMPILATION_CACHE, else ~/.cache/jina-jax/xla; "0"/"off" in the variable turns it
+    off. A cache folder the user already gave JAX is left as it is. Returns the folder in use
+    (None: off)."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if folder is None and setting.lower() in ("0", "off", "false", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    folder = folder or setting or default_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache off: cannot create {folder} ({e.strerror or e})")
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # Cache every compiled forward, however quick: the point is a second process compiling none.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
 
 
 def encoder_output(encoded: EncoderOutput, params, head_params, lora, task_index, task_mask):
@@ -36,6 +70,7 @@ class CompiledForward:
         self.compile_count = 0  # traces so far: one per new shape or input structure
         self.mesh = None
         self.shard_params = False
+        self.cache_dir = enable_compilation_cache()
 
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
         return JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -6,8 +6,11 @@ pure-JAX unit tests run without it installed.
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session (and the CLI processes it starts), never the user's.
+os.environ.setdefault("JINA_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jina-jax-xla-"))
 
 import shutil  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch
 from tokenizers import Tokenizer
 
 from jina_jax import JinaEmbeddingsV3
-from jina_jax.tokenize import bucket_for, position_limit
+from jina_jax.encode import plan
+from jina_jax.tokenize import position_limit
 from tests import reference as ref
 
 CORPUS = [
@@ -113,7 +114,7 @@ def test_batch_composition_and_order_do_not_matter(model):
     np.testing.assert_allclose(base[0], base[5], atol=1e-6)  # duplicates agree
 
 
-def test_compiles_once_per_bucket_and_never_again(transformers_dir):
+def test_compiles_once_per_shape_and_never_again(transformers_dir):
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
     rng = np.random.default_rng(1)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -122,11 +123,12 @@ def test_compiles_once_per_bucket_and_never_again(transformers_dir):
     tok = model.tokenizer
     tok.enable_truncation(limit)
     prompt = model.config.instruction("retrieval.passage")
-    buckets = {bucket_for(len(e.ids), limit) for e in tok.encode_batch([prompt + t for t in texts])}
-    assert len(buckets) >= 2
+    lengths = [len(e.ids) for e in tok.encode_batch([prompt + t for t in texts])]
+    shapes = {(b.rows, b.width) for b in plan(lengths, ["retrieval.passage"] * len(texts), limit, 16)}
+    assert len({w for _, w in shapes}) >= 3
     model.encode(texts, task="retrieval.passage", batch_size=16)
     first = model.compile_count
-    assert 1 <= first <= len(buckets), (first, buckets)
+    assert first == len(shapes), (first, shapes)
     model.encode(texts, task="retrieval.passage", batch_size=16)
     model.encode(texts[::-1], task="retrieval.query", batch_size=16)  # same shapes, other task
     assert model.compile_count == first

@@ -61,16 +61,21 @@ def _leaves(tree):
 
 @pytest.mark.parametrize("args, message", [
     (["--adapter", "nope"], "unknown adapter 'nope'"),
-    (["--adapter", "nope", "--rank", "0"], "--rank must be a positive integer"),
+    (["--adapter", "nope", "--rank", "0"], "argument --rank: must be a positive integer"),
+    (["--steps", "-1"], "argument --steps: must be a positive integer"),
+    (["--lr", "0"], "argument --lr: must be a positive number"),
     (["--adapter", "separation", "--rank", "2"], "already exists"),
     (["--batch-size", "400"], "larger than the 32 training pairs"),
-    (["--output", "/no/such/parent/out"], "parent folder /no/such/parent does not exist"),
+    (["--output", "/no/such/parent/out"], "the folder /no/such/parent does not exist"),
+    (["--data", "/no/such/pairs.jsonl"], "--data /no/such/pairs.jsonl: no such file"),
 ])
 def test_finetune_bad_arguments(transformers_dir, pairs_files, tmp_path, args, message):
     base = ["finetune", "--model", transformers_dir, "--data", pairs_files[0],
             "--output", str(tmp_path / "o"), "--steps", "1", "--batch-size", "4"]
     run = _cli(*base, *args)
-    assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
+    # A wrong command line exits 2 before any work, with one line naming the flag.
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -91,7 +96,7 @@ def test_finetune_batch_must_cover_every_device(transformers_dir, pairs_files, t
                JAX_PLATFORMS="cpu")
     run = _cli("finetune", "--model", transformers_dir, "--data", pairs_files[0], "--output",
                str(tmp_path / "o"), "--batch-size", "2", env=env)
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "--batch-size 2 must be a multiple of the device count (4)" in run.stderr
 
 

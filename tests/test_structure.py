@@ -126,7 +126,12 @@ def test_console_script_convert(tmp_path, original_bf16):
     assert "original format" in out.stdout and "5 task adapter(s)" in out.stdout
     assert SafetensorsFile(dst / "params.safetensors").read("embeddings/word/embedding").dtype.name == "bfloat16"
     again = subprocess.run([exe, "convert", original_bf16[0], str(dst)], capture_output=True, text=True)
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 2 and "already exists (add --overwrite" in again.stderr
+    (dst / "stale.txt").write_text("left from before")
+    forced = subprocess.run([exe, "convert", original_bf16[0], str(dst), "--force"],
+                            capture_output=True, text=True)  # --force: the old spelling
+    assert forced.returncode == 0, forced.stderr
+    assert not (dst / "stale.txt").exists()  # replaced whole, not written over
     bad = subprocess.run([exe, "convert", str(tmp_path / "missing"), str(tmp_path / "o2")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "no such folder" in bad.stderr
+    assert bad.returncode == 2 and "no such folder" in bad.stderr
