@@ -1,21 +1,46 @@
-"""encode() on a realistic length mix: first-call (compile) time and steady throughput.
+"""encode() on a realistic corpus, side by side in one process and on the same weights with
+(a) the model's own forward rate on the same lengths and (b) a Transformers + PEFT loop.
 
-    python benchmarks/encode_throughput.py [--layers 6] [--texts 512] [--checkpoint DIR]
+    python benchmarks/encode_throughput.py [--layers 6] [--dtype float32|bfloat16] [--scale 1]
 
-Uses a random-weight release-format checkpoint at the released widths (written once to
---checkpoint if missing). Prints one JSON line.
+Weights: a random Transformers model at the released widths (`harness.build_reference`, 1024
+wide, 16 heads, FFN 4096, vocab 250002, `--layers` deep) plus a PEFT LoRA adapter
+`retrieval_passage` (rank 4, every Linear, non-zero B) written by PEFT. jina-jax reads that
+folder; the loop loads it with `PeftModel.from_pretrained`.
+
+Corpus (`--scale` multiplies the counts): 384 queries (5-25 words), 128 paragraphs (40-250
+words), 8 long documents (600-2000 words), shuffled; every text gets the task's instruction.
+
+Measured, all with task retrieval.passage:
+- jina-jax `encode`: first call (compiles) and steady (the best of two more calls), the padding
+  fraction of its plan, compiled shapes.
+- the model's own rate on the same lengths: each text counted at the rate of full, unpadded
+  batches of its length class (the nearest of 32x32, 8x128, 2x512, 1x2048, 1x4096 in log
+  length), measured with the same compiled forward; time = sum of tokens / class rate.
+- Transformers + PEFT as users write it: texts sorted by length, batches of `--batch-size`
+  padded to their longest, `last_hidden_state` mean-pooled over the mask, L2-normalised
+  (sdpa attention, `torch.inference_mode`).
+Prints one JSON line; the embeddings of the two are compared (max-abs).
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-from convert.random_checkpoint import write_random_release
-from jina_jax import JinaConfig, JinaEmbeddingsV3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from convert.random_checkpoint import write_tokenizer  # noqa: E402
+from harness import build_reference  # noqa: E402
+from jina_jax import JinaEmbeddingsV3  # noqa: E402
+from jina_jax.encode import plan, padding_fraction  # noqa: E402
+from jina_jax.tokenize import position_limit  # noqa: E402
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
          "which but have an they you were her she there one all we their been has when who will "
@@ -23,49 +48,137 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "time these two may then do first any my now such like our over man me even most made "
          "after also did many before must through back years where much your way well down "
          "retrieval embedding multilingual transformer rotary adapter passage query").split()
+CLASSES = ((32, 32), (8, 128), (2, 512), (1, 2048), (1, 4096))  # (rows, length)
 
 
-def corpus(n: int, seed: int = 0):
-    """Word counts log-normal around 40 (a few up to ~1,000): short queries to long passages."""
+def corpus(scale: float, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    counts = np.clip(rng.lognormal(np.log(40), 1.0, size=n).astype(int), 1, 1500)
-    return [" ".join(rng.choice(WORDS, size=c)) for c in counts]
+    spans = ((384, 5, 25), (128, 40, 250), (8, 600, 2000))
+    counts = [c for n, lo, hi in spans for c in rng.integers(lo, hi + 1, max(1, int(n * scale)))]
+    texts = [" ".join(rng.choice(WORDS, size=c)) for c in counts]
+    return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def write_weights(folder: str, layers: int) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import JinaEmbeddingsV3Model
+
+    if os.path.isfile(os.path.join(folder, "retrieval_passage", "adapter_config.json")):
+        return folder
+    build_reference(folder, layers)
+    write_tokenizer(folder, 250002)
+    torch.manual_seed(1)
+    base = JinaEmbeddingsV3Model.from_pretrained(folder).eval()
+    lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
+    peft_model = get_peft_model(base, lora, adapter_name="retrieval_passage")
+    tmp = tempfile.mkdtemp()
+    peft_model.save_pretrained(tmp)
+    os.replace(os.path.join(tmp, "retrieval_passage"), os.path.join(folder, "retrieval_passage"))
+    return folder
+
+
+def class_of(length: int) -> tuple[int, int]:
+    return min(CLASSES, key=lambda c: abs(np.log(c[1]) - np.log(length)))
+
+
+def model_rate_time(model, lengths, task, repeats=3) -> tuple[float, dict]:
+    """Seconds the corpus takes at the model's own rate per length class, and those rates."""
+    rng = np.random.default_rng(0)
+    rates, seconds = {}, 0.0
+    for rows, length in sorted({class_of(n) for n in lengths}):
+        ids = rng.integers(3, model.config.vocab_size, (rows, length)).astype(np.int32)
+        full = np.full((rows,), length, np.int32)
+        np.asarray(model.pooled(ids, full, task))  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.asarray(model.pooled(ids, full, task))
+            times.append(time.perf_counter() - start)
+        rates[f"{rows}x{length}"] = rows * length / min(times)
+        tokens = sum(n for n in lengths if class_of(n) == (rows, length))
+        seconds += tokens / rates[f"{rows}x{length}"]
+    return seconds, rates
+
+
+def torch_loop(folder, texts, prefix, dtype, batch_size, device="cpu"):
+    """Transformers + PEFT, written the way users write it; returns (embeddings, seconds)."""
+    import torch
+    from peft import PeftModel
+    from transformers import JinaEmbeddingsV3Model, PreTrainedTokenizerFast
+
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"),
+                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    base = JinaEmbeddingsV3Model.from_pretrained(folder, attn_implementation="sdpa",
+                                                 dtype=tdtype)
+    model = PeftModel.from_pretrained(base, os.path.join(folder, "retrieval_passage"))
+    model = model.to(device).eval()
+    texts = [prefix + t for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = np.zeros((len(texts), base.config.hidden_size), np.float32)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            batch = tokenizer([texts[r] for r in rows], padding=True, truncation=True,
+                              max_length=8192, return_tensors="pt").to(device)
+            hidden = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    return out, time.perf_counter() - start
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--texts", type=int, default=512)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--weights", default=None, help="folder for the weights (reused if present)")
+    p.add_argument("--skip-torch", action="store_true")
     args = p.parse_args()
-    folder = args.checkpoint or os.path.join(tempfile.gettempdir(), f"jina-random-{args.layers}")
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        write_random_release(folder, JinaConfig(num_hidden_layers=args.layers))
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder = write_weights(args.weights or os.path.join(
+        tempfile.gettempdir(), f"jina-encode-bench-{args.layers}"), args.layers)
     model = JinaEmbeddingsV3.from_pretrained(folder, dtype=args.dtype)
-    texts = corpus(args.texts)
+    task = "retrieval.passage"
+    texts = corpus(args.scale)
+    prefix = model.config.instruction(task)
     tok = model.tokenizer
     tok.enable_truncation(8192)
-    prompt = model.config.instruction("retrieval.passage")
-    tokens = sum(len(e.ids) for e in tok.encode_batch([prompt + t for t in texts]))
+    lengths = [len(e.ids) for e in tok.encode_batch([prefix + t for t in texts])]
+    batches = plan(lengths, [task] * len(texts), position_limit(model.config), args.batch_size)
 
     def timed():
         start = time.perf_counter()
-        model.encode(texts, task="retrieval.passage", batch_size=args.batch_size,
-                     show_progress_bar=False)
-        return time.perf_counter() - start
+        emb = model.encode(texts, task=task, batch_size=args.batch_size, show_progress_bar=False)
+        return emb, time.perf_counter() - start
 
-    first = timed()
+    emb, first = timed()
     compiles = model.compile_count
-    steady = min(timed() for _ in range(2))
-    print(json.dumps({
+    steady = min(timed()[1] for _ in range(2))
+    model_s, rates = model_rate_time(model, lengths, task)
+    tokens = sum(lengths)
+    row = {
         "layers": args.layers, "dtype": args.dtype, "texts": len(texts), "tokens": tokens,
-        "first_call_s": round(first, 2), "compiles": compiles,
-        "steady_s": round(steady, 2), "texts_per_s": round(len(texts) / steady, 1),
-        "tokens_per_s": round(tokens / steady, 1),
-        "compile_overhead_s": round(first - steady, 2),
-    }))
+        "padding_fraction": round(padding_fraction(batches, lengths), 4),
+        "compiled_shapes": compiles, "jax_first_s": round(first, 2),
+        "jax_steady_s": round(steady, 2), "jax_tok_s": round(tokens / steady, 1),
+        "model_rate_tok_s": round(tokens / model_s, 1),
+        "class_rates_tok_s": {k: round(v, 1) for k, v in rates.items()},
+        "encode_vs_model_rate": round(model_s / steady, 3),
+    }
+    if not args.skip_torch:
+        theirs, torch_s = torch_loop(folder, texts, prefix, args.dtype, args.batch_size)
+        row.update({"torch_s": round(torch_s, 2), "torch_tok_s": round(tokens / torch_s, 1),
+                    "encode_vs_torch": round(torch_s / steady, 3),
+                    "max_abs_vs_torch": float(np.abs(emb - theirs).max())})
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

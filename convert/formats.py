@@ -55,12 +55,25 @@ class Checkpoint:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _config(folder: str, raw: dict, **changes) -> JinaConfig:
+    """The model config from a parsed `config.json`; any bad field is an error naming the file."""
+    try:
+        return JinaConfig.from_dict({**raw, **changes})
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: {e}") from None
 
 
 def detect_format(folder: str) -> str:
@@ -124,7 +137,7 @@ def _load_original(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
     targets, head_keys, has_pooler = _scan_keys(src)
-    cfg = JinaConfig.from_dict(raw).replace(add_pooling_layer=has_pooler)
+    cfg = _config(folder, raw, add_pooling_layer=has_pooler)
     tasks = list(cfg.lora_adaptations)
     params = _read_base(src, cfg, targets, dtype, place)
 
@@ -264,7 +277,7 @@ def _load_transformers(folder: str, dtype, place) -> Checkpoint:
         prompts = _read_json(st_path).get("prompts") if os.path.isfile(st_path) else None
         if prompts:
             fields["task_instructions"] = tuple(prompts.items())
-    cfg = JinaConfig.from_dict(raw).replace(**fields)
+    cfg = _config(folder, raw, **fields)
     params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, folder)
@@ -286,7 +299,7 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     if raw[FORMAT_KEY] != FORMAT_VERSION:
         raise CheckpointError(f"{folder}/config.json: {FORMAT_KEY}={raw[FORMAT_KEY]!r} is not "
                               f"supported (this version reads {FORMAT_VERSION})")
-    cfg = JinaConfig.from_dict(raw)
+    cfg = _config(folder, raw)
     scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
     params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
     builder = ParamBuilder(cfg, dtype, params_file.path, place)

@@ -51,6 +51,9 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     b, l, n, d = q.shape
     s = k.shape[1]
     nblocks = -(-s // block)
+    # As many blocks as `block` implies, each just large enough (a multiple of 16): a length
+    # that is no multiple of `block` pads a few keys, not up to a whole block.
+    block = -(-(-(-s // nblocks)) // 16) * 16
     pad = nblocks * block - s
     valid = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     if pad:

@@ -193,6 +193,7 @@ def run_finetune(args) -> int:
 
     from . import training
     from .embedder import JinaEmbeddingsV3
+    from .files import atomic_folder
 
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data),
                        ("--resume", args.resume)):
@@ -260,9 +261,10 @@ def run_finetune(args) -> int:
     if evals is not None:
         evaluate(args.steps)
     model.update(trainer.trained(state))
-    model.save_pretrained(output, format=args.format)
-    if args.save_state:
-        trainer.save_state(os.path.join(output, "train_state.safetensors"), state)
+    with atomic_folder(output) as folder:  # checkpoint and train state appear together
+        model.save_pretrained(folder, format=args.format)
+        if args.save_state:
+            trainer.save_state(os.path.join(folder, "train_state.safetensors"), state)
     print(f"fine-tuned {', '.join(sorted({t for t in (query_task, passage_task)}))} for "
           f"{args.steps - start} step(s) -> {output} ({args.format})", file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ from .config import JinaConfig, as_dtype, canonical_task
 from .encode import DEFAULT_WINDOW, encode, iter_encode
 from .encoder import EncoderOutput, JinaEncoder
 from .forward import CompiledForward
+from .late_chunking import encode_late_chunks
 from .tokenize import load_tokenizer
 
 
@@ -34,7 +35,7 @@ class JinaEmbeddingsV3:
 
     def __init__(self, config: JinaConfig, params, adapters=None, scales=None, *,
                  dtype="float32", param_dtype=None, heads=None, max_cached_tasks: int = 2,
-                 source: str | None = None):
+                 source: str | None = None, precision: str | None = None):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype) if param_dtype is not None else self.dtype
@@ -45,7 +46,8 @@ class JinaEmbeddingsV3:
         self.source = source
         self.head_params = None  # a head model's head parameters
         self.task_cache = lora_lib.TaskCache(max_cached_tasks)
-        self.forward = CompiledForward(config, self.dtype, self.param_dtype, self.head_outputs)
+        self.forward = CompiledForward(config, self.dtype, self.param_dtype, self.head_outputs,
+                                       precision)
         self._tokenizer = None
 
     # --- loading and saving ----------------------------------------------------------------
@@ -56,6 +58,8 @@ class JinaEmbeddingsV3:
         """Loads a hub id or a folder in any supported format (detected from its files).
 
         dtype: compute dtype; param_dtype: storage dtype of the weights (default: dtype).
+        precision: matmul precision of the compiled forward (None: JAX's default, which is
+        TF32 for fp32 on GPU; "highest": full fp32).
         """
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
@@ -248,16 +252,21 @@ class JinaEmbeddingsV3:
                 **self.task_inputs(task, ids.shape[0])}
 
     def lower(self, input_ids, attention_mask=None, task=None, *, lengths=None,
-              pooled: bool = False):
+              output: str = "outputs"):
         """The lowered forward for these inputs (`.as_text()`, `.compile()`): what runs, without
-        running it."""
+        running it. output: "outputs", "pooled" or "hidden" (see `CompiledForward.function`)."""
         return self.forward.lower(**self.forward_inputs(input_ids, attention_mask, task,
-                                                        lengths=lengths), pooled=pooled)
+                                                        lengths=lengths), output=output)
 
     def pooled(self, input_ids, lengths, task=None):
         """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths),
-                            pooled=True)
+                            output="pooled")
+
+    def hidden(self, input_ids, lengths, task=None):
+        """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
+        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths),
+                            output="hidden")
 
     def run(self, input_ids, attention_mask=None, task=None):
         """The compiled forward's output (a head model's: its head's) for these inputs."""
@@ -278,7 +287,9 @@ class JinaEmbeddingsV3:
     def encode(self, texts, task=None, *, prompt=None, batch_size: int = 32,
                max_length: int | None = None, truncate_dim: int | None = None,
                normalize: bool = True, show_progress_bar: bool | None = None,
-               max_tokens_per_batch: int = 16384, window: int = DEFAULT_WINDOW):
+               max_tokens_per_batch: int = 16384, window: int = DEFAULT_WINDOW,
+               precision: str = "float32", ranges=None,
+               output_value: str = "sentence_embedding"):
         """Sentence embeddings, as the release's `encode` computes them.
 
         texts: a string (returns [D]), or a list or any iterable of strings (returns [N, D]),
@@ -290,11 +301,46 @@ class JinaEmbeddingsV3:
           normalisation. Batches hold at most `batch_size` rows and `max_tokens_per_batch`
           padded tokens; texts are sorted by length within windows of `window` texts. The
           progress bar (stderr) is on by default for long jobs only.
+        precision: "float32", or quantised as sentence-transformers' `quantize_embeddings` does,
+          after truncation and normalisation: "int8"/"uint8" (256 buckets per dimension between
+          `ranges` [2, D] = per-dimension min and max, by default those of these embeddings),
+          "binary"/"ubinary" (one bit per dimension, packed: [N, D / 8]).
+        output_value: "sentence_embedding", or "token_embeddings": a list with one float32
+          [n_tokens, hidden] array per text, the final hidden states of its real tokens
+          (instruction and `<s>`/`</s>` included).
         """
         return encode(self, texts, task=task, prompt=prompt, batch_size=batch_size,
                       max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
                       show_progress_bar=show_progress_bar,
-                      max_tokens_per_batch=max_tokens_per_batch, window=window)
+                      max_tokens_per_batch=max_tokens_per_batch, window=window,
+                      precision=precision, ranges=ranges, output_value=output_value)
+
+    def encode_late_chunks(self, documents, task="retrieval.passage", **kwargs):
+        """Late chunking: per document, (embeddings float32 [n_chunks, D], spans [(start, end),
+        ...] in character offsets of the document). The whole document goes through the
+        encoder (in overlapping windows of `max_length` tokens when longer); each chunk is the
+        mean of its tokens' final states. Keyword arguments: spans (per document, a list of
+        (start, end)), chunk_tokens, max_length (default 8192), overlap (default a quarter of
+        a window, at most 512 tokens), truncate_dim,
+        normalize, batch_size, prompt, max_tokens_per_batch, show_progress_bar. See
+        `late_chunking.py` for the rules."""
+        return encode_late_chunks(self, documents, task, **kwargs)
+
+    def encode_query(self, texts, **kwargs):
+        """`encode(texts, task="retrieval.query", ...)`: queries for retrieval, with their
+        instruction and adapter."""
+        return self._encode_as("retrieval.query", texts, kwargs)
+
+    def encode_document(self, texts, **kwargs):
+        """`encode(texts, task="retrieval.passage", ...)`: documents to index for retrieval,
+        with their instruction and adapter."""
+        return self._encode_as("retrieval.passage", texts, kwargs)
+
+    def _encode_as(self, task, texts, kwargs):
+        if "task" in kwargs:
+            raise TypeError(f"this method encodes with task {task!r}; call encode(task=...) "
+                            "for another task")
+        return self.encode(texts, task=task, **kwargs)
 
     def iter_encode(self, texts, task=None, **kwargs):
         """`encode` as an iterator: one float32 [D] embedding per text of `texts` (any iterable

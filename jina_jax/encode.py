@@ -5,12 +5,13 @@
       -> Matryoshka truncation -> L2 normalisation -> float32 [N, D] in input order
 
 Batching. The input is read a window of texts at a time. In a window, texts are grouped by task
-and sorted by length, longest first; consecutive texts form a batch whose width is the smallest
-rung of a fixed length ladder (`tokenize.WIDTHS`, six rungs an octave) that holds its longest
-text, and whose row count is fixed per width (`batch_size`, capped by a token budget); a task's
-last batch of a window takes the next power of two. Sorted neighbours have nearly equal lengths,
-so padding stays near the ladder's rounding, and every shape comes from a small fixed set: each
-compiles once and is reused.
+and sorted by length, longest first, and each gets the smallest rung of a fixed length ladder
+(`tokenize.WIDTHS`, six rungs an octave) that holds it. Consecutive texts of one rung form a
+batch of that width, whose row count is fixed per width (`batch_size`, capped by a token
+budget); the last batch of a rung takes the next power of two rows. Padding then stays near the
+ladder's rounding, and every shape comes from a small fixed set: each compiles once and is
+reused. A batch holds texts of one rung; when a rung runs out before the
+batch is full, the next shorter texts take the rows that would otherwise be filler.
 
 Pipelining. A batch is dispatched without waiting for the one before it (JAX dispatch is
 asynchronous), so the host pads the next batch, and tokenizes the next window, while the device
@@ -69,13 +70,20 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
     batches = []
     for task, members in sorted(by_task.items(), key=lambda kv: kv[0] or ""):
         members.sort(key=lambda i: -lengths[i])
+        widths = [bucket_for(lengths[i], limit, WIDTHS) for i in members]
         start = 0
         while start < len(members):
-            width = bucket_for(lengths[members[start]], limit, WIDTHS)
-            rows = rows_for(width, len(members) - start, batch_size, token_budget)
+            width = widths[start]
+            same = start
+            while same < len(members) and widths[same] == width:
+                same += 1
+            rows = rows_for(width, same - start, batch_size, token_budget)
             rows = -(-rows // row_multiple) * row_multiple  # every device gets rows
-            batches.append(Batch(task, width, rows, tuple(members[start:start + rows])))
-            start += rows
+            # Rows a short tail leaves free would be filler: the next (shorter) texts take them,
+            # which saves their own slots elsewhere at no cost here.
+            taken = members[start:start + rows]
+            batches.append(Batch(task, width, rows, tuple(taken)))
+            start += len(taken)
     batches.sort(key=lambda b: -b.width)
     return batches
 
@@ -86,10 +94,55 @@ def padding_fraction(batches: Sequence[Batch], lengths: Sequence[int]) -> float:
     return sum(b.rows * b.width for b in batches) / max(real, 1) - 1.0
 
 
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+
+
+def quantize(embeddings, precision: str, ranges=None) -> np.ndarray:
+    """sentence-transformers' `quantize_embeddings` on float embeddings [N, D] (or [D]): the same
+    dtypes, bit packing and calibration. int8/uint8: each dimension's [min, max] (from `ranges`
+    [2, D], else from these embeddings) cut into 256 buckets; binary/ubinary: one bit per
+    dimension (> 0), packed big-endian into bytes (binary: minus 128, as int8)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    emb = np.asarray(embeddings, np.float32)
+    if precision == "float32":
+        return emb
+    if precision.endswith("binary"):
+        bits = np.packbits(emb > 0, axis=-1)
+        return bits if precision == "ubinary" else (bits - 128).astype(np.int8)
+    if ranges is None:
+        if emb.ndim == 1 or emb.shape[0] < 2:
+            raise ValueError(f"{precision} needs `ranges` (per-dimension [min, max], shape "
+                             f"[2, D]) to quantize a single embedding")
+        ranges = np.vstack((emb.min(axis=0), emb.max(axis=0)))
+    ranges = np.asarray(ranges, np.float32)
+    if ranges.shape != (2, emb.shape[-1]):
+        raise ValueError(f"ranges must have shape [2, {emb.shape[-1]}] (min and max per "
+                         f"dimension), got {list(ranges.shape)}")
+    starts = ranges[0]
+    steps = (ranges[1] - starts) / 255
+    steps = np.where(steps == 0, 1, steps)
+    buckets = np.clip(np.floor((emb - starts) / steps), 0, 255)
+    return buckets.astype(np.uint8) if precision == "uint8" else (buckets - 128).astype(np.int8)
+
+
 def check_options(model, *, batch_size, max_length, truncate_dim, max_tokens_per_batch,
-                  window) -> tuple[int, int]:
+                  window, precision="float32", ranges=None,
+                  output_value="sentence_embedding", streaming=False) -> tuple[int, int]:
     """Checks encode's options; returns (max_length, output dimension)."""
     cfg = model.config
+    if output_value not in OUTPUT_VALUES:
+        raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if output_value == "token_embeddings" and precision != "float32":
+        raise ValueError("token embeddings come as float32: precision applies to sentence "
+                         "embeddings only")
+    if streaming and precision.endswith("int8") and ranges is None:
+        raise ValueError(f"a stream of {precision} embeddings needs `ranges` (per-dimension "
+                         "[min, max], shape [2, D]): calibrating on the embeddings themselves "
+                         "needs all of them (use encode)")
     max_length = check_max_length(max_length, cfg, DEFAULT_MAX_LENGTH)
     for name, value in (("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch),
                         ("window", window)):
@@ -101,12 +154,16 @@ def check_options(model, *, batch_size, max_length, truncate_dim, max_tokens_per
         if truncate_dim not in cfg.matryoshka_dimensions:
             warnings.warn(f"truncate_dim={truncate_dim} is not one of the dimensions the model was "
                           f"trained for {list(cfg.matryoshka_dimensions)}")
+    if precision.endswith("binary") and (truncate_dim or cfg.hidden_size) % 8:
+        raise ValueError(f"{precision} packs 8 dimensions a byte: truncate_dim must be a "
+                         f"multiple of 8, got {truncate_dim}")
     return max_length, truncate_dim or cfg.hidden_size
 
 
 def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
            truncate_dim=None, normalize=True, show_progress_bar=None,
-           max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW):
+           max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW,
+           precision="float32", ranges=None, output_value="sentence_embedding"):
     """See `JinaEmbeddingsV3.encode`."""
     single = isinstance(texts, str)
     if single:
@@ -114,12 +171,17 @@ def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=No
     truncate_dim = model.config.truncate_dim if truncate_dim is None else truncate_dim
     _, dim = check_options(model, batch_size=batch_size, max_length=max_length,
                            truncate_dim=truncate_dim, max_tokens_per_batch=max_tokens_per_batch,
-                           window=window)
+                           window=window, precision=precision, ranges=ranges,
+                           output_value=output_value)
     rows = list(iter_encode(model, texts, task=task, prompt=prompt, batch_size=batch_size,
                             max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
                             show_progress_bar=show_progress_bar,
-                            max_tokens_per_batch=max_tokens_per_batch, window=window))
+                            max_tokens_per_batch=max_tokens_per_batch, window=window,
+                            output_value=output_value))
+    if output_value == "token_embeddings":
+        return rows[0] if single else rows
     emb = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+    emb = quantize(emb, precision, ranges) if len(emb) else quantize(emb, "float32")
     return emb[0] if single else emb
 
 
@@ -143,21 +205,84 @@ def _texts_and_tasks(model, texts, task) -> tuple[Iterator, Iterator, int | None
     return checked(), itertools.repeat(name), None
 
 
+class Runner:
+    """Runs sets of token-id rows through the model in planned batches, at most `IN_FLIGHT`
+    outstanding: `submit` dispatches a set and returns its output container, complete after
+    `drain`. hidden=False: mean-pooled fp32 [N, H]; hidden=True: one float32 [n_tokens, H] per
+    row (its real tokens)."""
+
+    def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar):
+        self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
+        self.hidden, self.bar = hidden, bar
+        self.limit = position_limit(model.config)
+        self.in_flight: collections.deque = collections.deque()
+
+    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence):
+        model, cfg = self.model, self.model.config
+        out = [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size),
+                                                             np.float32)
+        run = model.hidden if self.hidden else model.pooled
+        batches = plan([len(x) for x in ids], tasks, self.limit, self.batch_size,
+                       self.token_budget, model.row_multiple)
+        for batch in batches:
+            rows = [ids[i] for i in batch.members]
+            rows += [FILLER] * (batch.rows - len(rows))
+            array, lengths = pad(rows, batch.width, cfg.pad_token_id)
+            self.in_flight.append((out, batch.members, lengths, run(array, lengths, batch.task)))
+            if len(self.in_flight) > IN_FLIGHT:
+                self._collect()
+        return out
+
+    def drain(self):
+        while self.in_flight:
+            self._collect()
+
+    def _collect(self):
+        out, members, lengths, result = self.in_flight.popleft()
+        result = np.asarray(result)
+        if self.hidden:
+            for row, member in enumerate(members):
+                out[member] = result[row, : lengths[row]].astype(np.float32)
+        else:
+            out[list(members)] = result[: len(members)]
+        self.bar.update(len(members))
+
+
+def finish(pooled: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
+    """Matryoshka truncation to `dim`, then L2 normalisation: float32 [N, dim]."""
+    emb = pooled[:, :dim]
+    if normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(emb, np.float32)
+
+
+def progress(count: int | None, batch_size: int, show: bool | None, desc: str = "encode"):
+    """The progress bar (stderr): by default on for long jobs only (unknown length: off)."""
+    if show is None:
+        show = count is not None and count >= PROGRESS_MIN_BATCHES * batch_size
+    return tqdm(total=count, disable=not show, file=sys.stderr, desc=desc, unit="text")
+
+
 def iter_encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
                 truncate_dim=None, normalize=True, show_progress_bar=None,
-                max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
-                window=DEFAULT_WINDOW) -> Iterator[np.ndarray]:
-    """One float32 [D] embedding per text of `texts` (any iterable of strings), in input order,
-    holding at most two windows of `window` texts. Same arguments as `encode`."""
+                max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW,
+                precision="float32", ranges=None,
+                output_value="sentence_embedding") -> Iterator[np.ndarray]:
+    """One embedding per text of `texts` (any iterable of strings), in input order, holding at
+    most two windows of `window` texts: [D] in `precision` ([D / 8] bytes for the binary ones;
+    int8/uint8 need `ranges` here), or for output_value="token_embeddings" float32 [n_tokens, H].
+    Same arguments as `encode`."""
     cfg = model.config
     truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
     max_length, dim = check_options(model, batch_size=batch_size, max_length=max_length,
                                     truncate_dim=truncate_dim,
-                                    max_tokens_per_batch=max_tokens_per_batch, window=window)
+                                    max_tokens_per_batch=max_tokens_per_batch, window=window,
+                                    precision=precision, ranges=ranges,
+                                    output_value=output_value, streaming=True)
+    tokens_out = output_value == "token_embeddings"
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     text_iter, task_iter, count = _texts_and_tasks(model, texts, task)
-    limit = position_limit(cfg)
 
     def windows():
         while True:
@@ -165,39 +290,18 @@ def iter_encode(model, texts, *, task=None, prompt=None, batch_size=32, max_leng
             if not chunk:
                 return
             tasks = list(itertools.islice(task_iter, len(chunk)))
-            ids = token_ids(model.tokenizer, cfg, chunk, tasks, max_length, prompt)
-            lengths = [len(x) for x in ids]
-            yield ids, plan(lengths, tasks, limit, batch_size, max_tokens_per_batch,
-                            model.row_multiple)
+            yield token_ids(model.tokenizer, cfg, chunk, tasks, max_length, prompt), tasks
 
-    show = show_progress_bar
-    if show is None:  # on for long jobs only (an iterator's length is unknown: off)
-        show = count is not None and count >= PROGRESS_MIN_BATCHES * batch_size
-    with tqdm(total=count, disable=not show, file=sys.stderr, desc="encode", unit="text") as bar:
-        in_flight: collections.deque = collections.deque()
+    with progress(count, batch_size, show_progress_bar) as bar:
+        runner = Runner(model, batch_size, max_tokens_per_batch, tokens_out, bar)
         upcoming = windows()
         current = next(upcoming, None)
         while current is not None:
-            ids, batches = current
-            pooled = np.zeros((len(ids), cfg.hidden_size), np.float32)
-            for batch in batches:
-                rows = [ids[i] for i in batch.members]
-                rows += [FILLER] * (batch.rows - len(rows))
-                array, lengths = pad(rows, batch.width, cfg.pad_token_id)
-                in_flight.append((pooled, batch.members, model.pooled(array, lengths, batch.task)))
-                if len(in_flight) > IN_FLIGHT:
-                    _collect(in_flight.popleft(), bar)
-            # The next window is tokenized and planned while this one's last batches run.
+            out = runner.submit(*current)
+            # The next window is tokenized while this one's last batches run.
             current = next(upcoming, None)
-            while in_flight:
-                _collect(in_flight.popleft(), bar)
-            emb = pooled[:, :dim]
-            if normalize:
-                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            yield from np.ascontiguousarray(emb, np.float32)
-
-
-def _collect(entry, bar):
-    pooled, members, result = entry
-    pooled[list(members)] = np.asarray(result)[: len(members)]
-    bar.update(len(members))
+            runner.drain()
+            if tokens_out:
+                yield from out
+            else:
+                yield from quantize(finish(out, dim, normalize), precision, ranges)

@@ -3,7 +3,7 @@ output), each compiled once per input shape, placed on a device mesh when there 
 
     forward = CompiledForward(config, dtype, param_dtype)
     out = forward(params, ids, lengths=lengths, lora=lora)          # EncoderOutput
-    pooled = forward(params, ids, lengths=lengths, pooled=True)     # mean-pooled fp32 [B, H]
+    pooled = forward(params, ids, lengths=lengths, output="pooled")  # mean-pooled fp32 [B, H]
 
 The attention implementation is chosen per call (`attention.choose_implementation`); if the
 cuDNN kernel fails to lower, this forward says so once and uses XLA from then on. A head model
@@ -13,6 +13,7 @@ the same compiled function.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -62,9 +63,20 @@ def encoder_output(encoded: EncoderOutput, params, head_params, lora, task_index
     return encoded
 
 
+PRECISIONS = (None, "default", "high", "highest")
+OUTPUTS = ("outputs", "pooled", "hidden")
+
+
 class CompiledForward:
-    def __init__(self, config, dtype, param_dtype, outputs: Callable = encoder_output):
+    """`precision`: the matmul precision the forward is compiled with (`jax.default_matmul_
+    precision`); None leaves JAX's default, which on GPU runs fp32 matmuls in TF32."""
+
+    def __init__(self, config, dtype, param_dtype, outputs: Callable = encoder_output,
+                 precision: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.config, self.dtype, self.param_dtype, self.outputs = config, dtype, param_dtype, outputs
+        self.precision = precision
         self.functions: dict = {}
         self.cudnn_failed = False
         self.compile_count = 0  # traces so far: one per new shape or input structure
@@ -82,20 +94,29 @@ class CompiledForward:
                                      ids.shape[1])
         return "xla" if impl == "cudnn" and self.cudnn_failed else impl
 
-    def function(self, implementation: str, pooled: bool = False):
+    def function(self, implementation: str, output: str = "outputs"):
         """The jitted `(params, head_params, ids, mask, lengths, lora, task_index, task_mask)`
-        for one implementation; `pooled` returns mean-pooled fp32 [B, H] instead of the full
-        outputs (what `encode` needs: no [B, L, H] goes to the host)."""
-        key = (implementation, pooled)
+        for one implementation. output: "outputs" (the encoder's, or a head model's head's),
+        "pooled" (mean-pooled fp32 [B, H]: what `encode` needs, no [B, L, H] goes to the host)
+        or "hidden" (last_hidden_state [B, L, H], whatever the model's head)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        key = (implementation, output)
         if key not in self.functions:
             module = self.module(implementation)
 
             def forward(params, head_params, ids, mask, lengths, lora, task_index, task_mask):
                 self.compile_count += 1  # runs once per trace, i.e. per compiled shape
-                out = module.apply({"params": params}, ids, attention_mask=mask, lengths=lengths,
-                                   lora=lora, task_index=task_index, task_mask=task_mask)
-                if pooled:
+                with contextlib.ExitStack() as scope:
+                    if self.precision is not None:
+                        scope.enter_context(jax.default_matmul_precision(self.precision))
+                    out = module.apply({"params": params}, ids, attention_mask=mask,
+                                       lengths=lengths, lora=lora, task_index=task_index,
+                                       task_mask=task_mask)
+                if output == "pooled":
                     return mean_pool(out.last_hidden_state, lengths)
+                if output == "hidden":
+                    return out.last_hidden_state
                 return self.outputs(out, params, head_params, lora, task_index, task_mask)
 
             self.functions[key] = jax.jit(forward)
@@ -123,23 +144,23 @@ class CompiledForward:
                 shard_rows(x, self.mesh) for x in (ids, mask, lengths, task_index, task_mask))
         return params, head_params, ids, mask, lengths, lora, task_index, task_mask
 
-    def lower(self, params, ids, *, pooled: bool = False, **inputs):
+    def lower(self, params, ids, *, output: str = "outputs", **inputs):
         """The lowered computation for these inputs (`.compile()`, `.as_text()`), e.g. to check
         which attention kernel a shape gets."""
         impl = self.implementation(ids, inputs.get("lengths"))
-        return self.function(impl, pooled).lower(*self.arguments(params, ids, **inputs))
+        return self.function(impl, output).lower(*self.arguments(params, ids, **inputs))
 
-    def __call__(self, params, ids, *, pooled: bool = False, **inputs):
+    def __call__(self, params, ids, *, output: str = "outputs", **inputs):
         """ids: int32 [B, L]; inputs: mask or lengths, lora, task_index, task_mask, head_params
         (see `arguments`)."""
         impl = self.implementation(ids, inputs.get("lengths"))
         args = self.arguments(params, ids, **inputs)
         if impl == "cudnn":
             try:
-                return self.function(impl, pooled)(*args)
+                return self.function(impl, output)(*args)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self.cudnn_failed = True
                 impl = "xla"
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
-        return self.function(impl, pooled)(*args)
+        return self.function(impl, output)(*args)
