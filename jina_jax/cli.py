@@ -39,6 +39,16 @@ def _embed_parser(p: argparse.ArgumentParser):
     p.add_argument("--max-length", type=positive_int, default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--precision", choices=["float32", "int8", "uint8", "binary", "ubinary"],
+                   default="float32", help="quantised output, as sentence-transformers' "
+                   "quantize_embeddings (int8/uint8 need --ranges)")
+    p.add_argument("--ranges", default=None,
+                   help="RANGES.npy: per-dimension [min, max] ([2, D]) for int8/uint8")
+    p.add_argument("--late-chunking", action="store_true",
+                   help="one JSONL record per chunk (doc, chunk, start, end, embedding): "
+                        "sentences, or --chunk-tokens pieces, embedded in document context")
+    p.add_argument("--chunk-tokens", type=positive_int, default=None,
+                   help="with --late-chunking: fixed chunks of this many tokens")
 
 
 def _check_model_options(model, args):
@@ -63,21 +73,25 @@ def _check_model_options(model, args):
 
 
 class NpyWriter:
-    """Rows of float32 [N, D] appended to an open `.npy` file whose row count is written last:
-    the header reserves room for any N and is rewritten when the rows are done."""
+    """Rows of [N, D] appended to an open `.npy` file whose row count is written last: the
+    header reserves room for any N and is rewritten when the rows are done."""
     HEADER = 128
 
-    def __init__(self, f, dim: int):
-        self.f, self.dim, self.rows = f, dim, 0
+    def __init__(self, f, dim: int, dtype):
+        import numpy as np
+
+        self.f, self.dim, self.rows, self.dtype = f, dim, 0, np.dtype(dtype)
         f.write(self._header())  # a placeholder of the final header's size
 
     def _header(self) -> bytes:
-        text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({self.rows}, {self.dim}), }}"
+        descr = self.dtype.str
+        text = (f"{{'descr': '{descr}', 'fortran_order': False, "
+                f"'shape': ({self.rows}, {self.dim}), }}")
         text = text.ljust(self.HEADER - 10 - 1) + "\n"
         return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
     def write(self, vector, record):
-        self.f.write(vector.astype("<f4").tobytes())
+        self.f.write(vector.astype(self.dtype).tobytes())
         self.rows += 1
 
     def close(self):
@@ -92,7 +106,7 @@ class JsonlWriter:
         self.f, self.rows = f, 0
 
     def write(self, vector, record):
-        self.f.write(json.dumps({**record, "embedding": [float(x) for x in vector]}) + "\n")
+        self.f.write(json.dumps({**record, "embedding": vector.tolist()}) + "\n")
         self.rows += 1
 
     def close(self):
@@ -102,19 +116,32 @@ class JsonlWriter:
 def run_embed(args) -> int:
     from collections import deque
 
+    import numpy as np
+
     from .embedder import JinaEmbeddingsV3
     from .files import atomic_file
     from .records import TextInput
 
     if args.input != "-" and not os.path.isfile(args.input):
         raise UsageError(f"--input {args.input}: no such file")
+    if args.ranges is not None and not os.path.isfile(args.ranges):
+        raise UsageError(f"--ranges {args.ranges}: no such file")
+    if args.precision.endswith("int8") and args.ranges is None:
+        raise UsageError(f"--precision {args.precision} needs --ranges RANGES.npy (per-dimension "
+                         "min and max, [2, D]): a stream cannot calibrate on itself")
+    if args.late_chunking and args.precision != "float32":
+        raise UsageError("--late-chunking writes float32 chunk embeddings; drop --precision")
+    if args.chunk_tokens is not None and not args.late_chunking:
+        raise UsageError("--chunk-tokens needs --late-chunking")
     to_stdout = args.output == "-"
     if not to_stdout:
-        check_output(args.output, "--output", overwrite=args.overwrite, sources=[args.input],
-                     suffixes=(".npy", ".jsonl"))
+        suffixes = (".jsonl",) if args.late_chunking else (".npy", ".jsonl")
+        check_output(args.output, "--output", overwrite=args.overwrite,
+                     sources=[args.input, args.ranges], suffixes=suffixes)
     model = JinaEmbeddingsV3.from_pretrained(args.model, dtype=args.dtype)
     task = _check_model_options(model, args)
     dim = args.truncate_dim or model.config.truncate_dim or model.config.hidden_size
+    ranges = None if args.ranges is None else np.load(args.ranges)
 
     source = TextInput(args.input, args.text_field)
     records: deque = deque()
@@ -124,27 +151,54 @@ def run_embed(args) -> int:
             records.append(record if record is not None else {"text": text})
             yield text
 
-    embeddings = model.iter_encode(texts(), task=task, batch_size=args.batch_size,
-                                   max_length=args.max_length, truncate_dim=args.truncate_dim,
-                                   show_progress_bar=sys.stderr.isatty())
+    if args.late_chunking:
+        embeddings = _late_chunk_records(model, texts(), records, task, args)
+    else:
+        embeddings = ((vector, records.popleft()) for vector in model.iter_encode(
+            texts(), task=task, batch_size=args.batch_size, max_length=args.max_length,
+            truncate_dim=args.truncate_dim, precision=args.precision, ranges=ranges,
+            show_progress_bar=sys.stderr.isatty()))
 
     def write_all(writer) -> int:
-        for vector in embeddings:
-            writer.write(vector, records.popleft())
+        for vector, record in embeddings:
+            writer.write(vector, record)
         writer.close()
         return writer.rows
 
     if to_stdout:
         count = write_all(JsonlWriter(sys.stdout))
     elif args.output.endswith(".npy"):
+        dtype = {"float32": "<f4", "int8": "i1", "binary": "i1"}.get(args.precision, "u1")
+        width = dim // 8 if args.precision.endswith("binary") else dim
         with atomic_file(args.output, "wb") as f:
-            count = write_all(NpyWriter(f, dim))
+            count = write_all(NpyWriter(f, width, dtype))
     else:
         with atomic_file(args.output, "w", encoding="utf-8") as f:
             count = write_all(JsonlWriter(f))
     skipped = f", {source.skipped} blank line(s) skipped" if source.skipped else ""
-    print(f"embedded {count} text(s) -> {args.output} [{count}, {dim}]{skipped}", file=sys.stderr)
+    what = "chunk(s)" if args.late_chunking else "text(s)"
+    print(f"embedded {count} {what} -> {args.output} [{count}, {dim}]{skipped}", file=sys.stderr)
     return 0
+
+
+def _late_chunk_records(model, texts, records, task, args, group: int = 64):
+    """(vector, record) per chunk: documents taken `group` at a time from the stream (their
+    input records are dropped as they are done)."""
+    import itertools
+
+    doc = 0
+    while True:
+        documents = list(itertools.islice(texts, group))
+        if not documents:
+            return
+        results = model.encode_late_chunks(
+            documents, task=task, chunk_tokens=args.chunk_tokens, max_length=args.max_length,
+            truncate_dim=args.truncate_dim, batch_size=args.batch_size, show_progress_bar=False)
+        for vectors, spans in results:
+            records.popleft()
+            for j, (vector, (start, end)) in enumerate(zip(vectors, spans)):
+                yield vector, {"doc": doc, "chunk": j, "start": start, "end": end}
+            doc += 1
 
 
 def _finetune_parser(p: argparse.ArgumentParser):

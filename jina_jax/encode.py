@@ -6,12 +6,11 @@
 
 Batching. The input is read a window of texts at a time. In a window, texts are grouped by task
 and sorted by length, longest first, and each gets the smallest rung of a fixed length ladder
-(`tokenize.WIDTHS`, six rungs an octave) that holds it. Consecutive texts of one rung form a
+(`tokenize.WIDTHS`: twelve rungs an octave) that holds it. Consecutive texts of one rung form a
 batch of that width, whose row count is fixed per width (`batch_size`, capped by a token
-budget); the last batch of a rung takes the next power of two rows. Padding then stays near the
-ladder's rounding, and every shape comes from a small fixed set: each compiles once and is
-reused. A batch holds texts of one rung; when a rung runs out before the
-batch is full, the next shorter texts take the rows that would otherwise be filler.
+budget); the last batch of a rung takes the next power of two rows, and the next shorter texts
+take the rows that would otherwise be filler. Padding then stays near the ladder's rounding, and
+every shape comes from a small fixed set: each compiles once and is reused.
 
 Pipelining. A batch is dispatched without waiting for the one before it (JAX dispatch is
 asynchronous), so the host pads the next batch, and tokenizes the next window, while the device

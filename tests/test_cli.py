@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +76,74 @@ def test_errors(transformers_dir, tmp_path):
     ext = _cli("embed", "--model", transformers_dir, "--task", "none", "--output",
                str(tmp_path / "o.csv"), stdin="x")
     assert ext.returncode == 2 and "must end in .npy or .jsonl" in ext.stderr
+
+
+def test_query_document_precision_and_late_chunking(transformers_dir, tmp_path):
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    src = tmp_path / "in.txt"
+    src.write_text("Hi there. Yes!\nsecond text. more\n")
+    out = _cli("embed", "--model", transformers_dir, "--query", "--input", str(src),
+               "--output", str(tmp_path / "q.npy"))
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"),
+                               model.encode_query(["Hi there. Yes!", "second text. more"]),
+                               atol=1e-6)
+    out = _cli("embed", "--model", transformers_dir, "--document", "--input", str(src),
+               "--output", str(tmp_path / "b.npy"), "--precision", "ubinary")
+    assert out.returncode == 0, out.stderr
+    got = np.load(tmp_path / "b.npy")
+    assert got.dtype == np.uint8 and got.shape == (2, 6)
+    np.testing.assert_array_equal(got, model.encode_document(
+        ["Hi there. Yes!", "second text. more"], precision="ubinary"))
+    chunks = _cli("embed", "--model", transformers_dir, "--document", "--input", str(src),
+                  "--late-chunking", "--max-length", "38")
+    assert chunks.returncode == 0, chunks.stderr
+    records = [json.loads(line) for line in chunks.stdout.splitlines()]
+    expected = model.encode_late_chunks(["Hi there. Yes!", "second text. more"], max_length=38)
+    assert [(r["doc"], r["chunk"], r["start"], r["end"]) for r in records] == [
+        (d, j, a, b) for d, (_, spans) in enumerate(expected) for j, (a, b) in enumerate(spans)]
+    np.testing.assert_allclose(np.array([r["embedding"] for r in records]),
+                               np.concatenate([e for e, _ in expected]), atol=1e-6)
+    int8 = _cli("embed", "--model", transformers_dir, "--document", "--input", str(src),
+                "--precision", "int8")
+    assert int8.returncode == 2 and "needs --ranges" in int8.stderr
+
+
+def test_no_traceback_for_expected_stops(transformers_dir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i}\n" for i in range(300)))
+    # The output file exists: refused before any work; --overwrite replaces it.
+    (tmp_path / "o.npy").write_bytes(b"keep me")
+    again = _cli("embed", "--model", transformers_dir, "--task", "none", "--input", str(src),
+                 "--output", str(tmp_path / "o.npy"))
+    assert again.returncode == 2 and "already exists (add --overwrite" in again.stderr
+    assert (tmp_path / "o.npy").read_bytes() == b"keep me"
+    same = _cli("embed", "--model", transformers_dir, "--task", "none", "--input", str(src),
+                "--output", str(src), "--overwrite")
+    assert same.returncode == 2 and "--output" in same.stderr
+    # A reader that goes away: exit 141, nothing on stderr.
+    exe = shutil.which("jina-jax")
+    pipe = subprocess.run(f"'{exe}' embed --model '{transformers_dir}' --task none --input "
+                          f"'{src}' | head -c 10 > /dev/null; echo ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert pipe.stdout.strip() == "141", pipe.stderr
+    assert "Traceback" not in pipe.stderr and "Error" not in pipe.stderr
+    bad_layers = _cli("random-checkpoint", str(tmp_path / "r"), "--layers", "0")
+    assert bad_layers.returncode == 2 and "argument --layers: must be a positive integer" in \
+        bad_layers.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_imports_nothing_heavy():
+    """`--help` (every subcommand's) loads no JAX, Flax, torch or tokenizers: what made it take
+    5 s once. Its time is measured in the README, not asserted here."""
+    code = ("import sys\nfrom jina_jax.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('jax', 'flax', 'torch', "
+            "'tokenizers', 'optax') if m in sys.modules))")
+    for args in ([], ["embed"], ["convert"], ["finetune"], ["random-checkpoint"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "[]", (args, out.stdout[-300:])
+    mod = subprocess.run([sys.executable, "-m", "convert", "--help"], capture_output=True,
+                         text=True)
+    assert mod.stdout.startswith("usage: python -m convert")
