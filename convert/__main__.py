@@ -47,7 +47,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # before the command started: nothing was written
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     return run_guarded(run, args, args.dst)
 
 

@@ -26,29 +26,29 @@ def _embed_parser(p: argparse.ArgumentParser):
                       help="shorthand for --task retrieval.query")
     task.add_argument("--document", dest="task", action="store_const",
                       const="retrieval.passage", help="shorthand for --task retrieval.passage")
-    p.add_argument("--input", default="-",
-                   help="text file (one text per line) or JSONL (one object per line); - = stdin. "
-                        "Blank lines are skipped in both.")
-    p.add_argument("--text-field", default=None,
-                   help="read JSONL records and embed this field (default 'text' for .jsonl input)")
-    p.add_argument("--output", default="-",
-                   help="OUT.npy (float32 [N, D]) or OUT.jsonl (input records + 'embedding'); "
-                        "- = JSONL on stdout")
+    for flag, default, text in (
+            ("--input", "-", "text file (one text per line) or JSONL (one object per line); "
+                             "- = stdin. Blank lines are skipped in both."),
+            ("--text-field", None, "read JSONL records and embed this field (default 'text' "
+                                   "for .jsonl input)"),
+            ("--output", "-", "OUT.npy (float32 [N, D]) or OUT.jsonl (input records + "
+                              "'embedding'); - = JSONL on stdout"),
+            ("--ranges", None, "RANGES.npy: per-dimension [min, max] ([2, D]) for int8/uint8")):
+        p.add_argument(flag, default=default, help=text)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--truncate-dim", type=positive_int, default=None)
-    p.add_argument("--max-length", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    for flag, default, text in (
+            ("--truncate-dim", None, "Matryoshka dimension"),
+            ("--max-length", None, "tokens per text (default 8192)"),
+            ("--batch-size", 32, "rows per batch"),
+            ("--chunk-tokens", None, "with --late-chunking: fixed chunks of this many tokens")):
+        p.add_argument(flag, type=positive_int, default=default, help=text)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--precision", choices=["float32", "int8", "uint8", "binary", "ubinary"],
                    default="float32", help="quantised output, as sentence-transformers' "
                    "quantize_embeddings (int8/uint8 need --ranges)")
-    p.add_argument("--ranges", default=None,
-                   help="RANGES.npy: per-dimension [min, max] ([2, D]) for int8/uint8")
     p.add_argument("--late-chunking", action="store_true",
                    help="one JSONL record per chunk (doc, chunk, start, end, embedding): "
                         "sentences, or --chunk-tokens pieces, embedded in document context")
-    p.add_argument("--chunk-tokens", type=positive_int, default=None,
-                   help="with --late-chunking: fixed chunks of this many tokens")
 
 
 def _check_model_options(model, args):
@@ -370,6 +370,14 @@ def run_random_checkpoint(args) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command started: nothing was written
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     from convert.__main__ import build_parser, run as run_convert
 
     parser = argparse.ArgumentParser(prog="jina-jax")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -80,7 +81,11 @@ def run_guarded(command, args, target: str | None = None) -> int:
     code: UsageError -> 2; ValueError/TypeError/OSError (bad input, checkpoint or file) -> 1;
     Ctrl-C -> 130, saying what was not written; a closed output pipe -> 141, silently."""
     try:
-        return command(args)
+        code = command(args)
+        # Done, outputs in place: a Ctrl-C now would only turn a finished run into a traceback
+        # during interpreter shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

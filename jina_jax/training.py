@@ -36,13 +36,13 @@ import numpy as np
 import optax
 
 from safetensors import safe_open
-from safetensors.numpy import save_file
+
+from convert.safetensors_io import write
 
 from . import lora as lora_lib
 from . import losses
 from .attention import choose_implementation
 from .config import as_dtype
-from .files import atomic_path
 from .encoder import REMAT_POLICIES, EncoderOutput, JinaEncoder, mean_pool
 from .records import read_jsonl
 from .sharding import global_batch, place_params
@@ -367,8 +367,7 @@ class Trainer:
         leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
         tensors = {jax.tree_util.keystr(p): np.ascontiguousarray(np.asarray(x)) for p, x in leaves}
         meta = {"format": STATE_FORMAT, "train": json.dumps([list(p) for p in self.paths])}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=meta)
+        write(tensors, path, metadata=meta)  # atomic, and byte-for-byte reproducible
 
     def restore(self, path: str) -> TrainState:
         """The state `save_state` wrote, checked leaf by leaf against this trainer's."""

@@ -47,8 +47,9 @@ def interrupt(cmd, delay: float, sig) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
-def check_trials(make_old, cmd, target, new, duration, seed, trials=3):
-    """Stops `cmd` at random moments over its run; after each, `target` is old or new whole."""
+def check_trials(make_old, cmd, target, new, duration, seed, trials=3, cli=True):
+    """Stops `cmd` at random moments over its run; after each, `target` is old or new whole.
+    cli: `cmd` is our command line, whose Ctrl-C must end in one line and exit 130."""
     rng = np.random.default_rng(seed)
     for trial in range(trials):
         make_old()
@@ -57,8 +58,9 @@ def check_trials(make_old, cmd, target, new, duration, seed, trials=3):
         sig = signal.SIGKILL if trial == trials - 1 else signal.SIGINT
         result = interrupt(cmd, float(rng.uniform(0.3, 1.0)) * duration, sig)
         after = snapshot(target)
-        assert after in (old, new), (trial, sig, result.stderr[-2000:])
-        if sig == signal.SIGINT and result.returncode != 0:
+        assert after in (old, new), (trial, sig, result.stderr[-2000:], sorted(
+            k for k in set(after) | set(new) if after.get(k) != new.get(k)))
+        if cli and sig == signal.SIGINT and result.returncode != 0:
             assert result.returncode == 130, result.stderr[-2000:]
             assert "interrupted" in result.stderr and "Traceback" not in result.stderr
 
@@ -86,9 +88,7 @@ def test_embed_interrupted(transformers_dir, lines, tmp_path, suffix):
 
 def test_convert_interrupted(original_bf16, tmp_path):
     target = tmp_path / "converted"
-    cmd = [sys.executable, "-c", "import sys; from convert.__main__ import main; "
-           "[main(sys.argv[1:]) for _ in range(5)]", original_bf16[0], str(target),
-           "--overwrite"]
+    cmd = [EXE, "convert", original_bf16[0], str(target), "--overwrite"]
     duration = run_to_end(cmd)
     new = snapshot(target)
 
@@ -98,6 +98,11 @@ def test_convert_interrupted(original_bf16, tmp_path):
         (target / "config.json").write_text('{"old": true}')
         (target / "params.safetensors").write_bytes(b"old")
     check_trials(make_old, cmd, target, new, duration, seed=2)
+    # The writer itself, many times in one process so that most stops land inside a write.
+    loop = [sys.executable, "-c", "import sys; from convert.formats import load, save_native; "
+            "ckpt = load(sys.argv[1]); [save_native(sys.argv[2], ckpt) for _ in range(8)]",
+            original_bf16[0], str(target)]
+    check_trials(make_old, loop, target, new, run_to_end(loop), seed=5, cli=False)
 
 
 @pytest.mark.parametrize("fmt", ["jina_jax", "transformers", "original"])
@@ -110,7 +115,7 @@ def test_save_pretrained_interrupted(transformers_dir, tmp_path, fmt):
     def make_old():
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(transformers_dir, target)  # a different checkpoint lives there
-    check_trials(make_old, cmd, target, new, duration, seed=3)
+    check_trials(make_old, cmd, target, new, duration, seed=3, cli=False)
 
 
 def test_finetune_save_state_interrupted(transformers_dir, tmp_path):
