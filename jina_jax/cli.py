@@ -169,7 +169,7 @@ def run_embed(args) -> int:
         count = write_all(JsonlWriter(sys.stdout))
     elif args.output.endswith(".npy"):
         dtype = {"float32": "<f4", "int8": "i1", "binary": "i1"}.get(args.precision, "u1")
-        width = dim // 8 if args.precision.endswith("binary") else dim
+        width = -(-dim // 8) if args.precision.endswith("binary") else dim
         with atomic_file(args.output, "wb") as f:
             count = write_all(NpyWriter(f, width, dtype))
     else:

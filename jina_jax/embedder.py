@@ -188,14 +188,11 @@ class JinaEmbeddingsV3:
         for name, tree in trained.get("adapters", {}).items():
             self.adapters[self.resolve_task(name)] = cast(tree, np.float32)
         if "head" in trained:
-            self.set_head(cast(trained["head"], self.param_dtype))
+            if self.head_params is None:
+                raise ValueError(f"{type(self).__name__} has no head to update")
+            self.head_params = cast(trained["head"], self.param_dtype)
         self.invalidate()
         return self
-
-    def set_head(self, head_params):
-        if self.head_params is None:
-            raise ValueError(f"{type(self).__name__} has no head to update")
-        self.head_params = head_params
 
     def invalidate(self):
         """Drops every cache derived from params/adapters (after they change)."""

@@ -101,7 +101,8 @@ def quantize(embeddings, precision: str, ranges=None) -> np.ndarray:
     """sentence-transformers' `quantize_embeddings` on float embeddings [N, D] (or [D]): the same
     dtypes, bit packing and calibration. int8/uint8: each dimension's [min, max] (from `ranges`
     [2, D], else from these embeddings) cut into 256 buckets; binary/ubinary: one bit per
-    dimension (> 0), packed big-endian into bytes (binary: minus 128, as int8)."""
+    dimension (> 0), packed big-endian into bytes, a row's last byte zero-padded (binary: minus
+    128, as int8)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     emb = np.asarray(embeddings, np.float32)
@@ -153,9 +154,6 @@ def check_options(model, *, batch_size, max_length, truncate_dim, max_tokens_per
         if truncate_dim not in cfg.matryoshka_dimensions:
             warnings.warn(f"truncate_dim={truncate_dim} is not one of the dimensions the model was "
                           f"trained for {list(cfg.matryoshka_dimensions)}")
-    if precision.endswith("binary") and (truncate_dim or cfg.hidden_size) % 8:
-        raise ValueError(f"{precision} packs 8 dimensions a byte: truncate_dim must be a "
-                         f"multiple of 8, got {truncate_dim}")
     return max_length, truncate_dim or cfg.hidden_size
 
 
