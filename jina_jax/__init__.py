@@ -21,6 +21,9 @@ _EXPORTS = {
     "JinaEmbeddingsV3ForQuestionAnswering": "heads",
     "Trainer": "training", "TrainState": "training", "Contrastive": "training",
     "CoSENT": "training", "HeadLoss": "training",
+    "Batcher": "batcher", "QueueFull": "batcher",
+    # needs the [serve] extra (Starlette, uvicorn)
+    "EmbeddingServer": "serve",
 }
 _SUBMODULES = ("losses", "training")
 
@@ -45,9 +48,11 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import losses, training
+    from .batcher import Batcher, QueueFull
     from .config import JinaConfig
     from .embedder import JinaEmbeddingsV3
     from .encoder import EncoderOutput, JinaEncoder
+    from .serve import EmbeddingServer
     from .heads import (JinaEmbeddingsV3ForMaskedLM, JinaEmbeddingsV3ForQuestionAnswering,
                         JinaEmbeddingsV3ForSequenceClassification,
                         JinaEmbeddingsV3ForTokenClassification)

@@ -1,4 +1,4 @@
-"""The `jina-jax` command line: `convert`, `embed`, `finetune`, `random-checkpoint`.
+"""The `jina-jax` command line: `convert`, `embed`, `finetune`, `serve`, `random-checkpoint`.
 
 Each subcommand imports what it needs when it runs, so `jina-jax --help` and every subcommand's
 `--help` answer at once. Every command follows `commands.py`: the parser refuses bad values, an
@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from .commands import (UsageError, check_output, non_negative_int, positive_float, positive_int,
-                       run_guarded)
+from .commands import (UsageError, check_output, non_negative_float, non_negative_int,
+                       positive_float, positive_int, run_guarded)
 
 
 def _embed_parser(p: argparse.ArgumentParser):
@@ -356,6 +356,59 @@ def _negatives(records) -> int | None:
     return min(counts)
 
 
+def _serve_parser(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="hub id or checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=non_negative_int, default=8080,
+                   help="port (default 8080; 0 picks a free one, printed at start)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--served-model-name", default="jina-embeddings-v3",
+                   help="the model name clients send (also NAME:TASK)")
+    p.add_argument("--api-key", default=os.environ.get("JINA_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: "
+                        "$JINA_JAX_API_KEY, else none)")
+    p.add_argument("--default-task", help="adapter for requests that name none (default: no "
+                   "adapter, as encode(task=None))")
+    for flag, default, text in (
+            ("--max-batch-tokens", 8192, "padded tokens per round of batching"),
+            ("--max-batch-size", 64, "texts per forward batch"),
+            ("--max-queue", 4096, "texts waiting before requests get 503 + Retry-After"),
+            ("--max-inputs", 2048, "texts per request"),
+            ("--max-input-chars", 65536, "characters per text (413 beyond)"),
+            ("--max-length", None, "tokens per text, longer ones truncated (default 8192); "
+                                   "lower values compile fewer shapes at start")):
+        p.add_argument(flag, type=positive_int, default=default, help=text)
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0,
+                   help="how long the first waiting text waits for others to join its batch")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default="info")
+
+
+def run_serve(args) -> int:
+    try:
+        from . import serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the server extra: pip install 'jina-jax[serve]' ({e})") \
+            from None
+    if args.max_inputs > args.max_queue:
+        raise UsageError(f"--max-inputs ({args.max_inputs}) cannot exceed --max-queue "
+                         f"({args.max_queue})")
+    if args.api_key == "":
+        raise UsageError("--api-key is empty")
+    settings = serve.Settings(
+        args.model, served_name=args.served_model_name, dtype=args.dtype, api_key=args.api_key,
+        default_task=args.default_task, max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_inputs=args.max_inputs,
+        max_input_chars=args.max_input_chars, max_length=args.max_length)
+    try:
+        return serve.run(settings, args.host, args.port, args.log_level)
+    except serve.LoadFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def run_random_checkpoint(args) -> int:
     from convert.random_checkpoint import write_random_release
 
@@ -386,6 +439,9 @@ def _main(argv) -> int:
     _embed_parser(commands.add_parser("embed", help="embed texts from a file or stdin"))
     _finetune_parser(commands.add_parser(
         "finetune", help="fine-tune a task adapter on JSONL query/positive pairs"))
+    _serve_parser(commands.add_parser(
+        "serve", help="serve the OpenAI embeddings API (/v1/embeddings), batching all clients' "
+                      "requests together"))
     rand = commands.add_parser(
         "random-checkpoint",
         help="write a random-weight checkpoint in the release format (meaningless embeddings; "
@@ -401,6 +457,7 @@ def _main(argv) -> int:
     run, target = {"convert": (run_convert, args.__dict__.get("dst")),
                    "embed": (run_embed, args.__dict__.get("output")),
                    "finetune": (run_finetune, args.__dict__.get("output")),
+                   "serve": (run_serve, None),
                    "random-checkpoint": (run_random_checkpoint, args.__dict__.get("dst"))}[
                        args.command]
     return run_guarded(run, args, None if target == "-" else target)

@@ -142,14 +142,16 @@ class JinaEmbeddingsV3:
         """Tasks whose merged weights are cached, least recently used first."""
         return list(self.task_cache.merged)
 
-    def task_inputs(self, task, batch: int) -> dict:
+    def task_inputs(self, task, batch: int, merge: bool = True) -> dict:
         """The forward's weight inputs for a task spec over `batch` rows: merged params for one
-        task (or none), else the base params with stacked factors and per-row task_index/mask."""
+        task (or none), else the base params with every adapter's factors stacked and per-row
+        task_index/mask. merge=False takes the per-row path even for one task: one compiled
+        structure for any mix of tasks (what a server batching requests together wants)."""
         row_tasks = self.resolve_tasks(task, batch)
-        if len(set(row_tasks)) == 1:  # one task (or none) for every row: the merged path
+        if (merge and len(set(row_tasks)) == 1) or not self.adapters:
             params, lora = self.params_for(row_tasks[0])
             return {"params": params, "lora": lora}
-        names, task_index, task_mask = lora_lib.task_rows(row_tasks)
+        names, task_index, task_mask = lora_lib.task_rows(row_tasks, sorted(self.adapters))
         lora = self.task_cache.mixed(tuple(names), self.adapters, self.scales)
         return {"params": self.params, "lora": lora, "task_index": task_index,
                 "task_mask": task_mask}
@@ -233,9 +235,11 @@ class JinaEmbeddingsV3:
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
         return self.forward.module(implementation, deterministic)
 
-    def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None) -> dict:
+    def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None,
+                       merge: bool = True) -> dict:
         """Checked inputs of the compiled forward: ids, padding (`lengths` for right-padded
-        rows, else a mask), the task's weights and, for a head model, the head's."""
+        rows, else a mask), the task's weights (see `task_inputs` for `merge`) and, for a head
+        model, the head's."""
         ids = check_ids(input_ids, self.config)
         if lengths is None:
             mask, lengths = padding(attention_mask, ids.shape)
@@ -246,7 +250,7 @@ class JinaEmbeddingsV3:
                                  f"[{ids.shape[0]}]")
             mask = None
         return {"ids": ids, "mask": mask, "lengths": lengths, "head_params": self.head_params,
-                **self.task_inputs(task, ids.shape[0])}
+                **self.task_inputs(task, ids.shape[0], merge)}
 
     def lower(self, input_ids, attention_mask=None, task=None, *, lengths=None,
               output: str = "outputs"):
@@ -255,15 +259,15 @@ class JinaEmbeddingsV3:
         return self.forward.lower(**self.forward_inputs(input_ids, attention_mask, task,
                                                         lengths=lengths), output=output)
 
-    def pooled(self, input_ids, lengths, task=None):
+    def pooled(self, input_ids, lengths, task=None, *, merge: bool = True):
         """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
-        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths),
-                            output="pooled")
+        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
+                                                  merge=merge), output="pooled")
 
-    def hidden(self, input_ids, lengths, task=None):
+    def hidden(self, input_ids, lengths, task=None, *, merge: bool = True):
         """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
-        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths),
-                            output="hidden")
+        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
+                                                  merge=merge), output="hidden")
 
     def run(self, input_ids, attention_mask=None, task=None):
         """The compiled forward's output (a head model's: its head's) for these inputs."""

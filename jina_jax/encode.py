@@ -46,7 +46,7 @@ FILLER = [0, 2]
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    task: str | None
+    task: str | None | tuple  # one task for every row, or (mixed plans) one per row
     width: int
     rows: int
     members: tuple[int, ...]  # window indices of the texts in rows 0.. (the rest is filler)
@@ -60,16 +60,19 @@ def rows_for(width: int, count: int, batch_size: int, token_budget: int) -> int:
 
 
 def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: int,
-         token_budget: int = DEFAULT_TOKEN_BUDGET, row_multiple: int = 1) -> list[Batch]:
+         token_budget: int = DEFAULT_TOKEN_BUDGET, row_multiple: int = 1, *,
+         ladder: tuple[int, ...] = WIDTHS, mixed: bool = False) -> list[Batch]:
     """The batches for texts of these token `lengths` and tasks (see the module docstring).
-    Longest first: a shape that cannot fit in memory fails before the other work is done."""
-    by_task = collections.defaultdict(list)
+    mixed=True puts texts of any task in one batch (its `task` is then one name per row, filler
+    rows None), for the per-row adapter path. Longest first: a shape that cannot fit in memory
+    fails before the other work is done."""
+    groups = collections.defaultdict(list)
     for i, task in enumerate(row_tasks):
-        by_task[task].append(i)
+        groups[None if mixed else task].append(i)
     batches = []
-    for task, members in sorted(by_task.items(), key=lambda kv: kv[0] or ""):
+    for task, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
         members.sort(key=lambda i: -lengths[i])
-        widths = [bucket_for(lengths[i], limit, WIDTHS) for i in members]
+        widths = [bucket_for(lengths[i], limit, ladder) for i in members]
         start = 0
         while start < len(members):
             width = widths[start]
@@ -80,11 +83,26 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
             rows = -(-rows // row_multiple) * row_multiple  # every device gets rows
             # Rows a short tail leaves free would be filler: the next (shorter) texts take them,
             # which saves their own slots elsewhere at no cost here.
-            taken = members[start:start + rows]
-            batches.append(Batch(task, width, rows, tuple(taken)))
+            taken = tuple(members[start:start + rows])
+            if mixed:
+                task = tuple(row_tasks[i] for i in taken) + (None,) * (rows - len(taken))
+            batches.append(Batch(task, width, rows, taken))
             start += len(taken)
     batches.sort(key=lambda b: -b.width)
     return batches
+
+
+def shapes(limit: int, max_length: int, batch_size: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
+           row_multiple: int = 1, ladder: tuple[int, ...] = WIDTHS) -> list[tuple[int, int]]:
+    """Every (rows, width) that `plan` can give texts of at most `max_length` tokens: what to
+    compile ahead to never compile later."""
+    top = bucket_for(max_length, limit, ladder)
+    out = []
+    for width in sorted({w for w in ladder if w < top} | {top}):
+        cap = max(1, min(batch_size, token_budget // width))
+        counts = {min(cap, 1 << k) for k in range(cap.bit_length() + 1)}
+        out += [(-(-rows // row_multiple) * row_multiple, width) for rows in sorted(counts)]
+    return sorted(set(out), key=lambda s: (s[1], s[0]))
 
 
 def padding_fraction(batches: Sequence[Batch], lengths: Sequence[int]) -> float:
@@ -208,24 +226,34 @@ class Runner:
     `drain`. hidden=False: mean-pooled fp32 [N, H]; hidden=True: one float32 [n_tokens, H] per
     row (its real tokens)."""
 
-    def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar):
+    def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar, *,
+                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False):
         self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
-        self.hidden, self.bar = hidden, bar
+        self.hidden, self.bar, self.ladder, self.mixed = hidden, bar, ladder, mixed
         self.limit = position_limit(model.config)
         self.in_flight: collections.deque = collections.deque()
 
-    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence):
+    def plan(self, ids: Sequence[np.ndarray], tasks: Sequence) -> list[Batch]:
+        return plan([len(x) for x in ids], tasks, self.limit, self.batch_size, self.token_budget,
+                    self.model.row_multiple, ladder=self.ladder, mixed=self.mixed)
+
+    def shapes(self, max_length: int) -> list[tuple[int, int]]:
+        """Every (rows, width) this runner can run for texts of at most `max_length` tokens."""
+        return shapes(self.limit, max_length, self.batch_size, self.token_budget,
+                      self.model.row_multiple, self.ladder)
+
+    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None):
+        """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`)."""
         model, cfg = self.model, self.model.config
         out = [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size),
                                                              np.float32)
         run = model.hidden if self.hidden else model.pooled
-        batches = plan([len(x) for x in ids], tasks, self.limit, self.batch_size,
-                       self.token_budget, model.row_multiple)
-        for batch in batches:
+        for batch in self.plan(ids, tasks) if batches is None else batches:
             rows = [ids[i] for i in batch.members]
             rows += [FILLER] * (batch.rows - len(rows))
             array, lengths = pad(rows, batch.width, cfg.pad_token_id)
-            self.in_flight.append((out, batch.members, lengths, run(array, lengths, batch.task)))
+            result = run(array, lengths, batch.task, merge=not self.mixed)
+            self.in_flight.append((out, batch.members, lengths, result))
             if len(self.in_flight) > IN_FLIGHT:
                 self._collect()
         return out

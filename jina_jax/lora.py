@@ -31,10 +31,16 @@ from .tree import copy_dicts, get_path, set_path
 WORD_EMBEDDINGS = ("embeddings", "word")
 
 
-def task_rows(row_tasks: Sequence[str | None]):
+def task_rows(row_tasks: Sequence[str | None], names: Sequence[str] | None = None):
     """(names, task_index int32[B], task_mask float32[B]) for one task name (or None) per row:
-    `names` are the distinct tasks, sorted, which is the order to `stack` their adapters in."""
-    names = sorted({t for t in row_tasks if t is not None})
+    `names` (default: the distinct tasks, sorted) is the order to `stack` their adapters in. A
+    fixed `names` (e.g. every adapter) keeps the stacked shapes, hence the compiled forward, the
+    same whatever tasks a batch holds."""
+    present = {t for t in row_tasks if t is not None}
+    names = sorted(present) if names is None else list(names)
+    missing = present.difference(names)
+    if missing:
+        raise ValueError(f"tasks {sorted(missing)} are not among the stacked {names}")
     position = {n: i for i, n in enumerate(names)}
     task_index = np.array([position.get(t, 0) for t in row_tasks], np.int32)
     task_mask = np.array([t is not None for t in row_tasks], np.float32)

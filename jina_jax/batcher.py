@@ -1,0 +1,349 @@
+"""Dynamic batching: texts from any number of callers, run together through one model.
+
+One worker thread owns the model. Callers `submit` a request (its texts, one task per text, the
+output dimension) and get a `Job` whose `future` resolves to (embeddings float32 [n, dim],
+tokens). The worker waits for a first request, then for more, until the texts waiting would fill
+`max_batch_tokens` padded tokens or `max_wait_ms` have passed since the oldest of them arrived;
+then it takes texts first in, first out up to that budget (at least one text), plans them with
+`encode.plan` in mixed mode (any tasks in one batch: the per-row adapter path, one compiled
+structure for every mix of tasks), runs them, and answers each request whose texts are all done.
+A request larger than one round spans several rounds. A cancelled request's texts that have not
+run yet are dropped.
+
+Shapes. Widths are the powers of two of `tokenize.BUCKETS` (up to `max_length`'s), rows powers of
+two up to the budget's share (`Runner.shapes`): a small fixed set that `warm_up` compiles ahead,
+so nothing compiles while serving. Every text's embedding equals `encode()` of it alone: the
+batch only adds padding rows and positions, which the forward masks.
+
+Limits. At most `max_queue` texts wait (submitted, not yet taken into a round): beyond that
+`submit` raises `QueueFull` with a retry estimate from the recent throughput, so memory stays
+bounded under any load.
+
+Late chunking. A request with `late=True` is one document made of its texts joined by a space,
+each text a chunk (`late_chunking.encode_late_chunks`); it runs on its own, between rounds.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
+from .late_chunking import encode_late_chunks
+from .metrics import Counter, Gauge, Histogram, Registry
+from .tokenize import BUCKETS, bucket_for, check_max_length, pad, position_limit, token_ids
+
+LADDER = BUCKETS
+LATE_SEPARATOR = " "
+UNTRUNCATED = 2 ** 31 - 1
+
+
+class QueueFull(Exception):
+    """More texts are waiting than the queue holds; `retry_after` seconds is an estimate of
+    when there will be room."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: int):
+        super().__init__(f"{waiting} texts are waiting, the queue holds {limit}; retry in "
+                         f"{retry_after} s")
+        self.retry_after = retry_after
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new requests."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    texts: list[str]
+    tasks: list  # one adapter name (or None) per text
+    dim: int
+    normalize: bool = True
+    late: bool = False
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False
+    tokens: int = 0
+    pooled: np.ndarray | None = None
+    remaining: int = 0
+
+
+def resolve(job: Job, result=None, error: BaseException | None = None):
+    """Sets the job's outcome unless it is already settled (cancelled by its caller)."""
+    try:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    job: Job
+    index: int
+    ids: np.ndarray
+    width: int
+
+
+class Batcher:
+    def __init__(self, model, *, max_batch_tokens: int = 8192, max_batch_size: int = 64,
+                 max_wait_ms: float = 2.0, max_queue: int = 4096,
+                 max_length: int | None = None, registry: Registry | None = None):
+        for name, value in (("max_batch_tokens", max_batch_tokens),
+                            ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < math.inf:
+            raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        self.model = model
+        self.max_length = check_max_length(max_length, model.config, DEFAULT_MAX_LENGTH)
+        self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.limit = position_limit(model.config)
+        self.runner = Runner(model, max_batch_size, max_batch_tokens, hidden=False,
+                             bar=progress(None, 1, False), ladder=LADDER, mixed=True)
+        self.cond = threading.Condition()
+        self.inbox: collections.deque[Job] = collections.deque()
+        self.rows: collections.deque[Row] = collections.deque()
+        self.late: collections.deque[Job] = collections.deque()
+        self.waiting = 0  # texts submitted and not yet taken into a round
+        self.closing = False
+        self.thread: threading.Thread | None = None
+        self.rate = 0.0  # texts per second over recent rounds (for retry estimates)
+        self.registry = registry if registry is not None else Registry()
+        add = self.registry.add
+        self.texts_total = add(Counter("jina_jax_texts_total", "Texts embedded."))
+        self.tokens_total = add(Counter("jina_jax_tokens_total",
+                                        "Real tokens embedded (instruction and specials included)."))
+        self.padded_total = add(Counter("jina_jax_padded_tokens_total",
+                                        "Positions computed, padding and filler rows included."))
+        self.batches_total = add(Counter("jina_jax_batches_total", "Forward batches run."))
+        self.cancelled_total = add(Counter("jina_jax_cancelled_texts_total",
+                                           "Texts dropped before running: their client left."))
+        self.batch_rows = add(Histogram("jina_jax_batch_rows", "Texts per forward batch.",
+                                        [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]))
+        self.batch_tokens = add(Histogram("jina_jax_batch_padded_tokens",
+                                          "Padded positions per forward batch.",
+                                          [2 ** k for k in range(4, 17)]))
+        self.round_tasks = add(Histogram("jina_jax_batch_tasks",
+                                         "Distinct tasks (no adapter counts as one) per batch.",
+                                         [1, 2, 3, 4, 5, 6]))
+        add(Gauge("jina_jax_queue_depth", "Texts waiting to run.", lambda: self.waiting))
+        add(Gauge("jina_jax_compiles", "Forward compilations since the start.",
+                  lambda: model.compile_count))
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (rows, width) shapes this batcher runs: what `warm_up` compiles."""
+        return self.runner.shapes(self.max_length)
+
+    def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
+                stop: Callable[[], bool] | None = None) -> int:
+        """Compiles (or loads from the persistent cache) every shape; returns how many.
+        `on_shape(done, total)` after each; `stop()` true ends it early."""
+        shapes = self.shapes()
+        pad_id = self.model.config.pad_token_id
+        for done, (rows, width) in enumerate(shapes, 1):
+            if stop is not None and stop():
+                break
+            ids, lengths = pad([FILLER] * rows, width, pad_id)
+            np.asarray(self.model.pooled(ids, lengths, [None] * rows, merge=False))
+            if on_shape is not None:
+                on_shape(done, len(shapes))
+        return len(shapes)
+
+    def start(self) -> "Batcher":
+        self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self, timeout: float | None = None):
+        """Takes no new requests, finishes the ones taken, stops the worker."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # --- callers ---------------------------------------------------------------------------
+
+    def submit(self, texts: list[str], tasks: list, dim: int, normalize: bool = True,
+               late: bool = False) -> Job:
+        """Queues a request (texts checked by the caller; one adapter name or None per text)."""
+        if len(tasks) != len(texts) or not texts:
+            raise ValueError("submit needs one task per text, and at least one text")
+        job = Job(list(texts), list(tasks), dim, normalize, late)
+        with self.cond:
+            if self.closing:
+                raise Closed("the server is shutting down")
+            if self.waiting + len(texts) > self.max_queue:
+                raise QueueFull(self.waiting, self.max_queue, self.retry_after(len(texts)))
+            self.waiting += len(texts)
+            self.inbox.append(job)
+            self.cond.notify()
+        return job
+
+    def cancel(self, job: Job):
+        """Drops the job's texts that have not run yet; its future is cancelled."""
+        with self.cond:
+            job.cancelled = True
+            job.future.cancel()
+            self.cond.notify()
+
+    def retry_after(self, incoming: int) -> int:
+        """Seconds until `incoming` more texts would fit, at the recent rate (1..60)."""
+        excess = self.waiting + incoming - self.max_queue
+        if self.rate <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(excess / self.rate))))
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _work(self):
+        while True:
+            work = self._next()
+            if work is None:
+                return
+            if isinstance(work, Job):
+                self._run_late(work)
+            else:
+                self._run(work)
+
+    def _next(self):
+        """The next late-chunking job or round of rows; None once closed and empty."""
+        while True:
+            with self.cond:
+                while not (self.inbox or self.rows or self.late or self.closing):
+                    self.cond.wait()
+                arrived = list(self.inbox)
+                self.inbox.clear()
+                closing = self.closing
+            self._admit(arrived)
+            if self.late:
+                return self.late.popleft()
+            self._drop_cancelled()
+            if not self.rows:
+                if closing and not self.inbox:
+                    return None
+                continue
+            deadline = self.rows[0].job.arrived + self.max_wait
+            full = sum(r.width for r in self.rows) >= self.max_batch_tokens
+            if full or closing or time.monotonic() >= deadline:
+                return self._take()
+            with self.cond:
+                if not self.inbox and not self.closing:
+                    self.cond.wait(max(0.0, deadline - time.monotonic()))
+
+    def _admit(self, jobs: list[Job]):
+        """Tokenizes arrived jobs into rows (late-chunking jobs wait whole)."""
+        cfg = self.model.config
+        for job in jobs:
+            if job.cancelled:
+                self._forget(len(job.texts))
+                continue
+            if job.late:
+                self.late.append(job)
+                continue
+            try:
+                ids = token_ids(self.model.tokenizer, cfg, job.texts, job.tasks, self.max_length)
+            except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
+                self._forget(len(job.texts))
+                resolve(job, error=e)
+                continue
+            job.tokens = sum(len(x) for x in ids)
+            job.pooled = np.zeros((len(ids), cfg.hidden_size), np.float32)
+            job.remaining = len(ids)
+            self.rows.extend(Row(job, i, x, bucket_for(len(x), self.limit, LADDER))
+                             for i, x in enumerate(ids))
+
+    def _forget(self, count: int):
+        with self.cond:
+            self.waiting -= count
+
+    def _drop_cancelled(self):
+        kept = collections.deque(r for r in self.rows if not r.job.cancelled)
+        if len(kept) != len(self.rows):
+            dropped = len(self.rows) - len(kept)
+            self.cancelled_total.inc(dropped)
+            self._forget(dropped)
+            self.rows = kept
+
+    def _take(self) -> list[Row]:
+        """Rows first in, first out, up to the token budget (at least one)."""
+        taken, cost = [], 0
+        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens):
+            row = self.rows.popleft()
+            taken.append(row)
+            cost += row.width
+        self._forget(len(taken))
+        return taken
+
+    def _run(self, rows: list[Row]):
+        started = time.monotonic()
+        ids = [r.ids for r in rows]
+        tasks = [r.job.tasks[r.index] for r in rows]
+        batches = self.runner.plan(ids, tasks)
+        try:
+            pooled = self.runner.submit(ids, tasks, batches)
+            self.runner.drain()
+        except Exception as e:  # noqa: BLE001 - every request of the round gets the error
+            self.runner.in_flight.clear()
+            for job in {id(r.job): r.job for r in rows}.values():
+                resolve(job, error=e)
+            return
+        for batch in batches:
+            self.batches_total.inc()
+            self.batch_rows.observe(len(batch.members))
+            self.batch_tokens.observe(batch.rows * batch.width)
+            self.round_tasks.observe(len(set(batch.task[:len(batch.members)])))
+            self.padded_total.inc(batch.rows * batch.width)
+        self.texts_total.inc(len(rows))
+        self.tokens_total.inc(sum(len(x) for x in ids))
+        for k, row in enumerate(rows):
+            job = row.job
+            if job.future.done():  # cancelled or failed meanwhile
+                continue
+            job.pooled[row.index] = pooled[k]
+            job.remaining -= 1
+            if job.remaining == 0:
+                resolve(job, (finish(job.pooled, job.dim, job.normalize), job.tokens))
+        self._note_rate(len(rows), time.monotonic() - started)
+
+    def _run_late(self, job: Job):
+        started = time.monotonic()
+        self._forget(len(job.texts))
+        if job.cancelled:
+            self.cancelled_total.inc(len(job.texts))
+            return
+        document, spans, start = LATE_SEPARATOR.join(job.texts), [], 0
+        for text in job.texts:
+            spans.append((start, start + len(text)))
+            start += len(text) + len(LATE_SEPARATOR)
+        try:
+            embeddings, _ = encode_late_chunks(
+                self.model, document, job.tasks[0], spans=spans, max_length=self.max_length,
+                truncate_dim=job.dim, normalize=job.normalize, show_progress_bar=False)
+            # Usage counts the whole document once (windows repeat the instruction).
+            tokens = len(token_ids(self.model.tokenizer, self.model.config, [document],
+                                   job.tasks[:1], UNTRUNCATED)[0])
+        except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
+            resolve(job, error=e)
+            return
+        self.texts_total.inc(len(job.texts))
+        self.tokens_total.inc(tokens)
+        resolve(job, (embeddings, tokens))
+        self._note_rate(len(job.texts), time.monotonic() - started)
+
+    def _note_rate(self, texts: int, seconds: float):
+        if seconds > 0:
+            rate = texts / seconds
+            self.rate = rate if self.rate == 0 else 0.8 * self.rate + 0.2 * rate
