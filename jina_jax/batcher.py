@@ -10,9 +10,10 @@ structure for every mix of tasks), runs them, and answers each request whose tex
 A request larger than one round spans several rounds. A cancelled request's texts that have not
 run yet are dropped.
 
-Shapes. Widths are the powers of two of `tokenize.BUCKETS` (up to `max_length`'s), rows powers of
-two up to the budget's share (`Runner.shapes`): a small fixed set that `warm_up` compiles ahead,
-so nothing compiles while serving. Every text's embedding equals `encode()` of it alone: the
+Shapes. Widths are the rungs of `tokenize.SERVE_WIDTHS` (three an octave, up to `max_length`'s),
+rows powers of two up to the budget's share (`Runner.shapes`): a fixed set (100 shapes for
+max_length 512, 134 for 8192, with the defaults) that `warm_up` compiles ahead, so nothing
+compiles while serving. Every text's embedding equals `encode()` of it alone: the
 batch only adds padding rows and positions, which the forward masks.
 
 Limits. At most `max_queue` texts wait (submitted, not yet taken into a round): beyond that
@@ -38,9 +39,9 @@ import numpy as np
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
 from .late_chunking import encode_late_chunks
 from .metrics import Counter, Gauge, Histogram, Registry
-from .tokenize import BUCKETS, bucket_for, check_max_length, pad, position_limit, token_ids
+from .tokenize import SERVE_WIDTHS, bucket_for, check_max_length, pad, position_limit, token_ids
 
-LADDER = BUCKETS
+LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 UNTRUNCATED = 2 ** 31 - 1
 

@@ -64,8 +64,9 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
          ladder: tuple[int, ...] = WIDTHS, mixed: bool = False) -> list[Batch]:
     """The batches for texts of these token `lengths` and tasks (see the module docstring).
     mixed=True puts texts of any task in one batch (its `task` is then one name per row, filler
-    rows None), for the per-row adapter path. Longest first: a shape that cannot fit in memory
-    fails before the other work is done."""
+    rows None), for the per-row adapter path. One task's batches follow each other (each task's
+    merged weights are made once per window, however many tasks there are), longest first: a
+    shape that cannot fit in memory fails before that task's other work is done."""
     groups = collections.defaultdict(list)
     for i, task in enumerate(row_tasks):
         groups[None if mixed else task].append(i)
@@ -88,7 +89,6 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
                 task = tuple(row_tasks[i] for i in taken) + (None,) * (rows - len(taken))
             batches.append(Batch(task, width, rows, taken))
             start += len(taken)
-    batches.sort(key=lambda b: -b.width)
     return batches
 
 

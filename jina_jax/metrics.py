@@ -96,7 +96,8 @@ class Histogram(Metric):
     def __init__(self, name, help, buckets: Sequence[float], labels=()):
         super().__init__(name, help, labels)
         self.bounds = tuple(sorted(buckets)) + (math.inf,)
-        self.series: dict[tuple, list] = {}  # labels -> [counts per bound, sum, count]
+        # labels -> (counts per bound, sum, count); an unlabelled one shows zeros from the start
+        self.series: dict[tuple, tuple] = {} if labels else {(): ([0] * len(self.bounds), 0.0, 0)}
 
     def observe(self, value: float, **labels):
         key = self.key(labels)
