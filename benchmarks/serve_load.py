@@ -20,7 +20,8 @@ Phases (each prints a JSON line):
    wall times and their ratio.
 4. encode: after the server stopped, `encode()` in this process on the texts phase 1 sent
    (their tasks per text, one call; timed on its second call, the first compiles): texts/s,
-   and the server's load rate as a fraction of it.
+   and the server's load rate as a fraction of it; then phase 3's 48 texts through `encode()`
+   in one call vs one call each: the most batching can give this model on this machine.
 """
 
 from __future__ import annotations
@@ -219,9 +220,24 @@ def main():
         model.encode(words, task=tasks, max_length=args.max_length)
         wall = time.perf_counter() - start
         rate = len(words) / wall
+        # The burst's ceiling on this machine: its 48 texts through encode() in one call vs one
+        # call each (each timed after a first call that compiles).
+        burst_texts = workload(48, seed=1)
+        together = lambda: model.encode([t for t, _ in burst_texts],  # noqa: E731
+                                        task=[k for _, k in burst_texts])
+        alone = lambda: [model.encode(t, task=k) for t, k in burst_texts]  # noqa: E731
+        seconds = []
+        for run in (together, alone):
+            run()
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
         print(json.dumps({"phase": "encode", "texts": len(words), "wall_s": round(wall, 2),
                           "texts_per_s": round(rate, 2),
                           "server_load_vs_encode": round(load["texts_per_s"] / rate, 2),
+                          "burst_encode_together_s": round(seconds[0], 3),
+                          "burst_encode_alone_s": round(seconds[1], 3),
+                          "burst_ceiling": round(seconds[1] / seconds[0], 2),
                           "server_exit_code": code}), flush=True)
 
 
