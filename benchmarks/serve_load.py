@@ -17,11 +17,12 @@ Phases (each prints a JSON line):
    tokens/s (usage.prompt_tokens), latency p50/p95/p99, texts per forward batch.
 2. sequential: one client, one text at a time, for `--seconds`: texts/s and latency.
 3. burst: the same 48 single-text requests (mixed tasks) all at once, then one after another:
-   wall times and their ratio.
+   wall times and their ratio; once with the load's mix, once with queries only.
 4. encode: after the server stopped, `encode()` in this process on the texts phase 1 sent
    (their tasks per text, one call; timed on its second call, the first compiles): texts/s,
-   and the server's load rate as a fraction of it; then phase 3's 48 texts through `encode()`
-   in one call vs one call each: the most batching can give this model on this machine.
+   and the server's load rate as a fraction of it; then each burst's 48 texts through an
+   in-process `Batcher` with the server's settings, all at once vs one after another: what
+   batching gives this model on this machine without HTTP (the burst's ceiling).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 
 from convert.random_checkpoint import write_random_release
 from jina_jax import JinaConfig, JinaEmbeddingsV3
+from jina_jax.batcher import Batcher
 from jina_jax.metrics import parse
 
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification",
@@ -54,11 +56,16 @@ WORDS = ("the of and to in is that for it as was with be by on not this are or f
          "retrieval embedding multilingual transformer rotary adapter passage query").split()
 
 
-def workload(n: int, seed: int) -> list[tuple[str, str | None]]:
+# The 48-request bursts: the load's mix, and queries only.
+BURSTS = {"mixed": 0.7, "queries": 1.0}
+
+
+def workload(n: int, seed: int, queries: float = 0.7) -> list[tuple[str, str | None]]:
+    """`n` (text, task): a fraction `queries` of 3-20 words, the rest passages of 30-200."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        words = rng.integers(3, 21) if rng.random() < 0.7 else rng.integers(30, 201)
+        words = rng.integers(3, 21) if rng.random() < queries else rng.integers(30, 201)
         out.append((" ".join(rng.choice(WORDS, size=words)), TASKS[rng.integers(len(TASKS))]))
     return out
 
@@ -207,8 +214,9 @@ def main():
             print(json.dumps({"phase": "sequential", **seq,
                               "load_vs_sequential": round(load["texts_per_s"]
                                                           / seq["texts_per_s"], 2)}), flush=True)
-            burst = burst_phase(port, workload(48, seed=1))
-            print(json.dumps({"phase": "burst", **burst}), flush=True)
+            for mix, share in BURSTS.items():
+                burst = burst_phase(port, workload(48, seed=1, queries=share))
+                print(json.dumps({"phase": "burst", "mix": mix, **burst}), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(120)
@@ -220,26 +228,39 @@ def main():
         model.encode(words, task=tasks, max_length=args.max_length)
         wall = time.perf_counter() - start
         rate = len(words) / wall
-        # The burst's ceiling on this machine: its 48 texts through encode() in one call vs one
-        # call each (each timed after a first call that compiles).
-        burst_texts = workload(48, seed=1)
-        together = lambda: model.encode([t for t, _ in burst_texts],  # noqa: E731
-                                        task=[k for _, k in burst_texts])
-        alone = lambda: [model.encode(t, task=k) for t, k in burst_texts]  # noqa: E731
-        seconds = []
-        for run in (together, alone):
-            run()
-            start = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - start)
         print(json.dumps({"phase": "encode", "texts": len(words), "wall_s": round(wall, 2),
                           "texts_per_s": round(rate, 2),
                           "server_load_vs_encode": round(load["texts_per_s"] / rate, 2),
-                          "burst_encode_together_s": round(seconds[0], 3),
-                          "burst_encode_alone_s": round(seconds[1], 3),
-                          "burst_ceiling": round(seconds[1] / seconds[0], 2),
                           "server_exit_code": code}), flush=True)
+        # Each burst's ceiling on this machine, HTTP aside: its 48 texts through an in-process
+        # batcher with the server's settings, all submitted at once vs one after another (each
+        # timed after a first pass that compiles the shapes it needs).
+        batcher = Batcher(model, max_batch_tokens=args.max_batch_tokens,
+                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                          max_length=args.max_length).start()
+        dim = model.config.hidden_size
 
+        def together(items):
+            jobs = [batcher.submit([t], [k], dim) for t, k in items]
+            return [j.future.result() for j in jobs]
+
+        def alone(items):
+            return [batcher.submit([t], [k], dim).future.result() for t, k in items]
+
+        for mix, share in BURSTS.items():
+            items = [(t, None if k is None else model.resolve_task(k))
+                     for t, k in workload(48, seed=1, queries=share)]
+            seconds = []
+            for run in (together, alone):
+                run(items)
+                start = time.perf_counter()
+                run(items)
+                seconds.append(time.perf_counter() - start)
+            print(json.dumps({"phase": "burst ceiling", "mix": mix,
+                              "batcher_together_s": round(seconds[0], 3),
+                              "batcher_alone_s": round(seconds[1], 3),
+                              "ceiling": round(seconds[1] / seconds[0], 2)}), flush=True)
+        batcher.close()
 
 if __name__ == "__main__":
     main()
