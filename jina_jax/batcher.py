@@ -117,6 +117,7 @@ class Batcher:
         self.late: collections.deque[Job] = collections.deque()
         self.waiting = 0  # texts submitted and not yet taken into a round
         self.closing = False
+        self.any_cancelled = False  # a job was cancelled since the rows were last scanned
         self.thread: threading.Thread | None = None
         self.rate = 0.0  # texts per second over recent rounds (for retry estimates)
         self.registry = registry if registry is not None else Registry()
@@ -197,6 +198,7 @@ class Batcher:
         """Drops the job's texts that have not run yet; its future is cancelled."""
         with self.cond:
             job.cancelled = True
+            self.any_cancelled = True
             job.future.cancel()
             self.cond.notify()
 
@@ -271,6 +273,11 @@ class Batcher:
             self.waiting -= count
 
     def _drop_cancelled(self):
+        """Removes cancelled jobs' rows (a scan only after a cancel)."""
+        with self.cond:
+            if not self.any_cancelled:
+                return
+            self.any_cancelled = False
         kept = collections.deque(r for r in self.rows if not r.job.cancelled)
         if len(kept) != len(self.rows):
             dropped = len(self.rows) - len(kept)

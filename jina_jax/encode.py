@@ -54,11 +54,15 @@ class Batch:
     members: tuple[int, ...]  # window indices of the texts in rows 0.. (the rest is filler)
 
 
+def row_cap(width: int, batch_size: int, token_budget: int) -> int:
+    """The rows of a full batch of `width`: `batch_size` capped by the token budget."""
+    return max(1, min(batch_size, token_budget // width))
+
+
 def rows_for(width: int, count: int, batch_size: int, token_budget: int) -> int:
-    """Rows of a batch of `width`: `batch_size` capped by the token budget, or for the last
-    `count` texts the next power of two (so a task's tail adds few shapes)."""
-    cap = max(1, min(batch_size, token_budget // width))
-    return min(cap, 1 << max(0, count - 1).bit_length())
+    """Rows of a batch of `width` for `count` texts: a full batch, or for fewer texts the next
+    power of two (so a task's tail adds few shapes)."""
+    return min(row_cap(width, batch_size, token_budget), 1 << max(0, count - 1).bit_length())
 
 
 def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: int,
@@ -79,7 +83,7 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
         start = 0
         while start < len(members):
             width = widths[start]
-            cap = rows_for(width, batch_size, batch_size, token_budget)
+            cap = row_cap(width, batch_size, token_budget)
             # Texts up to a sixth of an octave (two rungs) shorter join the batch: a rung's few
             # texts then fill a full batch instead of a short tail of their own, which keeps the
             # shapes a long stream meets few (94 instead of 199 over 40 windows of a lognormal
@@ -107,7 +111,7 @@ def shapes(limit: int, max_length: int, batch_size: int, token_budget: int = DEF
     top = bucket_for(max_length, limit, ladder)
     out = []
     for width in sorted({w for w in ladder if w < top} | {top}):
-        cap = max(1, min(batch_size, token_budget // width))
+        cap = row_cap(width, batch_size, token_budget)
         counts = {min(cap, 1 << k) for k in range(cap.bit_length() + 1)}
         out += [(-(-rows // row_multiple) * row_multiple, width) for rows in sorted(counts)]
     return sorted(set(out), key=lambda s: (s[1], s[0]))
