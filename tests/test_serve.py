@@ -263,10 +263,11 @@ def test_models_health_metrics(server):
 
 
 def test_auth_queue_full_disconnect_and_sigterm(transformers_dir, model):
-    """A server that holds texts 3 s before batching them (so the queue can be seen full), with
+    """A server that holds texts 10 s before batching them (so the queue can be seen full, even
+    on a loaded machine: with 3 s this test failed once in a full-suite run), with
     an API key; stopped by SIGTERM while a request is in flight, which still gets its answer."""
     srv = Server(transformers_dir, "--api-key", "s3cret", "--max-queue", "4", "--max-inputs",
-                 "4", "--max-wait-ms", "3000", "--max-batch-tokens", "100000")
+                 "4", "--max-wait-ms", "10000", "--max-batch-tokens", "100000")
     try:
         auth = {"Authorization": "Bearer s3cret"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
