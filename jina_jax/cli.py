@@ -177,7 +177,10 @@ def run_embed(args) -> int:
             count = write_all(JsonlWriter(f))
     skipped = f", {source.skipped} blank line(s) skipped" if source.skipped else ""
     what = "chunk(s)" if args.late_chunking else "text(s)"
-    print(f"embedded {count} {what} -> {args.output} [{count}, {dim}]{skipped}", file=sys.stderr)
+    loaded = model.forward.loaded_count
+    shapes = f"; {model.compile_count} shape(s), {loaded} from the compilation cache"
+    print(f"embedded {count} {what} -> {args.output} [{count}, {dim}]{skipped}{shapes}",
+          file=sys.stderr)
     return 0
 
 

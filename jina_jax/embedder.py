@@ -227,7 +227,8 @@ class JinaEmbeddingsV3:
 
     @property
     def compile_count(self) -> int:
-        """Forward compilations so far (each new shape or input structure)."""
+        """Forward executables made ready so far, one per new shape or input structure:
+        traced and compiled, or loaded from the executable store (`forward.loaded_count`)."""
         return self.forward.compile_count
 
     # --- forward ---------------------------------------------------------------------------

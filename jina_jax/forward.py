@@ -14,6 +14,7 @@ the same compiled function.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import jax
 
 from .attention import choose_implementation
 from .encoder import EncoderOutput, JinaEncoder, mean_pool
+from .executables import ExecutableStore, abstract_signature
 from .sharding import batch_mesh, place_params, replicate, shard_rows
 
 
@@ -65,6 +67,9 @@ def encoder_output(encoded: EncoderOutput, params, head_params, lora, task_index
 
 PRECISIONS = (None, "default", "high", "highest")
 OUTPUTS = ("outputs", "pooled", "hidden")
+# Outputs whose traced function is all ours (a head model's "outputs" runs its own code), so the
+# executable store's key describes them completely.
+STORED_OUTPUTS = ("pooled", "hidden")
 
 
 class CompiledForward:
@@ -79,10 +84,16 @@ class CompiledForward:
         self.precision = precision
         self.functions: dict = {}
         self.cudnn_failed = False
-        self.compile_count = 0  # traces so far: one per new shape or input structure
+        # Executables made ready in this process (traced and compiled, or loaded from the
+        # store): one per new shape or input structure.
+        self.compile_count = 0
+        self.loaded_count = 0  # of which loaded from the executable store
         self.mesh = None
         self.shard_params = False
         self.cache_dir = enable_compilation_cache()
+        self.store = (ExecutableStore(os.path.join(self.cache_dir, "jina-jax-executables"))
+                      if self.cache_dir else None)
+        self.executables: dict = {}
 
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
         return JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -122,6 +133,37 @@ class CompiledForward:
             self.functions[key] = jax.jit(forward)
         return self.functions[key]
 
+    def runner(self, implementation: str, output: str, args: tuple):
+        """What runs `args`: the executable for their shapes, from this process or the store
+        (traced and compiled once, then saved), or the jitted function where the store does not
+        apply (off, a device mesh, a head model's outputs, arrays on another device)."""
+        function = self.function(implementation, output)
+        if self.store is None or self.mesh is not None or output not in STORED_OUTPUTS:
+            return function
+        signature = abstract_signature(args)
+        if signature is None:
+            return function
+        local = (implementation, output, signature)
+        compiled = self.executables.get(local)
+        if compiled is None:
+            key = self.store.key(self.description(implementation, output), signature)
+            compiled = self.store.load(key)
+            if compiled is None:
+                compiled, fresh = self.store.compile(function, args)  # the trace counts it
+                if fresh:
+                    self.store.save(key, compiled)
+            else:
+                self.compile_count += 1
+                self.loaded_count += 1
+            self.executables[local] = compiled
+        return compiled
+
+    def description(self, implementation: str, output: str) -> dict:
+        """What determines the traced function besides the arguments' shapes."""
+        return {"function": "CompiledForward", "implementation": implementation,
+                "output": output, "precision": self.precision, "dtype": str(self.dtype),
+                "param_dtype": str(self.param_dtype), "config": dataclasses.asdict(self.config)}
+
     @property
     def implementations(self) -> list[str]:
         """The implementations compiled so far, in order."""
@@ -157,10 +199,10 @@ class CompiledForward:
         args = self.arguments(params, ids, **inputs)
         if impl == "cudnn":
             try:
-                return self.function(impl, output)(*args)
+                return self.runner(impl, output, args)(*args)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self.cudnn_failed = True
                 impl = "xla"
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
-        return self.function(impl, output)(*args)
+        return self.runner(impl, output, args)(*args)

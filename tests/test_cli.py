@@ -61,6 +61,37 @@ def test_stdin_to_stdout(transformers_dir, expected):
     assert "embedded 3 text(s)" in out.stderr
 
 
+def test_second_process_compiles_nothing(transformers_dir, tmp_path, expected):
+    """With a cache folder, a second `embed` process loads every shape the first compiled;
+    with the cache off, nothing is written and every process compiles."""
+    import os
+    import re
+
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS * 5) + "\n")
+
+    def run(name, cache):
+        env = dict(os.environ, JINA_JAX_COMPILATION_CACHE=cache)
+        out = _cli("embed", "--model", transformers_dir, "--task", "retrieval.passage",
+                   "--input", str(src), "--output", str(tmp_path / name), "--truncate-dim", "32",
+                   "--batch-size", "2", env=env)
+        assert out.returncode == 0, out.stderr
+        found = re.search(r"; (\d+) shape\(s\), (\d+) from the compilation cache", out.stderr)
+        assert found, out.stderr
+        np.testing.assert_allclose(np.load(tmp_path / name), np.tile(expected[[0, 2, 3]], (5, 1)),
+                                   atol=1e-6)
+        return int(found[1]), int(found[2])
+
+    cache = tmp_path / "xla"
+    shapes, loaded = run("a.npy", str(cache))
+    assert shapes >= 2 and loaded == 0
+    assert run("b.npy", str(cache)) == (shapes, shapes)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert run("c.npy", "0") == (shapes, 0) and run("d.npy", "off") == (shapes, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "c.npy", "d.npy",
+                                                          "in.txt", "xla"]
+
+
 def test_errors(transformers_dir, tmp_path):
     missing = _cli("embed", "--model", str(tmp_path / "nope"), "--task", "separation", stdin="x")
     assert missing.returncode == 1 and "no such folder" in missing.stderr

@@ -134,6 +134,55 @@ def test_compiles_once_per_shape_and_never_again(transformers_dir):
     assert model.compile_count == first
 
 
+def test_executable_store_skips_tracing_in_a_new_model(transformers_dir, tmp_path):
+    """A second model object (as in a second process) loads every executable the first one
+    compiled, traces none, and gives identical numbers; a damaged entry is compiled again and
+    rewritten; other settings never load another's entries."""
+    from jina_jax.executables import ExecutableStore
+
+    def fresh(**kwargs):
+        m = JinaEmbeddingsV3.from_pretrained(transformers_dir, **kwargs)
+        m.forward.store = ExecutableStore(str(tmp_path))
+        return m
+
+    texts = [t * k for t in CORPUS for k in (1, 3)]
+    first = fresh()
+    base = first.encode(texts, task="retrieval.query", batch_size=4, max_length=24)
+    shapes = first.compile_count
+    entries = sorted(tmp_path.glob("*.jexe"))
+    assert shapes >= 2 and first.forward.loaded_count == 0 and len(entries) == shapes
+
+    second = fresh()
+    again = second.encode(texts, task="retrieval.query", batch_size=4, max_length=24)
+    assert second.compile_count == second.forward.loaded_count == shapes  # nothing traced
+    np.testing.assert_array_equal(again, base)
+
+    entries[0].write_bytes(entries[0].read_bytes()[:200])  # a truncated entry
+    third = fresh()
+    np.testing.assert_array_equal(
+        third.encode(texts, task="retrieval.query", batch_size=4, max_length=24), base)
+    assert third.compile_count == shapes and third.forward.loaded_count == shapes - 1
+    assert entries[0].stat().st_size > 200  # rewritten whole
+
+    other = fresh(precision="highest")
+    other.encode(texts, task="retrieval.query", batch_size=4, max_length=24)
+    assert other.forward.loaded_count == 0
+    assert len(list(tmp_path.glob("*.jexe"))) == 2 * shapes
+    assert not list(tmp_path.glob("*.tmp"))
+
+    # What JAX's own cache hands back is used but never saved: on CPU its serialized copy
+    # lacks the kernels and fails when run.
+    jit_only = fresh()
+    jit_only.forward.store = None  # plain jax.jit: JAX's persistent cache writes the shape
+    via_jit = jit_only.encode(["one more text"], task="separation", max_length=24)
+    guarded = fresh()
+    guarded.forward.store = ExecutableStore(str(tmp_path / "guarded"))
+    np.testing.assert_array_equal(
+        guarded.encode(["one more text"], task="separation", max_length=24), via_jit)
+    assert guarded.compile_count == 1 and guarded.forward.loaded_count == 0
+    assert not (tmp_path / "guarded").exists()
+
+
 def test_token_budget_bounds_rows(model):
     from jina_jax.encode import rows_for
 
