@@ -43,8 +43,9 @@ def texts(n: int, seed: int = 0, scale: float = 1.0) -> list[str]:
     return [" ".join(rng.choice(words, size=c)) for c in counts]
 
 
-def embed(model, src, dst, cache, extra=()) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one `jina-jax embed` process."""
+def embed(model, src, dst, cache, extra=()) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in KiB, its summary line's shape counts) of one `jina-jax
+    embed` process."""
     env = dict(os.environ, JINA_JAX_COMPILATION_CACHE=cache)
     cmd = [sys.executable, "-c", PEAK, EXE, "embed", "--model", model, "--task",
            "retrieval.passage", "--input", src, "--output", dst, "--overwrite", *extra]
@@ -53,7 +54,8 @@ def embed(model, src, dst, cache, extra=()) -> tuple[float, int]:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    return wall, int(done.stdout.strip().splitlines()[-1])
+    shapes = done.stderr.strip().splitlines()[-1].rpartition("; ")[2]
+    return wall, int(done.stdout.strip().splitlines()[-1]), shapes
 
 
 def compile_mode(args, work):
@@ -63,14 +65,15 @@ def compile_mode(args, work):
     with open(src, "w") as f:
         f.write("\n".join(texts(args.texts)) + "\n")
     cache = os.path.join(work, "xla-cache")
-    off, _ = embed(model, src, os.path.join(work, "off.npy"), "0")
-    first, _ = embed(model, src, os.path.join(work, "first.npy"), cache)
-    second, _ = embed(model, src, os.path.join(work, "second.npy"), cache)
+    off, _, _ = embed(model, src, os.path.join(work, "off.npy"), "0")
+    first, _, first_shapes = embed(model, src, os.path.join(work, "first.npy"), cache)
+    second, _, second_shapes = embed(model, src, os.path.join(work, "second.npy"), cache)
     same = np.array_equal(np.load(os.path.join(work, "first.npy")),
                           np.load(os.path.join(work, "second.npy")))
     print(json.dumps({"layers": args.layers, "texts": args.texts, "cache_off_s": round(off, 2),
                       "first_s": round(first, 2), "second_s": round(second, 2),
                       "second_over_first": round(second / first, 3),
+                      "first_shapes": first_shapes, "second_shapes": second_shapes,
                       "identical_output": bool(same)}))
 
 
@@ -86,7 +89,7 @@ def memory_mode(args, work):
             pool = texts(5000, scale=0.3)
             for i in range(n):
                 f.write(pool[i % len(pool)] + "\n")
-        wall, peak = embed(model, src, os.path.join(work, f"out-{n}.npy"),
+        wall, peak, _ = embed(model, src, os.path.join(work, f"out-{n}.npy"),
                            os.path.join(work, "xla-cache"))
         out = np.load(os.path.join(work, f"out-{n}.npy"), mmap_mode="r")
         rows.append({"lines": n, "peak_rss_mb": round(peak / 1024, 1), "wall_s": round(wall, 1),

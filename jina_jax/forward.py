@@ -1,5 +1,7 @@
 """The compiled forward of a model object: one jitted function per (attention implementation,
-output), each compiled once per input shape, placed on a device mesh when there is one.
+output), each compiled once per input shape (and, for the embedding outputs, kept on disk by the
+executable store so that a new process loads it untraced), placed on a device mesh when there
+is one.
 
     forward = CompiledForward(config, dtype, param_dtype)
     out = forward(params, ids, lengths=lengths, lora=lora)          # EncoderOutput
@@ -41,7 +43,8 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     it compiled before (same model shapes, same machine). The folder: `folder`, else
     $JINA_JAX_COMPILATION_CACHE, else ~/.cache/jina-jax/xla; "0"/"off" in the variable turns it
     off. A cache folder the user already gave JAX is left as it is. Returns the folder in use
-    (None: off)."""
+    (None: off); `CompiledForward` keeps its executable store (`executables.py`: no tracing
+    in a second process) in the folder's `jina-jax-executables` subfolder."""
     setting = os.environ.get(CACHE_ENV, "")
     if folder is None and setting.lower() in ("0", "off", "false", "no"):
         return None
