@@ -250,7 +250,8 @@ class Batcher:
         """Tokenizes arrived jobs into rows (late-chunking jobs wait whole)."""
         cfg = self.model.config
         for job in jobs:
-            if job.cancelled:
+            if job.cancelled:  # its client left before the worker saw it
+                self.cancelled_total.inc(len(job.texts))
                 self._forget(len(job.texts))
                 continue
             if job.late:
