@@ -1,7 +1,7 @@
 """`jina-jax serve` under load, against the same texts sent one at a time and against `encode()`.
 
     python benchmarks/serve_load.py [--layers 6] [--hidden 1024] [--clients 16] [--seconds 20]
-                                    [--model FOLDER] [--max-length 512]
+                                    [--model FOLDER] [--max-length 512] [--restart-only]
 
 Model: `--model`, else a random release-format checkpoint (`--layers` deep, `--hidden` wide,
 five task adapters) written to a temporary folder. The server runs in its own process (`jina-jax
@@ -11,6 +11,9 @@ phases run one after another, never side by side.
 
 Texts: a realistic mix for a search service: 70% queries (3-20 words), 30% passages (30-200
 words), each with a task drawn from the five adapters and no adapter.
+
+The compilation cache is a fresh folder of the run (`JINA_JAX_COMPILATION_CACHE`), so the first
+start compiles every shape; a second start (`start` line, `restart_ready_s`) loads them.
 
 Phases (each prints a JSON line):
 1. load: `--clients` clients send single-text requests back to back for `--seconds`: texts/s,
@@ -98,7 +101,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, int, float]:
            "--max-length", str(args.max_length), "--max-batch-tokens", str(args.max_batch_tokens),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, JINA_JAX_COMPILATION_CACHE=args.cache)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stderr.readline()
     match = re.search(r":(\d+) ", first)
     if not match:
@@ -193,6 +197,8 @@ def main():
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--restart-only", action="store_true",
+                   help="only start, stop and start the server again (readiness times)")
     args = p.parse_args()
     texts = workload(4096, seed=0)
     with tempfile.TemporaryDirectory() as work:
@@ -203,10 +209,18 @@ def main():
             cfg = JinaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
                              num_attention_heads=heads, intermediate_size=4 * args.hidden)
             write_random_release(model_dir, cfg, dtype="float32")
+        args.cache = os.path.join(work, "xla")
         proc, port, ready_s = start_server(model_dir, args)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        proc, port, again_s = start_server(model_dir, args)
         print(json.dumps({"phase": "start", "ready_s": round(ready_s, 1),
-                          "layers": args.layers, "hidden": args.hidden,
-                          "max_length": args.max_length}), flush=True)
+                          "restart_ready_s": round(again_s, 1), "layers": args.layers,
+                          "hidden": args.hidden, "max_length": args.max_length}), flush=True)
+        if args.restart_only:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+            return
         try:
             load, sent = load_phase(port, texts, args.clients, args.seconds)
             print(json.dumps({"phase": "load", "clients": args.clients, **load}), flush=True)

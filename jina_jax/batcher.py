@@ -150,15 +150,18 @@ class Batcher:
 
     def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
                 stop: Callable[[], bool] | None = None) -> int:
-        """Compiles (or loads from the persistent cache) every shape; returns how many.
-        `on_shape(done, total)` after each; `stop()` true ends it early."""
+        """Compiles (or loads from the executable store) every shape, without running them
+        where the store is on; returns how many. `on_shape(done, total)` after each; `stop()`
+        true ends it early."""
         shapes = self.shapes()
         pad_id = self.model.config.pad_token_id
         for done, (rows, width) in enumerate(shapes, 1):
             if stop is not None and stop():
                 break
             ids, lengths = pad([FILLER] * rows, width, pad_id)
-            np.asarray(self.model.pooled(ids, lengths, [None] * rows, merge=False))
+            tasks = [None] * rows
+            if not self.model.prepare_pooled(ids, lengths, tasks, merge=False):
+                np.asarray(self.model.pooled(ids, lengths, tasks, merge=False))
             if on_shape is not None:
                 on_shape(done, len(shapes))
         return len(shapes)

@@ -265,6 +265,12 @@ class JinaEmbeddingsV3:
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
                                                   merge=merge), output="pooled")
 
+    def prepare_pooled(self, input_ids, lengths, task=None, *, merge: bool = True) -> bool:
+        """Readies `pooled`'s executable for these inputs' shapes without running it (see
+        `CompiledForward.prepare`); False: only running it compiles it."""
+        return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
+                                                          merge=merge), output="pooled")
+
     def hidden(self, input_ids, lengths, task=None, *, merge: bool = True):
         """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,

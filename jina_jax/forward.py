@@ -198,14 +198,28 @@ class CompiledForward:
     def __call__(self, params, ids, *, output: str = "outputs", **inputs):
         """ids: int32 [B, L]; inputs: mask or lengths, lora, task_index, task_mask, head_params
         (see `arguments`)."""
+        return self._with_fallback(ids, inputs, lambda impl, args: self.runner(
+            impl, output, args)(*args), self.arguments(params, ids, **inputs))
+
+    def prepare(self, params, ids, *, output: str = "outputs", **inputs) -> bool:
+        """Makes the executable for these inputs ready (compiled, or loaded from the store)
+        without running it. False where the store does not apply (see `runner`): there only a
+        call compiles."""
+        def ready(impl, args):
+            return self.runner(impl, output, args) is not self.function(impl, output)
+
+        return self._with_fallback(ids, inputs, ready, self.arguments(params, ids, **inputs))
+
+    def _with_fallback(self, ids, inputs, step, args):
+        """step(implementation, args); a cuDNN failure (lowering or running) switches this
+        forward to XLA for good and retries."""
         impl = self.implementation(ids, inputs.get("lengths"))
-        args = self.arguments(params, ids, **inputs)
         if impl == "cudnn":
             try:
-                return self.runner(impl, output, args)(*args)
+                return step(impl, args)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self.cudnn_failed = True
                 impl = "xla"
                 warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
                               "using the XLA implementation from now on")
-        return self.runner(impl, output, args)(*args)
+        return step(impl, args)
