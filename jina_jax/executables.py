@@ -50,8 +50,6 @@ HIT_EVENT = "/jax/compilation_cache/cache_hits"
 # JAX's cache settings are process-wide: one store compile at a time changes them.
 _compile_lock = threading.Lock()
 _hits = threading.local()  # JAX cache hits seen by this thread
-_listening = threading.Lock()
-_listener_registered = False
 
 
 def _count_hit(event: str, **kwargs) -> None:
@@ -59,12 +57,10 @@ def _count_hit(event: str, **kwargs) -> None:
         _hits.count = getattr(_hits, "count", 0) + 1
 
 
+@functools.cache
 def _listen() -> None:
-    global _listener_registered
-    with _listening:
-        if not _listener_registered:
-            jax.monitoring.register_event_listener(_count_hit)
-            _listener_registered = True
+    """Registers `_count_hit` once per process."""
+    jax.monitoring.register_event_listener(_count_hit)
 
 
 @functools.cache
@@ -83,16 +79,17 @@ def source_fingerprint() -> str:
 def abstract_signature(args) -> tuple | None:
     """(tree structure, ((shape, dtype, weak_type), ...)) of `args`; None when a leaf is not an
     array on the default device (a Python scalar, an array placed elsewhere), which the store
-    leaves to `jax.jit`."""
+    leaves to `jax.jit`. Runs on every forward call: dtypes stay objects here (their names,
+    6 us each, are only needed for a key)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    default = jax.devices()[0]
+    default = {jax.devices()[0]}
     avals = []
     for leaf in leaves:
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             return None
-        if isinstance(leaf, jax.Array) and leaf.devices() != {default}:
+        if isinstance(leaf, jax.Array) and leaf.devices() != default:
             return None
-        avals.append((tuple(leaf.shape), str(leaf.dtype), bool(getattr(leaf, "weak_type", False))))
+        avals.append((tuple(leaf.shape), leaf.dtype, getattr(leaf, "weak_type", False)))
     return tree, tuple(avals)
 
 
@@ -101,8 +98,6 @@ class ExecutableStore:
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.loaded = 0
-        self.saved = 0
         self.warned = False
 
     def key(self, function: dict, signature: tuple) -> str:
@@ -157,7 +152,6 @@ class ExecutableStore:
             return None
         except Exception:  # noqa: BLE001 - a bad entry is a miss: it is compiled and rewritten
             return None
-        self.loaded += 1
         return compiled
 
     def save(self, key: str, compiled) -> bool:
@@ -181,5 +175,4 @@ class ExecutableStore:
                 warnings.warn(f"compiled executables are not kept in {self.folder} "
                               f"({type(e).__name__}: {e}); each process traces them again")
             return False
-        self.saved += 1
         return True
