@@ -15,6 +15,7 @@ _EXPORTS = {
     "JinaConfig": "config",
     "JinaEncoder": "encoder", "EncoderOutput": "encoder",
     "JinaEmbeddingsV3": "embedder",
+    "JinaEncoderNNX": "nnx",
     "JinaEmbeddingsV3ForMaskedLM": "heads",
     "JinaEmbeddingsV3ForSequenceClassification": "heads",
     "JinaEmbeddingsV3ForTokenClassification": "heads",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .config import JinaConfig
     from .embedder import JinaEmbeddingsV3
     from .encoder import EncoderOutput, JinaEncoder
+    from .nnx import JinaEncoderNNX
     from .serve import EmbeddingServer
     from .heads import (JinaEmbeddingsV3ForMaskedLM, JinaEmbeddingsV3ForQuestionAnswering,
                         JinaEmbeddingsV3ForSequenceClassification,

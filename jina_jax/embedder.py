@@ -22,6 +22,7 @@ from .encode import DEFAULT_WINDOW, encode, iter_encode
 from .encoder import EncoderOutput, JinaEncoder
 from .forward import CompiledForward
 from .late_chunking import encode_late_chunks
+from .nnx import JinaEncoderNNX
 from .tokenize import load_tokenizer
 
 
@@ -235,6 +236,14 @@ class JinaEmbeddingsV3:
 
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
         return self.forward.module(implementation, deterministic)
+
+    def to_nnx(self, remat: str | None = None) -> JinaEncoderNNX:
+        """The encoder with this model's weights and adapters as an `nnx.Module` (`nnx.py`):
+        a submodule for users' NNX models, trainable with `nnx.Optimizer`. The weights are
+        shared until either side updates them; `model.update(encoder.weights())` brings what
+        was trained there back here."""
+        return JinaEncoderNNX(self.config, self.params, self.adapters, self.scales,
+                              dtype=self.dtype, param_dtype=self.param_dtype, remat=remat)
 
     def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None,
                        merge: bool = True) -> dict:
