@@ -26,7 +26,7 @@ _EXPORTS = {
     # needs the [serve] extra (Starlette, uvicorn)
     "EmbeddingServer": "serve",
 }
-_SUBMODULES = ("losses", "training")
+_SUBMODULES = ("losses", "training", "orbax_state")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 __version__ = "0.1.0"
@@ -48,7 +48,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import losses, training
+    from . import losses, orbax_state, training
     from .batcher import Batcher, QueueFull
     from .config import JinaConfig
     from .embedder import JinaEmbeddingsV3
