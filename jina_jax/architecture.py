@@ -36,6 +36,12 @@ class Module:
     runtime: tuple[str, ...]            # Transformers' run-time name(s); q, k, v for the fused qkv
     lora: str | None                    # short name for adapters (None: never adapted)
     shape: Callable[[JinaConfig], tuple[int, ...]]  # weight per layer: [in, out], [V, H] or [H]
+    # Tensor parallelism over a mesh's model axis (Megatron's pairing): "out" splits the output
+    # features (kernel's last axis and the bias: qkv, fc1), "in" the input features (out, fc2:
+    # XLA sums their partial products), "dim" an embedding's feature axis (the vocabulary,
+    # 250002, divides by no usual mesh size); None: replicated. Exact whatever the split:
+    # XLA's partitioner reshards where a layout needs it (qkv's [q; k; v] columns, say).
+    parallel: str | None = None
 
     @property
     def layered(self) -> bool:
@@ -56,7 +62,8 @@ class Module:
 
 MODULES = (
     Module(("embeddings", "word"), "embed", "embeddings.word_embeddings",
-           ("embeddings.word_embeddings",), "word", lambda c: (c.vocab_size, c.hidden_size)),
+           ("embeddings.word_embeddings",), "word", lambda c: (c.vocab_size, c.hidden_size),
+           "dim"),
     Module(("embeddings", "token_type"), "embed", "embeddings.token_type_embeddings",
            ("embeddings.token_type_embeddings",), "token_type",
            lambda c: (c.type_vocab_size, c.hidden_size)),
@@ -64,13 +71,17 @@ MODULES = (
            lambda c: (c.hidden_size,)),
     Module(("layers", "attn", "qkv"), "linear", "encoder.layers.{}.mixer.Wqkv",
            ("layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj",
-            "layers.{}.self_attn.v_proj"), "qkv", lambda c: (c.hidden_size, 3 * c.hidden_size)),
+            "layers.{}.self_attn.v_proj"), "qkv", lambda c: (c.hidden_size, 3 * c.hidden_size),
+           "out"),
     Module(("layers", "attn", "out"), "linear", "encoder.layers.{}.mixer.out_proj",
-           ("layers.{}.self_attn.o_proj",), "out", lambda c: (c.hidden_size, c.hidden_size)),
+           ("layers.{}.self_attn.o_proj",), "out", lambda c: (c.hidden_size, c.hidden_size),
+           "in"),
     Module(("layers", "mlp", "fc1"), "linear", "encoder.layers.{}.mlp.fc1",
-           ("layers.{}.mlp.fc1",), "fc1", lambda c: (c.hidden_size, c.intermediate_size)),
+           ("layers.{}.mlp.fc1",), "fc1", lambda c: (c.hidden_size, c.intermediate_size),
+           "out"),
     Module(("layers", "mlp", "fc2"), "linear", "encoder.layers.{}.mlp.fc2",
-           ("layers.{}.mlp.fc2",), "fc2", lambda c: (c.intermediate_size, c.hidden_size)),
+           ("layers.{}.mlp.fc2",), "fc2", lambda c: (c.intermediate_size, c.hidden_size),
+           "in"),
     Module(("layers", "norm1"), "norm", "encoder.layers.{}.norm1",
            ("layers.{}.post_attention_layernorm",), None, lambda c: (c.hidden_size,)),
     Module(("layers", "norm2"), "norm", "encoder.layers.{}.norm2",

@@ -23,6 +23,7 @@ from .encoder import EncoderOutput, JinaEncoder
 from .forward import CompiledForward
 from .late_chunking import encode_late_chunks
 from .nnx import JinaEncoderNNX
+from .sharding import on_mesh
 from .tokenize import load_tokenizer
 
 
@@ -148,7 +149,10 @@ class JinaEmbeddingsV3:
         task (or none), else the base params with every adapter's factors stacked and per-row
         task_index/mask. merge=False takes the per-row path even for one task: one compiled
         structure for any mix of tasks (what a server batching requests together wants)."""
-        row_tasks = self.resolve_tasks(task, batch)
+        with on_mesh(self.layout):
+            return self._task_inputs(self.resolve_tasks(task, batch), merge)
+
+    def _task_inputs(self, row_tasks: list, merge: bool) -> dict:
         if (merge and len(set(row_tasks)) == 1) or not self.adapters:
             params, lora = self.params_for(row_tasks[0])
             return {"params": params, "lora": lora}
@@ -204,15 +208,24 @@ class JinaEmbeddingsV3:
 
     # --- devices ---------------------------------------------------------------------------
 
-    def shard(self, devices=None, *, shard_params: bool = False) -> "JinaEmbeddingsV3":
-        """Data parallelism over `devices` (default: every device of the default backend):
-        batch rows split, parameters replicated, or with `shard_params` each large weight split
-        over the same devices (less memory per device; XLA gathers it where it is used).
-        Batches must then have a multiple of the device count rows; `encode` pads its batches
-        to that. Returns self."""
-        self.forward.shard(devices, shard_params)
+    def shard(self, devices=None, *, shard_params: bool = False, mesh=None,
+              data_axis: str = "data", model_axis: str | None = None) -> "JinaEmbeddingsV3":
+        """Runs on a device mesh (see `sharding.py`): batch rows split over `data_axis`;
+        weights replicated, or split tensor-parallel over `model_axis` (heads and MLP units),
+        and with `shard_params` each large weight split over the data axis too (less memory
+        per device; XLA gathers it where it is used). The mesh: `mesh`, else the one of
+        `jax.set_mesh` in context, else a 1-D data mesh over `devices` (default: every device
+        of the default backend). Batches must then have a multiple of the data axis's size
+        rows; `encode` pads its batches to that. Returns self."""
+        self.forward.shard(devices, shard_params, mesh=mesh, data_axis=data_axis,
+                           model_axis=model_axis)
         self.invalidate()
         return self
+
+    @property
+    def layout(self):
+        """The mesh and what its axes do (`sharding.Layout`), None on one device."""
+        return self.forward.layout
 
     @property
     def mesh(self):
@@ -224,7 +237,7 @@ class JinaEmbeddingsV3:
 
     @property
     def row_multiple(self) -> int:
-        return 1 if self.mesh is None else int(self.mesh.devices.size)
+        return 1 if self.layout is None else self.layout.rows_multiple
 
     @property
     def compile_count(self) -> int:

@@ -26,7 +26,7 @@ import jax
 from .attention import choose_implementation
 from .encoder import EncoderOutput, JinaEncoder, mean_pool
 from .executables import ExecutableStore, abstract_signature
-from .sharding import batch_mesh, place_params, replicate, shard_rows
+from .sharding import Layout, mesh_layout, on_mesh
 
 
 # "0" / "off" / "false" turns the persistent compilation cache off; any other value is its folder.
@@ -91,8 +91,7 @@ class CompiledForward:
         # store): one per new shape or input structure.
         self.compile_count = 0
         self.loaded_count = 0  # of which loaded from the executable store
-        self.mesh = None
-        self.shard_params = False
+        self.layout: Layout | None = None
         self.cache_dir = enable_compilation_cache()
         self.store = (ExecutableStore(os.path.join(self.cache_dir, "jina-jax-executables"))
                       if self.cache_dir else None)
@@ -141,7 +140,7 @@ class CompiledForward:
         (traced and compiled once, then saved), or the jitted function where the store does not
         apply (off, a device mesh, a head model's outputs, arrays on another device)."""
         function = self.function(implementation, output)
-        if self.store is None or self.mesh is not None or output not in STORED_OUTPUTS:
+        if self.store is None or self.layout is not None or output not in STORED_OUTPUTS:
             return function
         signature = abstract_signature(args)
         if signature is None:
@@ -172,34 +171,45 @@ class CompiledForward:
         """The implementations compiled so far, in order."""
         return [impl for impl, _ in self.functions]
 
-    def shard(self, devices=None, shard_params: bool = False):
-        self.mesh, self.shard_params = batch_mesh(devices), shard_params
+    def shard(self, devices=None, shard_params: bool = False, **mesh_options):
+        """Runs on a mesh from now on (`sharding.mesh_layout` takes the arguments)."""
+        self.layout = mesh_layout(devices, shard_params=shard_params, **mesh_options)
+
+    @property
+    def mesh(self):
+        return None if self.layout is None else self.layout.mesh
+
+    @property
+    def shard_params(self) -> bool:
+        return self.layout is not None and self.layout.shard_params
 
     def place(self, params):
         """Parameters onto the mesh (as they are without one)."""
-        return params if self.mesh is None else place_params(params, self.mesh, self.shard_params)
+        return params if self.layout is None else self.layout.place(params)
 
     def arguments(self, params, ids, *, mask=None, lengths=None, lora=None, task_index=None,
                   task_mask=None, head_params=None) -> tuple:
         """The compiled function's positional arguments, placed on the mesh if any."""
-        if self.mesh is not None:
+        if self.layout is not None:
             params = self.place(params)
-            head_params, lora = replicate((head_params, lora), self.mesh)
+            head_params, lora = self.layout.replicate((head_params, lora))
             ids, mask, lengths, task_index, task_mask = (
-                shard_rows(x, self.mesh) for x in (ids, mask, lengths, task_index, task_mask))
+                self.layout.rows(x) for x in (ids, mask, lengths, task_index, task_mask))
         return params, head_params, ids, mask, lengths, lora, task_index, task_mask
 
     def lower(self, params, ids, *, output: str = "outputs", **inputs):
         """The lowered computation for these inputs (`.compile()`, `.as_text()`), e.g. to check
         which attention kernel a shape gets."""
         impl = self.implementation(ids, inputs.get("lengths"))
-        return self.function(impl, output).lower(*self.arguments(params, ids, **inputs))
+        with on_mesh(self.layout):
+            return self.function(impl, output).lower(*self.arguments(params, ids, **inputs))
 
     def __call__(self, params, ids, *, output: str = "outputs", **inputs):
         """ids: int32 [B, L]; inputs: mask or lengths, lora, task_index, task_mask, head_params
         (see `arguments`)."""
-        return self._with_fallback(ids, inputs, lambda impl, args: self.runner(
-            impl, output, args)(*args), self.arguments(params, ids, **inputs))
+        with on_mesh(self.layout):
+            return self._with_fallback(ids, inputs, lambda impl, args: self.runner(
+                impl, output, args)(*args), self.arguments(params, ids, **inputs))
 
     def prepare(self, params, ids, *, output: str = "outputs", **inputs) -> bool:
         """Makes the executable for these inputs ready (compiled, or loaded from the store)
@@ -208,7 +218,8 @@ class CompiledForward:
         def ready(impl, args):
             return self.runner(impl, output, args) is not self.function(impl, output)
 
-        return self._with_fallback(ids, inputs, ready, self.arguments(params, ids, **inputs))
+        with on_mesh(self.layout):
+            return self._with_fallback(ids, inputs, ready, self.arguments(params, ids, **inputs))
 
     def _with_fallback(self, ids, inputs, step, args):
         """step(implementation, args); a cuDNN failure (lowering or running) switches this

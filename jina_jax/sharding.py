@@ -1,20 +1,42 @@
-"""Data parallelism over every visible device: a 1-D mesh over the batch, parameters replicated
-(or, to save memory, split over the same devices and gathered by XLA where used).
+"""Where arrays go on a device mesh: batch rows over a data axis, weights replicated, split
+tensor-parallel over a model axis, and/or split over the data axis to save memory.
 
-    model.shard()                    # all devices of the default backend
-    model.shard(shard_params=True)   # each large weight split over the devices too
-    model.encode(texts, ...)         # batches split over the devices, results in input order
+    model.shard()                                  # 1-D mesh over every device: data parallel
+    model.shard(shard_params=True)                 # ... each large weight split over it too
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    model.shard(mesh=mesh, model_axis="model")     # 2-way data x 4-way tensor parallel
+    with jax.set_mesh(mesh):
+        model.shard(model_axis="model")            # the same, from the mesh in context
+    model.encode(texts, ...)                       # batches split over the data axis
 
-Batch row counts are rounded up to a multiple of the device count, so every device gets rows.
+Tensor-parallel specs come from the architecture table (`architecture.Module.parallel`), per
+leaf of the parameter tree (layer leaves carry the leading [L] axis):
+
+    qkv, fc1     kernel [L, I, O] -> P(None, None, model)   bias [L, O] -> P(None, model)
+    out, fc2     kernel [L, I, O] -> P(None, model, None)   bias replicated
+    word         embedding [V, H] -> P(None, model)
+    norms, token types, pooler, adapters, heads: replicated
+
+A dimension the axis does not divide stays whole. `shard_params=True` also splits the largest
+remaining axis of each large leaf over the data axis (FSDP-like: XLA gathers it where used).
+Batch row counts must be a multiple of the data axis's size; `encode` rounds its batches up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .architecture import BY_PATH, LEAVES
 
 AXIS = "data"
+
+# Leaves smaller than this stay replicated: splitting them saves little and costs a gather each.
+MIN_SHARDED_SIZE = 1 << 16
 
 
 def batch_mesh(devices=None) -> Mesh:
@@ -22,50 +44,130 @@ def batch_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
-def replicate(tree, mesh: Mesh):
-    """Every leaf on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axes with automatic (GSPMD) axis types: our jitted functions let
+    XLA choose intermediate layouts, which `jax.make_mesh`'s default explicit axes forbid."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-# Leaves smaller than this stay replicated: splitting them saves little and costs a gather each.
-MIN_SHARDED_SIZE = 1 << 16
+def _module_leaf(path: tuple) -> tuple | None:
+    """(module path, leaf name) if `path` ends in a parameter leaf of the architecture table
+    (an encoder parameter, wherever the tree nests it: a train state's optimizer moments too)."""
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    for start in range(len(keys)):
+        module, leaf = keys[start:-1], keys[-1]
+        row = BY_PATH.get(module)
+        if row is not None and leaf in LEAVES[row.kind]:
+            return module, leaf
+    return None
 
 
-def param_spec(shape, n: int) -> PartitionSpec:
-    """Split the largest axis that divides evenly over n devices; small leaves replicated."""
-    if int(np.prod(shape)) < MIN_SHARDED_SIZE or not shape:
-        return PartitionSpec()
-    for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
-        if shape[axis] % n == 0:
-            return PartitionSpec(*([None] * axis + [AXIS]))
-    return PartitionSpec()
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and what each axis is for (see the module docstring)."""
+    mesh: Mesh
+    data_axis: str = AXIS
+    model_axis: str | None = None
+    shard_params: bool = False
+
+    def __post_init__(self):
+        names = self.mesh.axis_names
+        for what, axis in (("data_axis", self.data_axis), ("model_axis", self.model_axis)):
+            if axis is not None and axis not in names:
+                raise ValueError(f"{what} {axis!r} is not an axis of the mesh {names}")
+        if self.data_axis == self.model_axis:
+            raise ValueError(f"data_axis and model_axis are both {self.data_axis!r}")
+        object.__setattr__(self, "mesh", auto_mesh(self.mesh))
+
+    @property
+    def rows_multiple(self) -> int:
+        """Batch rows must be a multiple of this: the data axis's size."""
+        return int(self.mesh.shape[self.data_axis])
+
+    @property
+    def devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+    def context(self):
+        """`with layout.context():` runs JAX operations under this layout's own mesh: a caller's
+        `jax.set_mesh` of explicit axes would otherwise clash with arrays placed on it."""
+        return jax.set_mesh(self.mesh)
+
+    def sharding(self, spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def spec(self, path, shape) -> PartitionSpec:
+        """The PartitionSpec of one leaf (a key path from `tree_flatten_with_path`)."""
+        axes: list = [None] * len(shape)
+        found = _module_leaf(path) if self.model_axis is not None else None
+        if found is not None:
+            module, leaf = found
+            split = BY_PATH[module].parallel
+            axis = {("out", "kernel"): -1, ("out", "bias"): -1, ("in", "kernel"): -2,
+                    ("dim", "embedding"): -1}.get((split, leaf))
+            size = int(self.mesh.shape[self.model_axis])
+            if axis is not None and len(shape) >= -axis and shape[axis] % size == 0:
+                axes[axis] = self.model_axis
+        if self.shard_params and int(np.prod(shape)) >= MIN_SHARDED_SIZE:
+            size = self.rows_multiple
+            for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+                if axes[axis] is None and shape[axis] % size == 0:
+                    axes[axis] = self.data_axis
+                    break
+        while axes and axes[-1] is None:
+            axes.pop()
+        return PartitionSpec(*axes)
+
+    def place(self, tree):
+        """Every leaf of `tree` onto the mesh with its `spec` (parameters, adapters, train state)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.device_put(x, self.sharding(self.spec(p, np.shape(x)))), tree)
+
+    def replicate(self, tree):
+        """Every leaf on every device of the mesh."""
+        return jax.device_put(tree, self.sharding(PartitionSpec()))
+
+    def rows(self, x):
+        """Split axis 0 over the data axis (replicated over the others)."""
+        if x is None:
+            return None
+        n = self.rows_multiple
+        if np.shape(x)[0] % n:
+            raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices "
+                             f"(the mesh's {self.data_axis!r} axis)")
+        return jax.device_put(x, self.sharding(PartitionSpec(self.data_axis)))
+
+    def global_batch(self, batch: dict) -> dict:
+        """Rows split over the data axis. With several processes (multi-host, after
+        `jax.distributed.initialize()`), each process passes its own rows and they are assembled
+        into one global array, process 0's rows first."""
+        if jax.process_count() == 1:
+            return {k: self.rows(v) for k, v in batch.items()}
+        sharding = self.sharding(PartitionSpec(self.data_axis))
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                for k, v in batch.items()}
 
 
-def place_params(tree, mesh: Mesh, shard: bool = False):
-    """Parameters onto the mesh: replicated, or (shard=True) split leaf by leaf (`param_spec`)."""
-    if not shard:
-        return replicate(tree, mesh)
-    n = mesh.devices.size
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(np.shape(x), n))), tree)
+def mesh_layout(devices=None, *, mesh: Mesh | None = None, data_axis: str = AXIS,
+           model_axis: str | None = None, shard_params: bool = False) -> Layout:
+    """The layout for `model.shard(...)`: a given mesh, else the one of `jax.set_mesh` in
+    context, else a 1-D data mesh over `devices` (default: every device)."""
+    if mesh is not None and devices is not None:
+        raise ValueError("give devices or a mesh, not both")
+    if mesh is None and devices is None:
+        current = jax.sharding.get_mesh()
+        if not current.empty:
+            mesh = current
+    if mesh is None:
+        if model_axis is not None:
+            raise ValueError(f"model_axis {model_axis!r} needs a mesh with that axis "
+                             "(mesh=... or jax.set_mesh)")
+        mesh = batch_mesh(devices)
+    return Layout(mesh, data_axis, model_axis, shard_params)
 
 
-def shard_rows(x, mesh: Mesh):
-    """Split axis 0 over the mesh; its size must be a multiple of the device count."""
-    if x is None:
-        return None
-    n = mesh.devices.size
-    if np.shape(x)[0] % n:
-        raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices")
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
-
-
-def global_batch(batch: dict, mesh: Mesh) -> dict:
-    """Rows split over the mesh. With several processes (multi-host, after
-    `jax.distributed.initialize()`), each process passes its own rows and they are assembled
-    into one global array, process 0's rows first."""
-    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-    if jax.process_count() == 1:
-        return {k: shard_rows(v, mesh) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
+def on_mesh(layout: Layout | None):
+    """`layout.context()`, or nothing to do without a layout."""
+    return contextlib.nullcontext() if layout is None else layout.context()

@@ -45,7 +45,7 @@ from .attention import choose_implementation
 from .config import as_dtype
 from .encoder import REMAT_POLICIES, EncoderOutput, JinaEncoder, mean_pool
 from .records import read_jsonl
-from .sharding import global_batch, place_params
+from .sharding import Layout, on_mesh
 from .tokenize import check_max_length, tokenize
 from .tree import combine, copy_dicts, get_path, set_path
 
@@ -224,9 +224,11 @@ class Trainer:
       average their gradients before one optimizer update.
     dropout: the config's dropout rates in training (hidden, attention, classifier) or none.
     compute_dtype: e.g. "bfloat16" for bf16 compute; the trained master weights stay fp32.
-    mesh: data parallelism (default: the model's, after `model.shard()`); batches are split by
-      rows, so their row count must be a multiple of the device count. shard_params: split large
-      weights (frozen, trained and optimizer state) over the mesh (default: as the model does).
+    mesh: a 1-D data mesh (axis "data") to run on; default: the model's layout after
+      `model.shard(...)` (its data axis, and its model axis for tensor parallelism: frozen and
+      trained weights and their optimizer state are split as `sharding.Layout` says). Batches
+      are split by rows, so their row count must be a multiple of the data axis's size.
+      shard_params: split large weights over the data axis too (default: as the model does).
     """
 
     def __init__(self, model, objective, optimizer: optax.GradientTransformation, *, train=None,
@@ -241,14 +243,18 @@ class Trainer:
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.remat, self.accumulate, self.dropout = remat, accumulate, dropout
         self.dtype = as_dtype(compute_dtype) if compute_dtype is not None else model.dtype
-        self.mesh = mesh if mesh is not None else model.mesh
+        # The model's layout (its mesh and axes), or data parallelism over `mesh`.
+        self.layout = model.layout if mesh is None else Layout(mesh)
+        self.mesh = None if self.layout is None else self.layout.mesh
         for task in objective.tasks:
             if task is not None:
                 model.resolve_task(task)  # unknown names fail here, not inside the first step
         self.paths = _train_paths(model, objective, train)
         trainable, frozen = partition(variables(model), self.paths)
-        self.shard_params = model.shard_params if shard_params is None else shard_params
-        self.frozen = frozen if self.mesh is None else self._put(frozen)
+        if self.layout is not None and shard_params is not None:
+            self.layout = dataclasses.replace(self.layout, shard_params=shard_params)
+        self.shard_params = self.layout is not None and self.layout.shard_params
+        self.frozen = frozen if self.layout is None else self._put(frozen)
         self.initial = trainable  # the trained leaves' starting values
         self.masks = _qkv_masks(trainable)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,) if donate_state else ())
@@ -256,7 +262,8 @@ class Trainer:
 
     @property
     def devices(self) -> int:
-        return 1 if self.mesh is None else int(self.mesh.devices.size)
+        """How many ways a batch's rows split (the data axis's size)."""
+        return 1 if self.layout is None else self.layout.rows_multiple
 
     def module(self, implementation: str) -> JinaEncoder:
         return JinaEncoder(self.model.config, dtype=self.dtype, param_dtype=jnp.float32,
@@ -264,8 +271,9 @@ class Trainer:
                            remat=self.remat)
 
     def init(self, seed: int = 0) -> TrainState:
-        state = self.init_from(self.initial, seed)
-        return state if self.mesh is None else self._put(state)
+        with on_mesh(self.layout):
+            state = self.init_from(self.initial, seed)
+            return state if self.layout is None else self._put(state)
 
     def init_from(self, trainable, seed: int = 0) -> TrainState:
         """A fresh state over `trainable` (a tree shaped like the trained leaves); pure, so
@@ -276,7 +284,7 @@ class Trainer:
                            opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
     def _put(self, tree):
-        return place_params(tree, self.mesh, self.shard_params)
+        return self.layout.place(tree)
 
     # -- the step --
 
@@ -317,7 +325,8 @@ class Trainer:
 
     def step(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
         """One optimizer update on `batch` (a dict of arrays, rows on axis 0)."""
-        return self._step(self.frozen, state, self.place_batch(batch))
+        with on_mesh(self.layout):
+            return self._step(self.frozen, state, self.place_batch(batch))
 
     def lower_step(self, state: TrainState, batch: Mapping):
         """The lowered train step (`.compile().memory_analysis()`); `state` and `batch` may be
@@ -326,8 +335,9 @@ class Trainer:
 
     def gradients(self, state: TrainState, batch: Mapping, rng=None):
         """(loss, metrics, grads) at `state` without updating (grads in `state.params`' tree)."""
-        rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
-        return self._grad(state.params, self.frozen, self.place_batch(batch), rng)
+        with on_mesh(self.layout):
+            rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
+            return self._grad(state.params, self.frozen, self.place_batch(batch), rng)
 
     def place_batch(self, batch: Mapping):
         """The batch checked (rows agree and split over devices x accumulate) and on device(s)."""
@@ -343,9 +353,9 @@ class Trainer:
         if n % (self.devices * self.accumulate):
             raise ValueError(f"the batch has {n} rows, not a multiple of devices ({self.devices}) "
                              f"x accumulate ({self.accumulate})")
-        if self.mesh is None:
+        if self.layout is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        return global_batch(batch, self.mesh)
+        return self.layout.global_batch(batch)
 
     # -- results --
 
@@ -399,7 +409,7 @@ class Trainer:
             if keys:
                 raise ValueError(f"{path}: unexpected key(s) {sorted(keys)[:5]}")
         state = jax.tree_util.tree_unflatten(treedef, values)
-        return state if self.mesh is None else self._put(state)
+        return state if self.layout is None else self._put(state)
 
 
 # --- what trains ---------------------------------------------------------------------------

@@ -97,3 +97,77 @@ def test_sharded_train_step_equals_single_device(transformers_dir):
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+MESH_CODE = r"""
+import sys
+import jax, numpy as np, optax
+from jax.sharding import PartitionSpec as P
+from jina_jax import JinaEmbeddingsV3
+from jina_jax.training import Contrastive, Trainer
+from tests.test_encode import CORPUS
+from tests.test_training import contrastive_arrays
+assert len(jax.devices()) == 8, jax.devices()
+mesh = jax.make_mesh((2, 4), ("data", "model"))   # explicit axes, as JAX makes them by default
+single = JinaEmbeddingsV3.from_pretrained(sys.argv[1])
+split = JinaEmbeddingsV3.from_pretrained(sys.argv[1]).shard(mesh=mesh, model_axis="model")
+with jax.set_mesh(mesh):  # the mesh in context, and calls made under it
+    ambient = JinaEmbeddingsV3.from_pretrained(sys.argv[1]).shard(model_axis="model")
+    assert ambient.layout.mesh.shape == mesh.shape and ambient.row_multiple == 2
+    c = ambient.encode(CORPUS, task="retrieval.query", max_length=24)
+assert split.row_multiple == 2
+# The weights really are split: heads / MLP units over "model", whole over "data".
+layers = split.params["layers"]
+for name, spec, local in ((("attn", "qkv", "kernel"), P(None, None, "model"), (3, 48, 36)),
+                          (("attn", "qkv", "bias"), P(None, "model"), (3, 36)),
+                          (("attn", "out", "kernel"), P(None, "model"), (3, 12, 48)),
+                          (("mlp", "fc1", "kernel"), P(None, None, "model"), (3, 48, 18)),
+                          (("mlp", "fc2", "kernel"), P(None, "model"), (3, 18, 48))):
+    leaf = layers[name[0]][name[1]][name[2]]
+    assert leaf.sharding.spec == spec, (name, leaf.sharding)
+    assert leaf.addressable_shards[0].data.shape == local, (name, leaf.addressable_shards[0].data.shape)
+word = split.params["embeddings"]["word"]["embedding"]
+assert word.sharding.spec == P(None, "model") and word.addressable_shards[0].data.shape == (120, 12)
+for task in ("retrieval.query", ["separation", None] * 4):
+    a = single.encode(CORPUS, task=task, max_length=24)
+    b = split.encode(CORPUS, task=task, max_length=24)
+    assert np.abs(a - b).max() < 1e-5, (task, np.abs(a - b).max())
+    if task == "retrieval.query":
+        assert np.abs(a - c).max() < 1e-5, np.abs(a - c).max()
+# A train step of everything (base weights and their optimizer moments split too).
+batch, *_ = contrastive_arrays(120)
+results = []
+for model in (JinaEmbeddingsV3.from_pretrained(sys.argv[1]),
+              JinaEmbeddingsV3.from_pretrained(sys.argv[1]).shard(mesh=mesh, model_axis="model")):
+    trainer = Trainer(model, Contrastive(), optax.adamw(1e-3), train="all", dropout=False)
+    state, metrics = trainer.step(trainer.init(seed=3), batch)
+    results.append((state, metrics))
+(s1, m1), (s8, m8) = results
+fc1 = s8.params["params"]["layers"]["mlp"]["fc1"]["kernel"]
+assert fc1.sharding.spec == P(None, None, "model"), fc1.sharding
+mu = s8.opt_state[0].mu["params"]["layers"]["mlp"]["fc1"]["kernel"]
+assert mu.sharding.spec == P(None, None, "model"), mu.sharding
+assert abs(float(m1["loss"]) - float(m8["loss"])) < 1e-5
+for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1), jax.tree_util.tree_leaves(s8)):
+    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+    assert d < 1e-5, (jax.tree_util.keystr(path), d)
+try:
+    JinaEmbeddingsV3.from_pretrained(sys.argv[1]).shard(mesh=mesh, model_axis="tensor")
+except ValueError as e:
+    assert "model_axis 'tensor' is not an axis of the mesh" in str(e), e
+else:
+    raise AssertionError("an unknown axis should fail")
+print("ok")
+"""
+
+
+def test_data_by_model_mesh_equals_single_device(transformers_dir):
+    """A 2x4 (data x model) mesh of 8 simulated devices: tensor-parallel encode and train step
+    equal one device, with the weights split as `sharding.py` documents."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", MESH_CODE, transformers_dir],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
