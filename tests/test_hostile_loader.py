@@ -20,26 +20,19 @@ import pytest
 from convert import CheckpointError, load
 from convert.export import save_transformers
 from convert.formats import save_native
-from convert.random_checkpoint import write_random_release
 from convert.safetensors_io import SafetensorsFile
 from jina_jax import JinaEmbeddingsV3
-from jina_jax.config import JinaConfig
-
-TINY = JinaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("tiny") / "release")
-    write_random_release(folder, TINY, dtype="bfloat16")
-    return folder
 
 
 @pytest.fixture
-def ckpt(tmp_path, tiny):
+def tiny(tiny_release):
+    return tiny_release
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_release):
     dst = tmp_path / "ckpt"
-    shutil.copytree(tiny, dst)
+    shutil.copytree(tiny_release, dst)
     return dst
 
 
@@ -188,7 +181,7 @@ def test_garbage_tokenizer_is_refused_before_the_weights(ckpt, garbage):
 def test_from_pretrained_keeps_the_checked_tokenizer(ckpt):
     model = JinaEmbeddingsV3.from_pretrained(str(ckpt))
     os.remove(ckpt / "tokenizer.json")  # read once, before the weights; not again on use
-    assert model.tokenizer.encode("hello world").ids[0] == TINY.bos_token_id
+    assert model.tokenizer.encode("hello world").ids[0] == 0
 
 
 # --- case 11: data_offsets as the format defines them; dtypes the format never uses ------
