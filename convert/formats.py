@@ -22,7 +22,6 @@ import re
 import shutil
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from jina_jax.architecture import weight_shape
 from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
@@ -102,7 +101,15 @@ def detect_format(folder: str) -> str:
                           "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder")
 
 
-def load(folder: str, dtype=np.float32, place=None, read_tokenizer=Tokenizer.from_file
+def read_tokenizer_file(path: str):
+    """`tokenizers.Tokenizer.from_file(path)`; imported here, not at the top: `jina-jax --help`
+    imports this module and must stay light."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load(folder: str, dtype=np.float32, place=None, read_tokenizer=read_tokenizer_file
          ) -> Checkpoint:
     """Reads any supported folder. Base parameters come back in `dtype`; `place`, if given, is
     applied to each parameter leaf as soon as it is complete (see `ParamBuilder`). The folder's
@@ -115,7 +122,7 @@ def load(folder: str, dtype=np.float32, place=None, read_tokenizer=Tokenizer.fro
     return dataclasses.replace(reader(folder, np.dtype(dtype), place), tokenizer=tokenizer)
 
 
-def check_tokenizer(folder: str, read_tokenizer=Tokenizer.from_file):
+def check_tokenizer(folder: str, read_tokenizer=read_tokenizer_file):
     """`read_tokenizer(path)` of the folder's `tokenizer.json` (None when it has none); one that
     `tokenizers` cannot read (random bytes, JSON without a vocab, ...) is a CheckpointError."""
     path = os.path.join(folder, "tokenizer.json")
@@ -165,15 +172,18 @@ def _scan_keys(src: TensorSource):
     return targets, heads, has_pooler
 
 
-def _check_layer_count(folder: str, src: TensorSource, cfg, targets) -> None:
-    """A config that promises more layers than the weights have is refused before the layer
-    stacks ([num_hidden_layers, ...] each) are allocated."""
-    layers = {t.layer for t in targets.values() if t.layer is not None}
-    have = max(layers) + 1 if layers else 0
+def _check_layer_count(folder: str, source: str, cfg, have: int) -> None:
+    """A config that promises more layers than the weights (`source`) have is refused before
+    the layer stacks ([num_hidden_layers, ...] each) are allocated."""
     if cfg.num_hidden_layers > have:
         raise CheckpointError(f"{os.path.join(folder, 'config.json')}: num_hidden_layers="
-                              f"{cfg.num_hidden_layers}, but {src.name} holds weights for "
+                              f"{cfg.num_hidden_layers}, but {source} holds weights for "
                               f"{have} layer(s)")
+
+
+def _layers_of(targets) -> int:
+    """How many layers the keys of a PyTorch-format checkpoint cover (1 + the largest index)."""
+    return max((t.layer + 1 for t in targets.values() if t.layer is not None), default=0)
 
 
 def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
@@ -194,7 +204,7 @@ def _load_original(folder: str, dtype, place) -> Checkpoint:
     targets, head_keys, has_pooler = _scan_keys(src)
     cfg = _config(folder, raw, add_pooling_layer=has_pooler)
     tasks = list(cfg.lora_adaptations)
-    _check_layer_count(folder, src, cfg, targets)
+    _check_layer_count(folder, src.name, cfg, _layers_of(targets))
     params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, src.name)
@@ -336,7 +346,7 @@ def _load_transformers(folder: str, dtype, place) -> Checkpoint:
         if prompts:
             fields["task_instructions"] = tuple(prompts.items())
     cfg = _config(folder, raw, **fields)
-    _check_layer_count(folder, src, cfg, targets)
+    _check_layer_count(folder, src.name, cfg, _layers_of(targets))
     params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, folder)
@@ -362,6 +372,9 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
     params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
     _check_dtypes([params_file], "jina-jax")
+    _check_layer_count(folder, params_file.path, cfg, max(
+        (params_file.shape(k)[0] for k in params_file.keys()
+         if k.startswith("layers/") and params_file.shape(k)), default=0))
     builder = ParamBuilder(cfg, dtype, params_file.path, place)
     for key in params_file.keys():
         builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)

@@ -144,23 +144,21 @@ def test_negative_dimensions(ckpt):
 
 # --- case 9: a config that promises more layers than the weights hold ---------------------
 
-def test_num_hidden_layers_beyond_the_weights(ckpt):
-    path = ckpt / "config.json"
+@pytest.mark.parametrize("fmt", ["original", "transformers", "jina_jax"])
+def test_num_hidden_layers_beyond_the_weights(ckpt, tmp_path, fmt):
+    folder = ckpt
+    if fmt != "original":
+        c = load(str(ckpt))
+        folder = tmp_path / fmt
+        if fmt == "transformers":
+            save_transformers(str(folder), c.config, c.params, c.adapters, c.scales, str(ckpt))
+        else:
+            save_native(str(folder), c)
+    path = folder / "config.json"
     config = json.loads(path.read_text())
     config["num_hidden_layers"] = 1_000_000
     path.write_text(json.dumps(config))
-    refused(ckpt, "config.json", "num_hidden_layers=1000000", "2 layer(s)")
-
-
-def test_num_hidden_layers_beyond_the_weights_transformers_format(ckpt, tmp_path):
-    tf = tmp_path / "tf"
-    c = load(str(ckpt))
-    save_transformers(str(tf), c.config, c.params, c.adapters, c.scales, str(ckpt))
-    path = tf / "config.json"
-    config = json.loads(path.read_text())
-    config["num_hidden_layers"] = 1_000_000
-    path.write_text(json.dumps(config))
-    refused(tf, "config.json", "num_hidden_layers=1000000", "2 layer(s)")
+    refused(folder, "config.json", "num_hidden_layers=1000000", "2 layer(s)")
 
 
 # --- case 10: a garbage tokenizer.json, checked before the weights ----------------------
