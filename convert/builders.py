@@ -16,6 +16,9 @@ from .names import Target
 from .safetensors_io import CheckpointError
 
 
+WHOLE = ("whole", None)  # in `filled`: the leaf came in one piece (our own format)
+
+
 class ParamBuilder:
     """Fills the base parameter tree; `finish()` returns it or names what is missing."""
 
@@ -71,11 +74,13 @@ class ParamBuilder:
                                   f"config implies {list(self.shapes[path])}")
         value = value.astype(self.dtype)
         self.arrays[path] = self.place(value) if self.place is not None else value
-        self.filled[path] = {(None, None)} | {(i, None) for i in range(self.cfg.num_hidden_layers)}
+        self.filled[path] = {WHOLE}
 
     def _missing(self, path: Path) -> list[str]:
         layers = range(self.cfg.num_hidden_layers) if path[0] == "layers" else [None]
         done = self.filled.get(path, set())
+        if WHOLE in done:
+            return []
         missing = []
         for layer in layers:
             if (layer, None) in done or {(layer, 0), (layer, 1), (layer, 2)} <= done:

@@ -30,7 +30,7 @@ from jina_jax.tree import flatten, nest, set_path
 
 from . import names
 from .builders import AdapterBuilder, ParamBuilder
-from .safetensors_io import CheckpointError, SafetensorsFile, TensorSource
+from .safetensors_io import CheckpointError, SafetensorsFile, TensorSource, parse_json
 from .safetensors_io import write as save_file
 
 FORMAT_KEY = "jina_jax_format"
@@ -51,18 +51,24 @@ class Checkpoint:
     heads: dict             # {torch key: np.ndarray}: head tensors, untouched
     format: str
     folder: str
+    tokenizer: object = None  # the folder's tokenizer.json as read by `load`, or None
+
+
+# What a weight is stored as. No writer of these formats stores one as an integer or mixes the
+# two 16-bit float types in one file, and such a tensor would load silently as float weights.
+FLOAT_CODES = ("F32", "BF16", "F16", "F64")
+HALF_CODES = ("BF16", "F16")
 
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    data = parse_json(raw, path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -95,13 +101,57 @@ def detect_format(folder: str) -> str:
                           "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder")
 
 
-def load(folder: str, dtype=np.float32, place=None) -> Checkpoint:
+def read_tokenizer_file(path: str):
+    """`tokenizers.Tokenizer.from_file(path)`; imported here, not at the top: `jina-jax --help`
+    imports this module and must stay light."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load(folder: str, dtype=np.float32, place=None, read_tokenizer=read_tokenizer_file
+         ) -> Checkpoint:
     """Reads any supported folder. Base parameters come back in `dtype`; `place`, if given, is
-    applied to each parameter leaf as soon as it is complete (see `ParamBuilder`)."""
+    applied to each parameter leaf as soon as it is complete (see `ParamBuilder`). The folder's
+    `tokenizer.json`, if any, is read first with `read_tokenizer(path)` (a file it refuses fails
+    before any weight is read) and comes back as `Checkpoint.tokenizer`."""
     fmt = detect_format(folder)
+    tokenizer = check_tokenizer(folder, read_tokenizer)
     reader = {"original": _load_original, "transformers": _load_transformers,
               "jina_jax": _load_native}[fmt]
-    return reader(folder, np.dtype(dtype), place)
+    return dataclasses.replace(reader(folder, np.dtype(dtype), place), tokenizer=tokenizer)
+
+
+def check_tokenizer(folder: str, read_tokenizer=read_tokenizer_file):
+    """`read_tokenizer(path)` of the folder's `tokenizer.json` (None when it has none); one that
+    `tokenizers` cannot read (random bytes, JSON without a vocab, ...) is a CheckpointError."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception
+        raise CheckpointError(f"{path}: not a tokenizer that `tokenizers` can read "
+                              f"({str(e)[:300]})") from None
+
+
+def _check_dtypes(files, fmt: str, allowed=FLOAT_CODES) -> None:
+    """Every tensor of each file is stored as one of `allowed`, and a file holds at most one of
+    the 16-bit float types; else a CheckpointError naming the first tensor at fault. Header
+    arithmetic only."""
+    for f in files:
+        codes = {key: f.dtype_code(key) for key in f.keys()}
+        for key, code in codes.items():
+            if code not in allowed:
+                raise CheckpointError(f"{f.path}: key {key!r} is stored as {code}; a {fmt}-format "
+                                      f"checkpoint stores it as {' or '.join(allowed)}")
+        halves = sorted({c for c in codes.values() if c in HALF_CODES},
+                        key=lambda c: -list(codes.values()).count(c))
+        if len(halves) > 1:
+            key = next(k for k, c in codes.items() if c == halves[-1])
+            raise CheckpointError(f"{f.path}: key {key!r} is stored as {halves[-1]}, but the "
+                                  f"file's other weights are {halves[0]} (a {fmt}-format "
+                                  "checkpoint stores its weights in one 16-bit type)")
 
 
 # --- shared by the two PyTorch formats ------------------------------------------------------
@@ -122,6 +172,20 @@ def _scan_keys(src: TensorSource):
     return targets, heads, has_pooler
 
 
+def _check_layer_count(folder: str, source: str, cfg, have: int) -> None:
+    """A config that promises more layers than the weights (`source`) have is refused before
+    the layer stacks ([num_hidden_layers, ...] each) are allocated."""
+    if cfg.num_hidden_layers > have:
+        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: num_hidden_layers="
+                              f"{cfg.num_hidden_layers}, but {source} holds weights for "
+                              f"{have} layer(s)")
+
+
+def _layers_of(targets) -> int:
+    """How many layers the keys of a PyTorch-format checkpoint cover (1 + the largest index)."""
+    return max((t.layer + 1 for t in targets.values() if t.layer is not None), default=0)
+
+
 def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
     builder = ParamBuilder(cfg, dtype, src.name, place)
     # Largest first, so tensors of one stacked leaf arrive together and it completes early.
@@ -136,9 +200,11 @@ def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
 def _load_original(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
+    _check_dtypes(src.files, "release")
     targets, head_keys, has_pooler = _scan_keys(src)
     cfg = _config(folder, raw, add_pooling_layer=has_pooler)
     tasks = list(cfg.lora_adaptations)
+    _check_layer_count(folder, src.name, cfg, _layers_of(targets))
     params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, src.name)
@@ -233,6 +299,7 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
     if not os.path.isfile(weights):
         raise CheckpointError(f"{sub}: no adapter_model.safetensors")
     f = SafetensorsFile(weights)
+    _check_dtypes([f], "PEFT")
     for key in f.keys():
         target = names.parse(key)
         if target is None or not target.leaf.startswith("peft"):
@@ -260,6 +327,7 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
 def _load_transformers(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
+    _check_dtypes(src.files, "Transformers")
     targets, head_keys, has_pooler = _scan_keys(src)
     for key, target in targets.items():
         if target.leaf not in ("weight", "bias"):
@@ -278,6 +346,7 @@ def _load_transformers(folder: str, dtype, place) -> Checkpoint:
         if prompts:
             fields["task_instructions"] = tuple(prompts.items())
     cfg = _config(folder, raw, **fields)
+    _check_layer_count(folder, src.name, cfg, _layers_of(targets))
     params = _read_base(src, cfg, targets, dtype, place)
 
     adapters = AdapterBuilder(cfg, folder)
@@ -302,6 +371,10 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     cfg = _config(folder, raw)
     scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
     params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
+    _check_dtypes([params_file], "jina-jax")
+    _check_layer_count(folder, params_file.path, cfg, max(
+        (params_file.shape(k)[0] for k in params_file.keys()
+         if k.startswith("layers/") and params_file.shape(k)), default=0))
     builder = ParamBuilder(cfg, dtype, params_file.path, place)
     for key in params_file.keys():
         builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)
@@ -311,6 +384,7 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     path = os.path.join(folder, ADAPTERS_FILE)
     if os.path.isfile(path):
         f = SafetensorsFile(path)
+        _check_dtypes([f], "jina-jax", allowed=("F32",))  # save_native writes float32 factors
         for key in f.keys():
             task, *module, factor = key.split("/")
             module = tuple(module)
@@ -334,6 +408,7 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
     heads = {}
     if os.path.isfile(heads_path):
         f = SafetensorsFile(heads_path)
+        _check_dtypes([f], "jina-jax")
         heads = {k: f.read(k) for k in f.keys()}
     return Checkpoint(cfg, params, adapters, scales, heads, "jina_jax", folder)
 

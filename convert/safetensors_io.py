@@ -9,6 +9,7 @@ comes back as `ml_dtypes.bfloat16`. Writing goes through the `safetensors` packa
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -31,8 +32,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and, where known, the key."""
 
 
+def _no_duplicates(pairs):
+    """object_pairs_hook for json: a key given twice is an error, never last-one-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def parse_json(raw, what: str):
+    """`raw` (bytes or str) as JSON; anything else (bad syntax or encoding, nesting deeper than
+    Python's recursion limit, a repeated key) is a CheckpointError naming `what`."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise CheckpointError(f"{what}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{what}: not valid JSON ({e})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class SafetensorsFile:
-    """The header of one safetensors file, and positioned reads of its tensors."""
+    """The header of one safetensors file, and positioned reads of its tensors.
+
+    The header is checked as the format defines it, by arithmetic on its numbers alone (no pass
+    over the data, and nothing allocated from a declared size before it is known to fit in the
+    file): every entry has a known dtype, a shape of integers >= 0 and `data_offsets` [begin, end]
+    with begin <= end holding exactly dtype size x elements bytes; the tensors, ordered by
+    offset, tile the data region exactly (no overlap, so no two tensors share bytes; no gap; no
+    trailing bytes); `__metadata__` maps strings to strings.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -48,30 +82,74 @@ class SafetensorsFile:
             if n > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{self.path}: corrupt safetensors header (header length "
                                       f"{n} for a file of {size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+            raw = f.read(n)
+        try:
+            header = parse_json(raw, "header")
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(
+                isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must "
+                                  "map strings to strings)")
+        self.metadata = metadata
         self._data_start = 8 + n
-        self._entries = {}
-        for key, entry in header.items():
-            try:
-                dtype = _DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt header entry for key {key!r}: "
-                                      f"{entry!r}") from None
-            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                raise CheckpointError(f"{self.path}: key {key!r}: {end - begin} bytes do not hold "
-                                      f"{entry['dtype']} {list(shape)}")
-            if self._data_start + end > size:
-                raise CheckpointError(f"{self.path}: truncated file: key {key!r} ends at byte "
-                                      f"{self._data_start + end}, the file has {size} bytes")
-            self._entries[key] = (dtype, shape, begin)
+        self._entries = {k: self._entry(k, e, size - self._data_start) for k, e in header.items()}
+        self._check_tiling(size - self._data_start)
+
+    def _entry(self, key: str, entry, data_size: int):
+        """(dtype, shape, begin, end) of one header entry, checked against the data region."""
+        bad = lambda why: CheckpointError(  # noqa: E731
+            f"{self.path}: corrupt header entry for key {key!r}: {why}")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise bad(f"{str(entry)[:200]} (needs dtype, shape and data_offsets)")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(code, str) or code not in _DTYPES:
+            raise bad(f"unknown dtype {str(code)[:40]!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise bad(f"shape {str(shape)[:200]} is not a list of integers")
+        if any(d < 0 for d in shape):
+            raise bad(f"negative dimension in shape {shape}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(
+                _is_int(o) for o in offsets):
+            raise bad(f"data_offsets {str(offsets)[:200]} is not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"data_offsets {offsets} are not 0 <= begin <= end")
+        dtype = _DTYPES[code]
+        # Python integers: exact for any shape (a numpy product would wrap past 2**63).
+        nbytes = dtype.itemsize * math.prod(shape)
+        if end - begin != nbytes:
+            raise CheckpointError(f"{self.path}: key {key!r}: {end - begin} bytes do not hold "
+                                  f"{code} {shape}")
+        if end > data_size:
+            raise CheckpointError(f"{self.path}: truncated file: key {key!r} ends at byte "
+                                  f"{self._data_start + end}, the file has "
+                                  f"{self._data_start + data_size} bytes")
+        return dtype, tuple(shape), begin, end, code
+
+    def _check_tiling(self, data_size: int) -> None:
+        """The tensors, ordered by offset, cover the data region exactly once."""
+        position, previous = 0, None
+        for key, (_, _, begin, end, _) in sorted(self._entries.items(),
+                                                  key=lambda kv: kv[1][2:4]):
+            if begin < position:
+                raise CheckpointError(f"{self.path}: keys {previous!r} and {key!r} share bytes "
+                                      f"{begin}..{min(end, position)} of the data (overlapping "
+                                      "data_offsets)")
+            if begin > position:
+                raise CheckpointError(f"{self.path}: bytes {position}..{begin} of the data "
+                                      f"belong to no tensor (a gap before key {key!r})")
+            position, previous = end, key
+        if position != data_size:
+            raise CheckpointError(f"{self.path}: {data_size - position} byte(s) after the last "
+                                  "tensor belong to no tensor")
+
+    def dtype_code(self, key: str) -> str:
+        """The stored dtype's safetensors name ("BF16", "F32", ...)."""
+        return self._entries[key][4]
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -86,7 +164,7 @@ class SafetensorsFile:
         """The tensor as a fresh array in its stored dtype."""
         if key not in self._entries:
             raise CheckpointError(f"{self.path}: no key {key!r}")
-        dtype, shape, begin = self._entries[key]
+        dtype, shape, begin, _, _ = self._entries[key]
         out = np.empty(shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb") as f:
@@ -117,12 +195,20 @@ class TensorSource:
         if os.path.isfile(single):
             return cls([SafetensorsFile(single)])
         if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-            return cls([SafetensorsFile(os.path.join(folder, s)) for s in shards])
+            with open(index, "rb") as f:
+                weight_map = parse_json(f.read(), index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: unreadable shard index (no weight_map object)")
+            shards = set()
+            for key, shard in weight_map.items():
+                # A shard is a file of this folder: never a path that leads out of it.
+                if not isinstance(shard, str) or os.path.basename(shard) != shard \
+                        or shard in ("", ".", ".."):
+                    raise CheckpointError(f"{index}: key {key!r} maps to {str(shard)[:200]!r}, "
+                                          "which is not a file name in this folder")
+                shards.add(shard)
+            return cls([SafetensorsFile(os.path.join(folder, s)) for s in sorted(shards)])
         raise CheckpointError(f"{folder}: no weights ({name} or {name}.index.json)")
 
     def keys(self) -> list[str]:

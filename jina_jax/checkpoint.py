@@ -15,16 +15,19 @@ from convert.formats import Checkpoint, load as load_folder, save_native
 
 from .config import as_dtype
 from .hub import resolve
+from .tokenize import load_tokenizer
 
 FORMATS = ("jina_jax", "transformers", "original")
 
 
 def load(src, *, dtype="float32", revision: str | None = None) -> Checkpoint:
     """The checkpoint at `src` (hub id or folder) with its parameters on the default device in
-    `dtype`, each leaf moved there as soon as it is read (host memory holds one at a time)."""
+    `dtype`, each leaf moved there as soon as it is read (host memory holds one at a time), and
+    its tokenizer (read first: a bad `tokenizer.json` fails before the weights load)."""
     folder = resolve(src, revision=revision)
     dtype = as_dtype(dtype)
-    return load_folder(folder, dtype=dtype, place=lambda x: jnp.asarray(x, dtype=dtype))
+    return load_folder(folder, dtype=dtype, place=lambda x: jnp.asarray(x, dtype=dtype),
+                       read_tokenizer=lambda path: load_tokenizer(os.path.dirname(path)))
 
 
 def save(folder: str, format: str, ckpt: Checkpoint, head: tuple[str, int | None] | None = None):

@@ -146,7 +146,11 @@ class JinaConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "JinaConfig":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                raw = json.load(f)
+            except RecursionError:  # json's own error for a document nested past the limit
+                raise ValueError(f"{path}: JSON nested too deeply") from None
+        return cls.from_dict(raw)
 
 
 # Dtype spellings accepted wherever a dtype is named (API, CLI, converter).

@@ -65,8 +65,10 @@ class JinaEmbeddingsV3:
         """
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
-        return cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
-                   param_dtype=param_dtype, heads=ckpt.heads, source=ckpt.folder, **kwargs)
+        model = cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
+                    param_dtype=param_dtype, heads=ckpt.heads, source=ckpt.folder, **kwargs)
+        model._tokenizer = ckpt.tokenizer  # read (and checked) before the weights
+        return model
 
     def save_pretrained(self, folder: str, format: str = "jina_jax") -> None:
         """Writes the base weights, every task adapter and the head (if any).

@@ -5,17 +5,114 @@ over the target; a folder is built as a temporary sibling folder and renamed int
 interrupted write (an exception, Ctrl-C, a killed process) never leaves a partial file under the
 target's name, and never a mixture of old and new files in a target folder: the target keeps its
 complete old content until the rename. What a killed process leaves is a hidden temporary
-sibling (`.NAME.tmp-*`), never the target.
+sibling (`.NAME.tmp-*`), never the target; its name carries the writer's identity
+(`.NAME.tmp-TAG-PID-START-XXXXXXXX`: a tag of the machine's boot and pid namespace, the process
+id and its start time), so the next write of the same target removes the temporaries whose
+writer no longer runs, and says so.
+
+A write that fails for lack of space (or another storage error that names no file) is re-raised
+naming the target, or the file inside a target folder: `DST/params.safetensors: No space left on
+device`, never a bare `[Errno 28]`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
+import hashlib
 import os
+import re
 import shutil
+import sys
 import tempfile
+
+# Errors of the storage itself: the file at fault is the one being written.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+@functools.cache
+def _machine_tag() -> str | None:
+    """8 hex digits naming this boot of this machine and this pid namespace (Linux), so that a
+    pid in a temporary's name is only ever looked up where it means the same process; None
+    where /proc cannot tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha1(f"{boot} {namespace}".encode()).hexdigest()[:8]
+
+
+def _start_time(pid: int | str) -> str | None:
+    """When process `pid` started (clock ticks since boot: /proc/PID/stat field 22), None if no
+    such process runs. A reused pid has a later start time, so (pid, start) names one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name (field 2) may hold spaces and parentheses: count from its end.
+        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner() -> str | None:
+    """`TAG-PID-START` of this process, None where /proc cannot tell (then no cleanup)."""
+    tag, pid = _machine_tag(), os.getpid()
+    start = _start_time(pid)
+    return None if tag is None or start is None else f"{tag}-{pid}-{start}"
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Removes the temporaries of `path` (files or folders named `.NAME.tmp-TAG-PID-START-*`)
+    whose writer, a process of this machine, boot and pid namespace (TAG), no longer runs
+    (PID with that START): what a killed run left. A temporary of a live writer, of another
+    machine, boot or container (another TAG: it cannot be told), of another user, or of any
+    other naming is left alone. Says what it removed on stderr, in one line; returns the
+    removed paths."""
+    tag = _machine_tag()
+    parent, name = os.path.split(os.path.abspath(path))
+    if tag is None:
+        return []
+    ours = re.compile(rf"\.{re.escape(name)}\.tmp-{tag}-(\d+)-(\d+)-[a-z0-9_]{{8}}")
+    try:
+        with os.scandir(parent) as it:
+            entries = [(e, m) for e in it if (m := ours.fullmatch(e.name)) is not None]
+    except OSError:
+        return []
+    removed = []
+    for entry, m in entries:
+        if _start_time(m.group(1)) == m.group(2):
+            continue  # its writer still runs
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        removed.append(entry.path)
+    if removed:
+        print(f"removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} of "
+              f"{path} left by killed runs: {', '.join(os.path.basename(r) for r in removed)}",
+              file=sys.stderr)
+    return removed
+
+
+def _named(error: OSError, tmp: str, path: str) -> OSError:
+    """`error` naming `path` where it names no file or only the temporary `tmp` (a file inside
+    the temporary folder `tmp` becomes the same file inside `path`)."""
+    name = error.filename if isinstance(error.filename, str) else None
+    if name is not None and name != tmp and not name.startswith(tmp + os.sep):
+        return error
+    if name is None and error.errno not in _STORAGE_ERRORS:
+        return error
+    shown = path if name is None or name == tmp else path + name[len(tmp):]
+    return OSError(error.errno, error.strerror, shown)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -32,11 +129,17 @@ def _fsync_folder(folder: str) -> None:
 
 
 def temporary_sibling(path: str, folder: bool = False) -> str:
-    """A fresh hidden temporary file (or folder) next to `path`, in the same file system."""
+    """A fresh hidden temporary file (or folder) next to `path`, in the same file system, named
+    for its writer; stale temporaries of `path` are removed first (`remove_stale_temporaries`)."""
     parent, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(path)
+    owner = _owner()
+    prefix = f".{name}.tmp-{owner}-" if owner else f".{name}.tmp-"
+    if len(os.fsencode(prefix)) + 8 > 255:  # the file system's name limit
+        prefix = f".{name}.tmp-"
     if folder:
-        return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+        return tempfile.mkdtemp(prefix=prefix, dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=parent)
     os.close(fd)
     return tmp
 
@@ -53,10 +156,13 @@ def atomic_path(path: str):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        named = _named(e, tmp, path) if isinstance(e, OSError) else e
+        if named is e:
+            raise
+        raise named from e
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
@@ -80,9 +186,12 @@ def atomic_folder(path: str):
                 with open(os.path.join(root, name), "rb+") as f:
                     os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = _named(e, tmp, path) if isinstance(e, OSError) else e
+        if named is e:
+            raise
+        raise named from e
     replace_folder(tmp, path)
 
 

@@ -66,3 +66,16 @@ def original_bf16(ref, ckpt_root, transformers_dir):
 
     folder = str(ckpt_root / "original-bf16")
     return folder, ref.write_original(folder, transformers_dir, torch.bfloat16, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(ckpt_root):
+    """A tiny random release-format checkpoint (bf16, 2 layers, 32 wide, vocab 300) written by
+    `convert.random_checkpoint`: no reference stack needed, loads in milliseconds."""
+    from convert.random_checkpoint import write_random_release
+    from jina_jax.config import JinaConfig
+
+    folder = str(ckpt_root / "tiny-release")
+    write_random_release(folder, JinaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64))
+    return folder
