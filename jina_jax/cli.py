@@ -385,20 +385,21 @@ def _serve_parser(p: argparse.ArgumentParser):
     p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0,
                    help="how long the first waiting text waits for others to join its batch")
     # Hostile input: bounded memory, time and connections (jina_jax/http_limits.py).
-    p.add_argument("--max-body-bytes-in-flight", type=positive_int, default=512 * 2 ** 20,
-                   help="bytes of request bodies received or parsed at once, all requests "
-                        "together (default 512 MiB; also the largest body): 503 beyond")
-    p.add_argument("--max-late-chunking-chars", type=positive_int, default=65536,
-                   help="characters of a late-chunking document, its inputs joined (default "
-                        "65536): 413 beyond")
-    p.add_argument("--header-timeout", type=positive_float, default=10.0,
-                   help="seconds a connection has to send a request's headers (default 10): "
-                        "408 and closed")
-    p.add_argument("--idle-timeout", type=positive_float, default=5.0,
-                   help="seconds an idle keep-alive connection stays open, and of silence "
-                        "allowed inside a body (default 5; 408)")
-    p.add_argument("--max-connections", type=positive_int, default=1024,
-                   help="open connections (default 1024): beyond, 503 and closed at once")
+    for flag, kind, default, text in (
+            ("--max-body-bytes-in-flight", positive_int, 512 * 2 ** 20,
+             "bytes of request bodies received or parsed at once, all requests together "
+             "(default 512 MiB; also the largest body): 503 beyond"),
+            ("--max-late-chunking-chars", positive_int, 65536,
+             "characters of a late-chunking document, its inputs joined (default 65536): 413 "
+             "beyond"),
+            ("--header-timeout", positive_float, 10.0,
+             "seconds a connection has to send a request's headers (default 10): 408, closed"),
+            ("--idle-timeout", positive_float, 5.0,
+             "seconds an idle keep-alive connection stays open, and of silence allowed inside "
+             "a body (default 5; 408)"),
+            ("--max-connections", positive_int, 1024,
+             "open connections (default 1024): beyond, 503 and closed at once")):
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
 

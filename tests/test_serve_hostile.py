@@ -85,6 +85,16 @@ def code_count(srv, code) -> float:
                              0)
 
 
+def peak_growth(srv, texts, **fields) -> tuple[dict, int]:
+    """(the answer, bytes the server's peak RSS rose above its RSS before) for one request."""
+    body = json.dumps({"input": texts, **fields}).encode()
+    reset_peak(srv.proc.pid)
+    before = rss(srv.proc.pid)
+    status, _, out = srv.request("POST", "/v1/embeddings", raw=body)
+    assert status == 200 and len(out["data"]) == len(texts), out
+    return out, rss(srv.proc.pid, "VmHWM") - before
+
+
 def padded_body(size: int) -> bytes:
     body = json.dumps({"input": "padded"}).encode()
     return body + b" " * (size - len(body))
@@ -141,13 +151,7 @@ def test_long_texts_memory_bounded(server, model):
     as max_length needs: the server's peak RSS grows by a few times the body (33.5 MB), not
     by the GBs whole-text tokenization took; answers equal encode()."""
     texts = [long_text(i) for i in range(512)]
-    body = json.dumps({"input": texts, "dimensions": 16}).encode()
-    pid = server.proc.pid
-    reset_peak(pid)
-    before = rss(pid)
-    status, _, out = server.request("POST", "/v1/embeddings", raw=body)
-    assert status == 200 and len(out["data"]) == 512
-    grown = rss(pid, "VmHWM") - before
+    out, grown = peak_growth(server, texts, dimensions=16)
     assert grown < 300e6, f"peak RSS grew by {grown / 1e6:.0f} MB for a 33.5 MB request"
     np.testing.assert_allclose(vectors(out)[:3], model.encode(texts[:3], truncate_dim=16),
                                atol=1e-5)
@@ -295,14 +299,7 @@ def test_full_size_request_and_late_cancel(released):
     texts counted cancelled and the worker freed."""
     srv = Server(released, "--max-length", "256")
     try:
-        texts = [long_text(i) for i in range(2048)]
-        body = json.dumps({"input": texts}).encode()
-        pid = srv.proc.pid
-        reset_peak(pid)
-        before = rss(pid)
-        status, _, out = srv.request("POST", "/v1/embeddings", raw=body)
-        assert status == 200 and len(out["data"]) == 2048
-        grown = rss(pid, "VmHWM") - before
+        out, grown = peak_growth(srv, [long_text(i) for i in range(2048)])
         assert grown < 0.5e9, f"peak RSS grew by {grown / 1e9:.2f} GB"
         del out
 
