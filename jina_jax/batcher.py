@@ -21,7 +21,13 @@ Limits. At most `max_queue` texts wait (submitted, not yet taken into a round): 
 bounded under any load.
 
 Late chunking. A request with `late=True` is one document made of its texts joined by a space,
-each text a chunk (`late_chunking.encode_late_chunks`); it runs on its own, between rounds.
+each text a chunk (as `late_chunking.encode_late_chunks` does); it runs on its own, between
+rounds, one window a forward (`late_shapes`, compiled by `warm_up` too), so a cancel is seen
+between windows. Documents are capped at `max_late_chars` characters (`submit` raises
+`DocumentTooLong`).
+
+Tokenizing. A request's texts are tokenized `TOKENIZE_PIECE` at a time, a cancel seen between
+pieces; each text only as far as `max_length` needs (`tokenize.truncated_ids`).
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ from collections.abc import Callable
 import numpy as np
 
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
-from .late_chunking import encode_late_chunks
+from .late_chunking import prepare_document
 from .metrics import Counter, Gauge, Histogram, Registry
 from .tokenize import SERVE_WIDTHS, bucket_for, check_max_length, pad, position_limit, token_ids
 
 LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
-UNTRUNCATED = 2 ** 31 - 1
+TOKENIZE_PIECE = 64  # texts tokenized at a time: a cancel is seen between pieces
 
 
 class QueueFull(Exception):
@@ -58,6 +64,10 @@ class QueueFull(Exception):
 
 class Closed(Exception):
     """The batcher is shutting down and takes no new requests."""
+
+
+class DocumentTooLong(ValueError):
+    """A late-chunking document (its texts joined) is over `max_late_chars` characters."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,9 +107,11 @@ class Row:
 class Batcher:
     def __init__(self, model, *, max_batch_tokens: int = 8192, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 4096,
-                 max_length: int | None = None, registry: Registry | None = None):
+                 max_length: int | None = None, registry: Registry | None = None,
+                 max_late_chars: int = 65536):
         for name, value in (("max_batch_tokens", max_batch_tokens),
-                            ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+                            ("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("max_late_chars", max_late_chars)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < math.inf:
@@ -107,7 +119,7 @@ class Batcher:
         self.model = model
         self.max_length = check_max_length(max_length, model.config, DEFAULT_MAX_LENGTH)
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
-        self.max_queue = max_queue
+        self.max_queue, self.max_late_chars = max_queue, max_late_chars
         self.limit = position_limit(model.config)
         self.runner = Runner(model, max_batch_size, max_batch_tokens, hidden=False,
                              bar=progress(None, 1, False), ladder=LADDER, mixed=True)
@@ -145,7 +157,8 @@ class Batcher:
     # --- setup -----------------------------------------------------------------------------
 
     def shapes(self) -> list[tuple[int, int]]:
-        """The (rows, width) shapes this batcher runs: what `warm_up` compiles."""
+        """The (rows, width) shapes this batcher's rounds run (`warm_up` compiles them and
+        `late_shapes`)."""
         return self.runner.shapes(self.max_length)
 
     def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
@@ -163,8 +176,21 @@ class Batcher:
             if not self.model.prepare_pooled(ids, lengths, tasks, merge=False):
                 np.asarray(self.model.pooled(ids, lengths, tasks, merge=False))
             if on_shape is not None:
-                on_shape(done, len(shapes))
-        return len(shapes)
+                on_shape(done, len(shapes) + len(self.late_shapes()))
+        return len(shapes) + self._warm_up_late(on_shape, stop, len(shapes))
+
+    def _warm_up_late(self, on_shape, stop, before: int) -> int:
+        """`warm_up` for `late_shapes` (hidden states; `before` pooled shapes came first)."""
+        late = self.late_shapes()
+        for done, (rows, width) in enumerate(late, before + 1):
+            if stop is not None and stop():
+                break
+            ids, lengths = pad([FILLER] * rows, width, self.model.config.pad_token_id)
+            if not self.model.prepare_hidden(ids, lengths, [None] * rows, merge=False):
+                np.asarray(self.model.hidden(ids, lengths, [None] * rows, merge=False))
+            if on_shape is not None:
+                on_shape(done, before + len(late))
+        return len(late)
 
     def start(self) -> "Batcher":
         self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
@@ -186,6 +212,12 @@ class Batcher:
         """Queues a request (texts checked by the caller; one adapter name or None per text)."""
         if len(tasks) != len(texts) or not texts:
             raise ValueError("submit needs one task per text, and at least one text")
+        if late:
+            chars = sum(map(len, texts)) + len(LATE_SEPARATOR) * (len(texts) - 1)
+            if chars > self.max_late_chars:
+                raise DocumentTooLong(f"the late-chunking document (the inputs joined) has "
+                                      f"{chars} characters, over this server's limit of "
+                                      f"{self.max_late_chars}")
         job = Job(list(texts), list(tasks), dim, normalize, late)
         with self.cond:
             if self.closing:
@@ -261,16 +293,31 @@ class Batcher:
                 self.late.append(job)
                 continue
             try:
-                ids = token_ids(self.model.tokenizer, cfg, job.texts, job.tasks, self.max_length)
+                ids = self._tokenize(job)
             except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
                 self._forget(len(job.texts))
                 resolve(job, error=e)
+                continue
+            if ids is None:  # its client left while it was tokenized
+                self.cancelled_total.inc(len(job.texts))
+                self._forget(len(job.texts))
                 continue
             job.tokens = sum(len(x) for x in ids)
             job.pooled = np.zeros((len(ids), cfg.hidden_size), np.float32)
             job.remaining = len(ids)
             self.rows.extend(Row(job, i, x, bucket_for(len(x), self.limit, LADDER))
                              for i, x in enumerate(ids))
+
+    def _tokenize(self, job: Job) -> list[np.ndarray] | None:
+        """The job's token ids, `TOKENIZE_PIECE` texts at a time; None once it is cancelled."""
+        ids, cfg = [], self.model.config
+        for start in range(0, len(job.texts), TOKENIZE_PIECE):
+            if job.cancelled:
+                return None
+            piece = slice(start, start + TOKENIZE_PIECE)
+            ids += token_ids(self.model.tokenizer, cfg, job.texts[piece], job.tasks[piece],
+                             self.max_length)
+        return ids
 
     def _forget(self, count: int):
         with self.cond:
@@ -333,27 +380,63 @@ class Batcher:
     def _run_late(self, job: Job):
         started = time.monotonic()
         self._forget(len(job.texts))
-        if job.cancelled:
-            self.cancelled_total.inc(len(job.texts))
-            return
         document, spans, start = LATE_SEPARATOR.join(job.texts), [], 0
         for text in job.texts:
             spans.append((start, start + len(text)))
             start += len(text) + len(LATE_SEPARATOR)
         try:
-            embeddings, _ = encode_late_chunks(
-                self.model, document, job.tasks[0], spans=spans, max_length=self.max_length,
-                truncate_dim=job.dim, normalize=job.normalize, show_progress_bar=False)
-            # Usage counts the whole document once (windows repeat the instruction).
-            tokens = len(token_ids(self.model.tokenizer, self.model.config, [document],
-                                   job.tasks[:1], UNTRUNCATED)[0])
+            states = None
+            if not job.cancelled:
+                prepared = prepare_document(self.model, document, job.tasks[0], spans=spans,
+                                            max_length=self.max_length)
+                states = self._late_windows(job, prepared.rows)
+            if states is None:  # its client left
+                self.cancelled_total.inc(len(job.texts))
+                return
+            embeddings = finish(prepared.pool(states, 0), job.dim, job.normalize)
         except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
             resolve(job, error=e)
             return
+        # Usage counts the whole document once (windows repeat the instruction).
+        tokens = prepared.n_head + len(prepared.first) + 1
         self.texts_total.inc(len(job.texts))
         self.tokens_total.inc(tokens)
         resolve(job, (embeddings, tokens))
         self._note_rate(len(job.texts), time.monotonic() - started)
+
+    def late_shapes(self) -> list[tuple[int, int]]:
+        """The (rows, width) of late chunking's forwards: a document of one window runs alone
+        at its rung of the ladder; a longer one's windows (`max_length` tokens each) run
+        `late_rows` at a time, the last batch's rows rounded up to a power of two."""
+        top, multiple = bucket_for(self.max_length, self.limit, LADDER), self.model.row_multiple
+        single = [(multiple, w) for w in LADDER if w < top]
+        rows = sorted({max(multiple, 2 ** k) for k in range(self.late_rows.bit_length())})
+        return single + [(r, top) for r in rows]
+
+    @property
+    def late_rows(self) -> int:
+        """Windows per forward in late chunking: a power of two within the batch budget."""
+        top = bucket_for(self.max_length, self.limit, LADDER)
+        fit = max(1, min(self.runner.batch_size, self.max_batch_tokens // top))
+        return 2 ** (fit.bit_length() - 1)
+
+    def _late_windows(self, job: Job, windows: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Each window's token states float32 [n, H], `late_rows` windows a forward; None once
+        the job is cancelled (checked between forwards)."""
+        pad_id, multiple, out = self.model.config.pad_token_id, self.model.row_multiple, []
+        for first in range(0, len(windows), self.late_rows):
+            if job.cancelled:
+                return None
+            group = windows[first:first + self.late_rows]
+            rows = max(multiple, 1 << (len(group) - 1).bit_length())
+            width = bucket_for(max(map(len, group)), self.limit, LADDER)
+            ids, lengths = pad(group + [FILLER] * (rows - len(group)), width, pad_id)
+            states = np.asarray(self.model.hidden(ids, lengths, job.tasks[:1] * rows,
+                                                  merge=False))
+            out += [states[k, :len(w)].astype(np.float32) for k, w in enumerate(group)]
+            self.batches_total.inc()
+            self.padded_total.inc(ids.size)
+        return out
 
     def _note_rate(self, texts: int, seconds: float):
         if seconds > 0:

@@ -384,6 +384,22 @@ def _serve_parser(p: argparse.ArgumentParser):
         p.add_argument(flag, type=positive_int, default=default, help=text)
     p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0,
                    help="how long the first waiting text waits for others to join its batch")
+    # Hostile input: bounded memory, time and connections (jina_jax/http_limits.py).
+    for flag, kind, default, text in (
+            ("--max-body-bytes-in-flight", positive_int, 512 * 2 ** 20,
+             "bytes of request bodies received or parsed at once, all requests together "
+             "(default 512 MiB; also the largest body): 503 beyond"),
+            ("--max-late-chunking-chars", positive_int, 65536,
+             "characters of a late-chunking document, its inputs joined (default 65536): 413 "
+             "beyond"),
+            ("--header-timeout", positive_float, 10.0,
+             "seconds a connection has to send a request's headers (default 10): 408, closed"),
+            ("--idle-timeout", positive_float, 5.0,
+             "seconds an idle keep-alive connection stays open, and of silence allowed inside "
+             "a body (default 5; 408)"),
+            ("--max-connections", positive_int, 1024,
+             "open connections (default 1024): beyond, 503 and closed at once")):
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
 
@@ -404,7 +420,10 @@ def run_serve(args) -> int:
         default_task=args.default_task, max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_inputs=args.max_inputs,
-        max_input_chars=args.max_input_chars, max_length=args.max_length)
+        max_input_chars=args.max_input_chars, max_length=args.max_length,
+        max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+        max_late_chars=args.max_late_chunking_chars, header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout, max_connections=args.max_connections)
     try:
         return serve.run(settings, args.host, args.port, args.log_level)
     except serve.LoadFailed as e:

@@ -300,6 +300,11 @@ class JinaEmbeddingsV3:
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
                                                   merge=merge), output="hidden")
 
+    def prepare_hidden(self, input_ids, lengths, task=None, *, merge: bool = True) -> bool:
+        """`prepare_pooled` for `hidden`."""
+        return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
+                                                          merge=merge), output="hidden")
+
     def run(self, input_ids, attention_mask=None, task=None):
         """The compiled forward's output (a head model's: its head's) for these inputs."""
         return self.forward(**self.forward_inputs(input_ids, attention_mask, task))

@@ -170,6 +170,14 @@ def _prepare(model, doc, task, index, prompt, max_length, overlap, spans, chunk_
     return Prepared(rows, ranges, doc_first, len(head), doc_spans)
 
 
+def prepare_document(model, document: str, task, *, max_length: int, spans=None,
+                     overlap: int | None = None) -> Prepared:
+    """One document's windows (`rows`) and chunks as `encode_late_chunks` cuts them, for a
+    caller that runs the windows itself (the server: one at a time, so that it can stop between
+    them); `Prepared.pool` of their states gives the chunk means."""
+    return _prepare(model, document, task, 0, None, max_length, overlap, spans, None)
+
+
 def encode_late_chunks(model, documents, task="retrieval.passage", *, spans=None,
                        chunk_tokens: int | None = None, max_length: int | None = None,
                        overlap: int | None = None, truncate_dim: int | None = None,

@@ -40,8 +40,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import Batcher, Closed, QueueFull
+from .batcher import Batcher, Closed, DocumentTooLong, QueueFull
 from .embedder import JinaEmbeddingsV3
+from .http_limits import (BodyBudget, ClientGone, Refused, check_json_type, parse_json,
+                          protocol_class, read_body)
 from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 
 log = logging.getLogger("jina_jax.serve")
@@ -67,6 +69,14 @@ class Settings:
     max_length: int | None = None  # tokens; None: the model's limit (8192)
     max_input_chars: int = 65536
     max_inputs: int = 2048
+    # Hostile input (see http_limits.py): bodies being received or parsed at once, over all
+    # requests; a late-chunking document; seconds to send a request's headers, and of silence
+    # (keep-alive, or in a body); open connections.
+    max_body_bytes_in_flight: int = 512 * 2 ** 20
+    max_late_chars: int = 65536
+    header_timeout: float = 10.0
+    idle_timeout: float = 5.0
+    max_connections: int = 1024
 
     def __post_init__(self):
         if self.max_inputs > self.max_queue:
@@ -75,8 +85,10 @@ class Settings:
 
     @property
     def max_body_bytes(self) -> int:
-        """A body large enough for `max_inputs` texts of `max_input_chars` (JSON-escaped)."""
-        return self.max_inputs * (6 * self.max_input_chars + 8) + 65536
+        """A body large enough for `max_inputs` texts of `max_input_chars` (JSON-escaped), but
+        no larger than all bodies in flight may be."""
+        return min(self.max_inputs * (6 * self.max_input_chars + 8) + 65536,
+                   self.max_body_bytes_in_flight)
 
 
 class LoadFailed(Exception):
@@ -225,6 +237,7 @@ class EmbeddingServer:
         self.stopping = threading.Event()
         self.created = int(time.time())
         self.registry = Registry()
+        self.body_budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.requests = self.registry.add(Counter(
             "jina_jax_requests_total", "HTTP requests by route and status code.",
             ("route", "code")))
@@ -265,7 +278,7 @@ class EmbeddingServer:
             batcher = Batcher(self.model, max_batch_tokens=s.max_batch_tokens,
                               max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                               max_queue=s.max_queue, max_length=s.max_length,
-                              registry=self.registry)
+                              registry=self.registry, max_late_chars=s.max_late_chars)
             self.model.tokenizer  # noqa: B018 - a missing tokenizer fails now, not per request
             started = time.monotonic()
 
@@ -292,6 +305,8 @@ class EmbeddingServer:
             response = await self.embed(request)
         except ApiError as e:
             response = e.response()
+        except ClientGone:  # it left while sending: nobody reads an answer, nothing failed
+            response = Response(status_code=CLIENT_GONE)
         except Exception:  # noqa: BLE001 - a request never takes the server down
             log.error("request failed:\n%s", traceback.format_exc())
             response = error_response(500, "internal error while embedding; see the server "
@@ -315,6 +330,8 @@ class EmbeddingServer:
                            headers={"Retry-After": str(e.retry_after)}) from None
         except Closed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+        except DocumentTooLong as e:
+            raise ApiError(413, str(e), param="input", code="document_too_long") from None
         outcome = await self.wait(job, request)
         if outcome is None:  # the client left: nobody reads this
             return Response(status_code=CLIENT_GONE)
@@ -342,17 +359,20 @@ class EmbeddingServer:
             pass
 
     async def read_json(self, request: Request):
-        limit, size, chunks = self.settings.max_body_bytes, 0, []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is over {limit} bytes",
-                               code="body_too_large")
-            chunks.append(chunk)
+        """The parsed JSON body, within `http_limits`' bounds (ApiError), parsed off the loop."""
+        s = self.settings
         try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+            check_json_type(request)
+            body, taken = await read_body(request, s.max_body_bytes, self.body_budget,
+                                          s.idle_timeout)
+            try:
+                return await asyncio.to_thread(parse_json, body)
+            finally:
+                self.body_budget.give(taken)
+        except Refused as e:
+            raise ApiError(e.status, e.message, code=e.code, headers=e.headers,
+                           type="server_error" if e.status >= 500 else "invalid_request_error"
+                           ) from None
 
     def authorize(self, request: Request):
         key = self.settings.api_key
@@ -414,7 +434,9 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080,
     sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(server.app, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=60)
+                            timeout_graceful_shutdown=60, timeout_keep_alive=settings.idle_timeout,
+                            http=protocol_class(settings.header_timeout,
+                                                settings.max_connections))
     uv = uvicorn.Server(config)
     server.on_failure = lambda: setattr(uv, "should_exit", True)
     shown = f"[{host}]" if ":" in host else host

@@ -5,12 +5,14 @@ for `encode` and for training batches; each caller keeps its own default `max_le
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import unicodedata
+import weakref
 
 import numpy as np
 from tokenizers import Tokenizer
-
 
 
 def ladder(per_octave: int, start: float = 64.0, below=range(4, 65, 4)) -> tuple[int, ...]:
@@ -85,9 +87,168 @@ def token_ids(tokenizer: Tokenizer, cfg, texts, row_tasks, max_length: int,
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     prefixes = [prompt if prompt is not None else ("" if t is None else cfg.instruction(t))
                 for t in row_tasks]
-    tokenizer.enable_truncation(max_length)
     inputs = [without_lone_surrogates(p + t) for p, t in zip(prefixes, texts)]
-    return [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(inputs)]
+    return truncated_ids(tokenizer, inputs, max_length)
+
+
+# --- Tokenizing no more of a text than max_length can need -----------------------------------
+#
+# The tokenizer tokenizes a text whole, then truncates: a 65,536-character text costs its ~20k
+# tokens (kept as the encoding's overflow) to give 512. `truncated_ids` hands it a prefix
+# instead, cut where the prefix's tokens are provably the whole text's first tokens, and takes
+# the prefix's ids once it has at least max_length (so it held enough tokens):
+#  - at a space (U+0020) after a "plain" character. The supported pipelines (XLM-R's: added
+#    tokens matched in the raw text, a normalizer of NFC/NFKC/Precompiled and space-run
+#    collapsing, Metaspace splitting at spaces, Unigram on each word alone) treat the two sides
+#    of such a space independently: no normalization composes or reorders across it (a space
+#    is a starter and composes with nothing; a plain character is a stable starter that starts
+#    no grapheme with its successor), the prefix's last word ends there in both, and each word
+#    is tokenized alone.
+#  - inside a word (texts without spaces: Chinese, Thai, one long word), at a position that no
+#    vocabulary piece crosses, with plain characters (normalized to themselves) for a longest
+#    piece's length on each side: every segmentation of the word has a boundary there, and
+#    Unigram's Viterbi pass is causal, so the prefix's segmentation is the whole word's up to
+#    it, ties included. (A run of unknown characters cut there ends the prefix with `<unk>`,
+#    the id the whole run fuses to.)
+#  - near an added token (`<mask>`, ...) no cut is made.
+# A text with no such cut within reach (or a tokenizer of another kind) is tokenized whole, as
+# before. `tests/test_tokenize_prefix.py` checks the equality on random Unicode against the
+# whole text.
+
+FIRST_REACH = 6  # characters per max_length token tried first; doubled until enough
+_PLAIN_CATEGORIES = frozenset("Lu Ll Lt Lm Lo Nd Nl Pc Pd Ps Pe Pi Pf Po Sm Sc".split())
+# Never a cut's neighbour: Hangul (its jamo compose), the grapheme Prepend and SpacingMark
+# letters, the half-width sound marks (grapheme extenders), and Metaspace's own "▁".
+_JOINING = re.compile("[\u0d4e\u0e33\u0eb3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f"
+                      "\uac00-\ud7ff\uff9e\uff9f\u2581\U000111c2\U000111c3\U0001193f"
+                      "\U00011941\U00011a3a\U00011a84-\U00011a89\U00011d46\U00011f02]")
+_CUT_TRIES = 64  # candidate positions looked at per reach
+
+
+def _local_normalizer(spec) -> bool:
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_local_normalizer(n) for n in spec.get("normalizers", ()))
+    if kind == "Replace":  # XLM-R's: runs of spaces become one
+        return spec.get("pattern") == {"Regex": " {2,}"} and spec.get("content") == " "
+    return kind in ("NFC", "NFKC", "Precompiled")
+
+
+class Cutter:
+    """Where a text can be cut for `tokenizer` (see above); `Cutter.of(tokenizer)` is None for
+    a tokenizer whose pipeline is not one this reasoning covers."""
+
+    _known: "weakref.WeakKeyDictionary[Tokenizer, list]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> "Cutter | None":
+        known = cls._known.get(tokenizer)
+        if known is None:  # a list: the Cutter holds no reference back to its key
+            known = cls._known[tokenizer] = [cls._make(tokenizer)]
+        return known[0]
+
+    @classmethod
+    def _make(cls, tokenizer: Tokenizer) -> "Cutter | None":
+        if type(tokenizer.model).__name__ != "Unigram" or tokenizer.pre_tokenizer is None:
+            return None
+        pre = json.loads(tokenizer.pre_tokenizer.__getstate__())
+        if pre.get("type") != "Metaspace" or not pre.get("split", True) \
+                or pre.get("replacement") != "\u2581":
+            return None
+        norm = tokenizer.normalizer
+        if not _local_normalizer(None if norm is None else json.loads(norm.__getstate__())):
+            return None
+        added = [t for t in tokenizer.get_added_tokens_decoder().values()]
+        if any(t.normalized for t in added):  # matched after normalization: not in raw text
+            return None
+        return cls(tokenizer, [t.content for t in added])
+
+    def __init__(self, tokenizer: Tokenizer, added: list[str]):
+        vocab = tokenizer.get_vocab()
+        self.pieces = frozenset(vocab)
+        self.longest = max(map(len, vocab))
+        self.added = tuple(a for a in added if a)
+        self.added_reach = max(map(len, self.added), default=0)
+        norm = tokenizer.normalizer
+        self.normalize = norm.normalize_str if norm is not None else (lambda text: text)
+        self._plain: dict[str, bool] = {}
+
+    def plain(self, ch: str) -> bool:
+        """A stable starter that the normalizer keeps as it is and that joins no neighbour."""
+        known = self._plain.get(ch)
+        if known is None:
+            known = (unicodedata.category(ch) in _PLAIN_CATEGORIES
+                     and unicodedata.combining(ch) == 0 and _JOINING.match(ch) is None
+                     and unicodedata.is_normalized("NFKC", ch) and self.normalize(ch) == ch)
+            self._plain[ch] = known
+        return known
+
+    def _near_added(self, text: str, cut: int) -> bool:
+        reach = self.added_reach + 1
+        window = text[max(0, cut - reach): cut + reach]
+        return any(a in window for a in self.added)
+
+    def _word_cut(self, text: str, j: int) -> bool:
+        n, pieces = self.longest, self.pieces
+        if j - n < 0 or j + n > len(text):
+            return False
+        for size in range(2, n + 1):  # short pieces first: most crossings show there
+            for a in range(j - size + 1, j):
+                if text[a:a + size] in pieces:
+                    return False
+        return all(map(self.plain, text[j - n: j + n])) and not self._near_added(text, j)
+
+    def cut(self, text: str, low: int, high: int) -> int | None:
+        """A cut position in (low, high] (the prefix is text[:cut]), the latest found, or None."""
+        b, tries = high + 1, 0
+        while tries < _CUT_TRIES:
+            b = text.rfind(" ", low + 1, b)
+            if b <= 0:
+                break
+            tries += 1
+            if self.plain(text[b - 1]) and not self._near_added(text, b):
+                return b
+        for j in range(high, max(low, high - _CUT_TRIES), -1):
+            if self._word_cut(text, j):
+                return j
+        return None
+
+
+def truncated_ids(tokenizer: Tokenizer, inputs: list[str], max_length: int) -> list[np.ndarray]:
+    """Each input's token ids (int32), truncated at `max_length` with the tokenizer's specials:
+    exactly the whole input's, tokenizing only a prefix where that is provably the same."""
+    cutter = Cutter.of(tokenizer)
+    out: list = [None] * len(inputs)
+    reach = {i: FIRST_REACH * max_length for i in range(len(inputs))}
+    while reach:
+        whole, pieces = [], []  # (index, text)
+        for i in list(reach):
+            text = inputs[i]
+            while True:
+                if cutter is None or len(text) <= reach[i]:
+                    whole.append(i)
+                    del reach[i]
+                    break
+                cut = cutter.cut(text, reach[i] // 2, reach[i])
+                if cut is not None:
+                    pieces.append((i, cut))
+                    break
+                reach[i] *= 2
+        tokenizer.enable_truncation(max_length)
+        if whole:
+            for i, e in zip(whole, tokenizer.encode_batch([inputs[i] for i in whole])):
+                out[i] = np.asarray(e.ids, np.int32)
+        if pieces:
+            encoded = tokenizer.encode_batch([inputs[i][:cut] for i, cut in pieces])
+            for (i, cut), e in zip(pieces, encoded):
+                if len(e.ids) == max_length:  # the prefix had enough tokens: these are the text's
+                    out[i] = np.asarray(e.ids, np.int32)
+                    del reach[i]
+                else:
+                    reach[i] *= 2
+    return out
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

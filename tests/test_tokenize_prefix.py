@@ -1,0 +1,109 @@
+"""`tokenize.truncated_ids` tokenizes only a prefix of a long text; its ids must be exactly the
+whole text's, truncated. Property-based (hypothesis) against the tokenizer run on the whole text,
+on random Unicode: spaces of every kind, no-space scripts (Chinese, Thai), long words, combining
+marks, Hangul, emoji sequences, added tokens written in the text, for three vocabularies (single
+characters only, then n-grams up to 2 and 4 letters) and the XLM-R pipeline's shape (NFKC, runs
+of spaces collapsed, `<mask>` taking the space before it)."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers
+
+from convert.random_checkpoint import write_tokenizer
+from jina_jax.tokenize import Cutter, truncated_ids
+
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+WORDS = st.sampled_from([
+    "hello", "world", "abcabcabc", "aaaaaaaa", "zzq", "ﬁne", "Ａｂｃ", "①②", "e\u0301", "é",
+    "我们的世界", "東京都", "ภาษาไทย", "น้ำ", "\u0e33", "한국어", "\u1100\u1161\u11a8", "👍🏽", "🇫🇷",
+    "👨\u200d👩", "\u0600", "\u0d4e", "<mask>", "<s>", "</s>", "<unk>", "<ma", "sk>", "▁",
+    "x" * 300, "ab" * 150, "a\u0301" * 40, "٣٤٥", "Ω", "Ω", "\u00a0", "\u3000", "\t", "\n",
+    "\r\n", " ", "  ", "     ", ".", "!?", "-", "\u200b", "\u00ad", "\ufeff", "x\u3000 ",
+    "\u00a0 ", "\u0600 ", "\u2000 ", "\u00b4 ", "\ufdfa ", "ｘ ", "\u0301 "])
+TEXT = st.lists(st.one_of(WORDS, st.text(max_size=12),
+                          st.text(alphabet="abcdefgh ", min_size=20, max_size=200),
+                          st.text(alphabet="我们东京ภาษาabc", min_size=20, max_size=200)),
+                min_size=1, max_size=60).map("".join)
+
+
+def _tokenizer(folder, vocab_size, xlmr):
+    write_tokenizer(str(folder), vocab_size)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    if xlmr:
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                               normalizers.Replace(Regex(" {2,}"), " ")])
+        tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    made = []
+    for k, (size, xlmr) in enumerate([(120, False), (3000, True), (250002, False),
+                                      (250002, True)]):
+        folder = root / str(k)
+        folder.mkdir()
+        made.append(_tokenizer(folder, size, xlmr))
+    for tok in made:
+        assert Cutter.of(tok) is not None  # the fast path is the one under test
+    return made
+
+
+def whole(tok, text, max_length):
+    tok.enable_truncation(max_length)
+    return tok.encode(text).ids
+
+
+@SETTINGS
+@given(texts=st.lists(TEXT, min_size=1, max_size=4), max_length=st.integers(2, 40),
+       which=st.integers(0, 3))
+def test_prefix_equals_whole(tokenizers, texts, max_length, which):
+    tok = tokenizers[which]
+    got = truncated_ids(tok, texts, max_length)
+    for text, ids in zip(texts, got):
+        assert ids.tolist() == whole(tok, text, max_length), (max_length, text)
+
+
+@SETTINGS
+@given(text=TEXT, which=st.integers(0, 3))
+def test_every_accepted_cut_is_a_prefix(tokenizers, text, which):
+    """The claim itself, at every position the cutter accepts (not only where truncation lands):
+    the tokens of text[:cut] are the first tokens of the text's."""
+    tok = tokenizers[which]
+    cutter = Cutter.of(tok)
+    tok.no_truncation()
+    full = tok.encode(text).ids
+    accepted = [c for c in range(1, len(text)) if cutter.cut(text, c - 1, c) == c]
+    for cut in accepted[:: max(1, len(accepted) // 40)]:
+        head = tok.encode(text[:cut]).ids[:-1]  # without the closing </s>
+        assert full[:len(head)] == head, (cut, text)
+
+
+def test_long_texts_equal_and_cut(tokenizers):
+    """The cases the cut is for: 65,536-character texts, with spaces, without (a cut inside a
+    word where the vocabulary allows one) and ones with no cut at all (tokenized whole)."""
+    spaced = ("the quick brown fox jumps over a lazy dog " * 2000)[:65536]
+    nospace = "abcdefghij" * 6554
+    for tok in tokenizers:
+        for text in (spaced, nospace, "我们东京" * 16384, "a" * 65536):
+            assert truncated_ids(tok, [text], 256)[0].tolist() == whole(tok, text, 256)
+        assert Cutter.of(tok).cut(spaced, 768, 1536) is not None
+    # Single-character pieces only: no piece crosses between two letters.
+    assert Cutter.of(tokenizers[0]).cut(nospace, 768, 1536) is not None
+    # Every pair of letters is a piece: no cut inside the word (tokenized whole).
+    assert Cutter.of(tokenizers[2]).cut(nospace, 768, 1536) is None
+
+
+def test_other_pipelines_tokenize_whole(tmp_path):
+    """A pipeline the reasoning does not cover (here: a Replace that could span a cut) gets no
+    cutter, and the whole text is tokenized, as before."""
+    tok = _tokenizer(tmp_path, 120, False)
+    tok.normalizer = normalizers.Replace("ab", "x")
+    assert Cutter.of(tok) is None
+    text = "ab " * 400
+    assert truncated_ids(tok, [text], 8)[0].tolist() == whole(tok, text, 8)
