@@ -75,7 +75,8 @@ def embedding_width(dim: int, precision: str) -> int:
 def embedding_type(dim: int, precision: str) -> pa.DataType:
     """fixed_size_list<value>[W] of the embedding column for this output dimension."""
     value = pa.from_numpy_dtype(np.dtype(EMBEDDING_DTYPES[precision]))
-    return pa.list_(value, embedding_width(dim, precision))
+    # the child is named "element", as Parquet's list layout names it: the type reads back equal
+    return pa.list_(pa.field("element", value), embedding_width(dim, precision))
 
 
 def embedding_column(array: np.ndarray) -> pa.FixedSizeListArray:
@@ -84,7 +85,9 @@ def embedding_column(array: np.ndarray) -> pa.FixedSizeListArray:
     array = np.ascontiguousarray(array)
     if array.ndim != 2:
         raise ValueError(f"embeddings must be [N, W], got shape {list(array.shape)}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+    child = pa.field("element", pa.from_numpy_dtype(array.dtype))
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)),
+                                             type=pa.list_(child, array.shape[1]))
 
 
 def embedding_matrix(column) -> np.ndarray:
