@@ -122,6 +122,7 @@ class Plan:
     job: CorpusJob
     task: str | None
     max_length: int
+    truncate_dim: int | None  # as given to encode (None: the model's full width)
     dim: int
     files: tuple[InputFile, ...]
     shards: tuple[Shard, ...]
@@ -185,7 +186,7 @@ def plan_job(model, job: CorpusJob) -> Plan:
     header = {"model": model_fingerprint(model), "settings": settings,
               "inputs": [f.fingerprint() for f in files], "dim": dim,
               "schema": describe(schema), "plan": [s.to_json() for s in shards]}
-    return Plan(job, task, max_length, dim, files, tuple(shards), schema, header)
+    return Plan(job, task, max_length, truncate_dim, dim, files, tuple(shards), schema, header)
 
 
 class ShardWriter:
@@ -302,7 +303,7 @@ def embed_shards(model, plan: Plan, folder: str, shards, *, batch_size: int = 32
     try:
         vectors = model.iter_encode(
             texts(), task=plan.task, prompt=job.prompt, batch_size=batch_size,
-            max_length=plan.max_length, truncate_dim=plan.dim, normalize=job.normalize,
+            max_length=plan.max_length, truncate_dim=plan.truncate_dim, normalize=job.normalize,
             show_progress_bar=False, max_tokens_per_batch=max_tokens_per_batch, window=window,
             precision=job.precision, ranges=job.ranges, stats=stats)
         for vector in vectors:
