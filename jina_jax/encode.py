@@ -7,11 +7,16 @@
 Batching. The input is read a window of texts at a time. In a window, texts are grouped by task
 and sorted by length, longest first, and each gets the smallest rung of a fixed length ladder
 (`tokenize.WIDTHS`: twelve rungs an octave) that holds it. A batch has the width of its longest
-text and a row count fixed per width (`batch_size`, capped by a token budget), filled with the
-next texts down to a sixth of an octave shorter; only where fewer are left does it take the
-next power of two rows, and then the next shorter texts take the rows that would be filler.
-Padding stays near the ladder's rounding (5-9% on the benchmarks' mixes), and the shapes come
-from a fixed set (`shapes`), of which a long stream meets few: each compiles once.
+text and a row count from a fixed set per width (`batch_size`, capped by a token budget, or a
+power of two below that), so every shape is one of `shapes` and compiles once. Where the cuts
+go is priced (`cost.py`): each (rows, width) has a predicted time (a per-call cost, a floor
+below which a small batch runs no faster, the dense layers per token and attention per key),
+and the plan is the cheapest cut of the sorted texts into batches, found by dynamic programming:
+it merges rungs where a call or a small batch costs more than the padding (a GPU, queries),
+splits where padding costs more (long texts on a CPU), and prices each shape a plan adds (a
+compile) so that a stream meets few. The cost is the device's default for the model (scaled
+by its FLOPs) unless `cost.calibrate` timed this device and model once and cached a fit.
+`plan(..., cost=None)` is the padding rule alone (texts up to two rungs shorter share a batch).
 
 Pipelining. A batch is dispatched without waiting for the one before it (JAX dispatch is
 asynchronous), so the host pads the next batch, and tokenizes the next window, while the device
@@ -27,12 +32,14 @@ import collections
 import dataclasses
 import itertools
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .cost import CostModel, for_model
 from .tokenize import (WIDTHS, bucket_for, check_max_length, check_texts, pad, position_limit,
                        token_ids)
 
@@ -67,8 +74,12 @@ def rows_for(width: int, count: int, batch_size: int, token_budget: int) -> int:
 
 def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: int,
          token_budget: int = DEFAULT_TOKEN_BUDGET, row_multiple: int = 1, *,
-         ladder: tuple[int, ...] = WIDTHS, mixed: bool = False) -> list[Batch]:
+         ladder: tuple[int, ...] = WIDTHS, mixed: bool = False,
+         cost: CostModel | None = None, known: frozenset = frozenset()) -> list[Batch]:
     """The batches for texts of these token `lengths` and tasks (see the module docstring).
+    cost: the price of a batch shape (`cost.CostModel`; what `Runner` and so `encode` pass):
+    the plan is then the cheapest cut of each task's length-sorted texts into batches of shapes
+    from `shapes`; None: the padding rule alone (texts up to two rungs shorter share a batch).
     mixed=True puts texts of any task in one batch (its `task` is then one name per row, filler
     rows None), for the per-row adapter path. One task's batches follow each other (each task's
     merged weights are made once per window, however many tasks there are), longest first: a
@@ -80,28 +91,92 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
     for task, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
         members.sort(key=lambda i: -lengths[i])
         widths = [bucket_for(lengths[i], limit, ladder) for i in members]
-        start = 0
-        while start < len(members):
+        cut = (padding_cut(widths, batch_size, token_budget, row_multiple) if cost is None else
+               priced_cut(widths, cost, batch_size, token_budget, row_multiple, known))
+        for start, end, rows in cut:
             width = widths[start]
-            cap = row_cap(width, batch_size, token_budget)
-            # Texts up to a sixth of an octave (two rungs) shorter join the batch: a rung's few
-            # texts then fill a full batch instead of a short tail of their own, which keeps the
-            # shapes a long stream meets few (94 instead of 199 over 40 windows of a lognormal
-            # length mix, padding 5.0% instead of 4.6%; the benchmark corpus 8.7% vs 4.4%).
-            near = start
-            while (near < len(members) and near - start < cap
-                   and widths[near] * NEIGHBOURS >= width):
-                near += 1
-            rows = rows_for(width, near - start, batch_size, token_budget)
-            rows = -(-rows // row_multiple) * row_multiple  # every device gets rows
-            # Rows a short tail leaves free would be filler: the next (shorter) texts take them,
-            # which saves their own slots elsewhere at no cost here.
-            taken = tuple(members[start:start + rows])
+            taken = tuple(members[start:end])
             if mixed:
                 task = tuple(row_tasks[i] for i in taken) + (None,) * (rows - len(taken))
             batches.append(Batch(task, width, rows, taken))
-            start += len(taken)
     return batches
+
+
+def batch_rows(width: int, count: int, batch_size: int, token_budget: int,
+               row_multiple: int = 1) -> int:
+    """`rows_for`, rounded up to a multiple of `row_multiple` (so every device gets rows)."""
+    return -(-rows_for(width, count, batch_size, token_budget) // row_multiple) * row_multiple
+
+
+def padding_cut(widths: Sequence[int], batch_size: int, token_budget: int,
+                row_multiple: int = 1) -> list[tuple[int, int, int]]:
+    """[(start, end, rows)] batches of the descending `widths` by padding alone: a batch takes the
+    texts up to a sixth of an octave (two rungs) shorter than its first, then, where fewer are
+    left than a full batch, the next shorter texts fill the rows that would be filler."""
+    cut, start = [], 0
+    while start < len(widths):
+        width = widths[start]
+        cap = row_cap(width, batch_size, token_budget)
+        # Texts two rungs shorter join the batch: a rung's few texts then fill a full batch
+        # instead of a short tail of their own, which keeps the shapes a long stream meets few
+        # (94 instead of 199 over 40 windows of a lognormal length mix).
+        near = start
+        while near < len(widths) and near - start < cap and widths[near] * NEIGHBOURS >= width:
+            near += 1
+        rows = batch_rows(width, near - start, batch_size, token_budget, row_multiple)
+        end = min(len(widths), start + rows)
+        cut.append((start, end, rows))
+        start = end
+    return cut
+
+
+def priced_cut(widths: Sequence[int], cost: CostModel, batch_size: int, token_budget: int,
+               row_multiple: int = 1, known: frozenset = frozenset()) -> list[tuple[int, int, int]]:
+    """[(start, end, rows)] batches of the descending `widths` with the least predicted time:
+    a batch from text i holds texts i.. at the width of text i, in the rows `batch_rows` gives
+    (so every shape is one of `shapes`'). Dynamic programming over the cut points, O(texts x
+    rows per batch): merging rungs (a wider, fuller batch), filling rows or splitting, whichever
+    `cost` prices lower."""
+    # Pass 1 prices every batch as a new shape, which favours few, full batches; pass 2 lets
+    # the shapes pass 1 chose (and `known` ones) go free of that price, so a new shape comes
+    # in only where it saves more than `cost.shape_s`.
+    first = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None)
+    free = set(known) | {(rows, widths[start]) for start, _, rows in first}
+    return cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free)
+
+
+def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free) -> list[tuple]:
+    """`priced_cut`'s dynamic programme: each batch costs `cost.seconds`, plus `cost.shape_s`
+    unless its shape is in `free` (None: none is)."""
+    n = len(widths)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    prev = np.zeros(n + 1, np.int64)
+    prices: dict[int, np.ndarray] = {}  # width -> seconds of a batch of 1..cap texts
+    for i in range(n):
+        width = widths[i]
+        price = prices.get(width)
+        if price is None:
+            cap = row_cap(width, batch_size, token_budget)
+            rows = [batch_rows(width, k, batch_size, token_budget, row_multiple)
+                    for k in range(1, cap + 1)]
+            price = prices[width] = np.array([
+                cost.seconds(r, width)
+                + (0.0 if free is not None and (r, width) in free else cost.shape_s)
+                for r in rows])
+        m = min(len(price), n - i)
+        candidate = best[i] + price[:m]
+        ends = best[i + 1:i + 1 + m]  # a view: updated in place
+        better = candidate < ends  # ties keep the earlier start: fewer, fuller batches
+        ends[better] = candidate[better]
+        prev[i + 1:i + 1 + m][better] = i
+    cut, end = [], n
+    while end > 0:
+        start = int(prev[end])
+        cut.append((start, end, batch_rows(widths[start], end - start, batch_size, token_budget,
+                                           row_multiple)))
+        end = start
+    return cut[::-1]
 
 
 def shapes(limit: int, max_length: int, batch_size: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -236,19 +311,28 @@ class Runner:
     """Runs sets of token-id rows through the model in planned batches, at most `IN_FLIGHT`
     outstanding: `submit` dispatches a set and returns its output container, complete after
     `drain`. hidden=False: mean-pooled fp32 [N, H]; hidden=True: one float32 [n_tokens, H] per
-    row (its real tokens)."""
+    row (its real tokens). cost: what the plan prices batch shapes with (default
+    `cost.for_model(model)`: this device's calibration if cached, else its default); None for
+    the padding rule alone. `timeline`: set it to a list and every batch appends
+    (batch, dispatch start, dispatch end, wait start, result ready) in `time.perf_counter`
+    seconds (what `benchmarks/encode_throughput.py --profile` prints)."""
 
     def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar, *,
-                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False, stats=None):
+                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False, cost="device",
+                 stats=None):
         self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
         self.hidden, self.bar, self.ladder, self.mixed = hidden, bar, ladder, mixed
+        self.cost = for_model(model) if cost == "device" else cost
         self.stats = stats  # a Stats to count into, or None
         self.limit = position_limit(model.config)
         self.in_flight: collections.deque = collections.deque()
+        self.timeline: list | None = None
+        self.seen: set = set()  # shapes run so far: a later window's plan reuses them first
 
     def plan(self, ids: Sequence[np.ndarray], tasks: Sequence) -> list[Batch]:
         return plan([len(x) for x in ids], tasks, self.limit, self.batch_size, self.token_budget,
-                    self.model.row_multiple, ladder=self.ladder, mixed=self.mixed)
+                    self.model.row_multiple, ladder=self.ladder, mixed=self.mixed,
+                    cost=self.cost, known=frozenset(self.seen))
 
     def shapes(self, max_length: int) -> list[tuple[int, int]]:
         """Every (rows, width) this runner can run for texts of at most `max_length` tokens."""
@@ -262,13 +346,16 @@ class Runner:
                                                              np.float32)
         run = model.hidden if self.hidden else model.pooled
         for batch in self.plan(ids, tasks) if batches is None else batches:
+            started = time.perf_counter()
             rows = [ids[i] for i in batch.members]
             rows += [FILLER] * (batch.rows - len(rows))
             array, lengths = pad(rows, batch.width, cfg.pad_token_id)
             if self.stats is not None:
                 self.stats.add(batch, lengths)
             result = run(array, lengths, batch.task, merge=not self.mixed)
-            self.in_flight.append((out, batch.members, lengths, result))
+            times = [batch, started, time.perf_counter()]
+            self.seen.add((batch.rows, batch.width))
+            self.in_flight.append((out, batch.members, lengths, result, times))
             if len(self.in_flight) > IN_FLIGHT:
                 self._collect()
         return out
@@ -278,8 +365,11 @@ class Runner:
             self._collect()
 
     def _collect(self):
-        out, members, lengths, result = self.in_flight.popleft()
+        out, members, lengths, result, times = self.in_flight.popleft()
+        times.append(time.perf_counter())
         result = np.asarray(result)
+        if self.timeline is not None:
+            self.timeline.append(tuple(times) + (time.perf_counter(),))
         if self.hidden:
             for row, member in enumerate(members):
                 out[member] = result[row, : lengths[row]].astype(np.float32)

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from jina_jax import JinaEmbeddingsV3
+from jina_jax.cost import for_model
 from jina_jax.encode import plan
 from jina_jax.tokenize import position_limit
 from tests import reference as ref
@@ -124,7 +125,8 @@ def test_compiles_once_per_shape_and_never_again(transformers_dir):
     tok.enable_truncation(limit)
     prompt = model.config.instruction("retrieval.passage")
     lengths = [len(e.ids) for e in tok.encode_batch([prompt + t for t in texts])]
-    shapes = {(b.rows, b.width) for b in plan(lengths, ["retrieval.passage"] * len(texts), limit, 16)}
+    batches = plan(lengths, ["retrieval.passage"] * len(texts), limit, 16, cost=for_model(model))
+    shapes = {(b.rows, b.width) for b in batches}
     assert len({w for _, w in shapes}) >= 3
     model.encode(texts, task="retrieval.passage", batch_size=16)
     first = model.compile_count
