@@ -1,5 +1,5 @@
 """`JinaEmbeddingsV3`: the user object. Weights (params, adapters, scales) and the config, plus
-three helpers it owns: a per-task cache of merged weights (`lora.TaskCache`), the compiled
+three helpers it owns: a per-task cache of adapter factors (`lora.TaskCache`), the compiled
 forward (`forward.CompiledForward`) and the tokenizer. Loading and saving are `checkpoint.py`'s.
 
 The computation itself is `JinaEncoder.apply`, a pure function of (params, ids, padding, lora)
@@ -130,33 +130,39 @@ class JinaEmbeddingsV3:
                 raise type(e)(f"task[{i}]: {e}") from None
         return names
 
-    def params_for(self, task: str | None):
-        """(params, lora) for one task: merged weights plus the word-embedding factors.
+    def params_for(self, task: str | None, *, merge: bool = True):
+        """(params, lora) for one task, the pure function's inputs (see `module`).
 
-        The result is cached (least recently used, `max_cached_tasks` entries), so a single-task
-        forward costs what the base model costs.
+        merge=True: merged weights `W + s·B·A` plus the word-embedding factors, a new full copy
+        of the adapted weights on every call (not cached: keep the result if you reuse it).
+        merge=False: the base params (no copy) plus the task's factors, for the single-task
+        low-rank forward that the model itself runs (cached, `max_cached_tasks` tasks).
         """
         name = None if task is None else self.resolve_task(task)
-        cfg = self.config
-        return self.task_cache.single(name, self.params, self.adapters, self.scales,
-                                      cfg.vocab_size, cfg.hidden_size)
+        if merge:
+            cfg = self.config
+            return lora_lib.merged_task(self.params, self.adapters, self.scales, name,
+                                        cfg.vocab_size, cfg.hidden_size)
+        return self.params, self.task_cache.single(name, self.adapters, self.scales)
 
     @property
-    def cached_tasks(self) -> list[str]:
-        """Tasks whose merged weights are cached, least recently used first."""
-        return list(self.task_cache.merged)
+    def cached_tasks(self) -> list:
+        """Tasks whose single-task factors are cached, least recently used first."""
+        return list(self.task_cache.single_tasks)
 
     def task_inputs(self, task, batch: int, merge: bool = True) -> dict:
-        """The forward's weight inputs for a task spec over `batch` rows: merged params for one
-        task (or none), else the base params with every adapter's factors stacked and per-row
-        task_index/mask. merge=False takes the per-row path even for one task: one compiled
-        structure for any mix of tasks (what a server batching requests together wants)."""
+        """The forward's weight inputs for a task spec over `batch` rows: the base params plus,
+        for one task (or none), that task's factors run for every row (`params_for(task,
+        merge=False)`: no merged copy of the weights), else every adapter's factors stacked
+        with per-row task_index/mask. merge=False takes the per-row path even for one task: one
+        compiled structure for any mix of tasks (what a server batching requests together
+        wants)."""
         with on_mesh(self.layout):
             return self._task_inputs(self.resolve_tasks(task, batch), merge)
 
     def _task_inputs(self, row_tasks: list, merge: bool) -> dict:
         if (merge and len(set(row_tasks)) == 1) or not self.adapters:
-            params, lora = self.params_for(row_tasks[0])
+            params, lora = self.params_for(row_tasks[0], merge=False)
             return {"params": params, "lora": lora}
         names, task_index, task_mask = lora_lib.task_rows(row_tasks, sorted(self.adapters))
         lora = self.task_cache.mixed(tuple(names), self.adapters, self.scales)

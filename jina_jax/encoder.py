@@ -5,8 +5,8 @@
         -> last_hidden_state [B, L, H], pooler_output tanh(dense(h[:, 0])) [B, H]
 
 The model knows no checkpoint format. `lora` is the stacked adapter tree described in `lora.py`
-(None: no adapter); a single task normally arrives as merged parameters plus the word-embedding
-factors only.
+(None: no adapter): with `task_index`, each row picks its task; without, a single task (the
+tree's first) runs for every row through the low-rank path, on the base weights.
 """
 
 from __future__ import annotations
@@ -228,13 +228,13 @@ class JinaEncoder(Block):
         """input_ids: int[B, L]. Padding as `lengths` int32[B] (right-padded rows) or
         `attention_mask` [B, L] (any pattern); neither means no padding. `lora`: stacked adapter
         tree or None; `task_index` int32[B] picks each row's task in it, `task_mask` [B] turns it
-        off per row.
+        off per row; no `task_index`: every row uses the tree's first task.
         """
         cfg = self.config
         b, l = input_ids.shape
-        if lora is not None:
-            if task_index is None:
-                task_index = jnp.zeros((b,), jnp.int32)
+        if task_index is None and task_mask is not None:
+            raise ValueError("task_mask needs task_index: without it every row uses task 0")
+        if lora is not None and task_index is not None:
             task_mask = (jnp.ones((b,), self.dtype) if task_mask is None
                          else task_mask.astype(self.dtype))
         if token_type_ids is None:

@@ -1,4 +1,4 @@
-"""Task LoRA adapters: merged weights for one task, the low-rank path for per-row tasks.
+"""Task LoRA adapters: the low-rank path for one task or per-row tasks, merged weights on request.
 
 An adapter is a tree that mirrors the parameter tree down to the module that owns a weight
 (`kernel` for a Linear, `embedding` for an Embedding), with `{"a": A, "b": B}` in place of that
@@ -13,7 +13,11 @@ subset of the modules. `s` is one float per task (alpha / rank, or alpha / sqrt(
 What the forward receives (`lora` argument of the model) is a *stacked* tree: the same paths, with
 a task axis T after the layer axis (`a [T, I, R]`, layers `a [L, T, I, R]`) and `s` folded into b.
 Each batch row picks its task with `task_index` int32[B]; `task_mask` float[B] switches the delta
-off for rows that use no adapter (`task_rows` builds both from one task name per row).
+off for rows that use no adapter (`task_rows` builds both from one task name per row). Without
+`task_index` every row uses the tree's first task through one shared low-rank matmul (no per-row
+gather): that is a single task's forward (`single_task`), which never forms `W + s * a @ b`, so
+no task costs a second copy of the weights. `merge` still builds that copy for users who want
+merged parameters (`params_for(task)`).
 """
 
 from __future__ import annotations
@@ -51,8 +55,12 @@ def low_rank_delta(x, factors, task_index, task_mask):
     """Per-row LoRA update for a Linear.
 
     x: [B, L, I]; factors: a [T, I, R], b [T, R, O] (scale folded in); task_index: int32[B];
-    task_mask: [B]. Returns [B, L, O].
+    task_mask: [B]. Returns [B, L, O]. task_index None: every row uses task 0, unmasked.
     """
+    if task_index is None:
+        # [B, L, R] -> [B, L, O]: two thin matmuls, far cheaper than merging a [I, O] weight.
+        h = jnp.einsum("bli,ir->blr", x, factors["a"][0].astype(x.dtype))
+        return jnp.einsum("blr,ro->blo", h, factors["b"][0].astype(x.dtype))
     a = factors["a"][task_index].astype(x.dtype)
     b = (factors["b"][task_index] * task_mask[:, None, None]).astype(x.dtype)
     # [B, L, R]
@@ -65,8 +73,13 @@ def embedding_delta(ids, factors, task_index, task_mask, dtype):
     """Per-row LoRA update for an Embedding, on the gathered rows only.
 
     ids: int[B, L]; factors: a [T, V, R], b [T, R, H]; task_index: int32[B]; task_mask: [B].
-    Returns [B, L, H]. Never materialises a [V, H] table.
+    Returns [B, L, H]. Never materialises a [V, H] table. task_index None: every row uses task 0,
+    unmasked.
     """
+    if task_index is None:
+        # [B, L, R] -> [B, L, H]
+        a = factors["a"][0, ids].astype(dtype)
+        return jnp.einsum("blr,rh->blh", a, factors["b"][0].astype(dtype))
     # [B, L, R]
     a = factors["a"][task_index[:, None], ids].astype(dtype)
     b = (factors["b"][task_index] * task_mask[:, None, None]).astype(dtype)
@@ -226,35 +239,60 @@ def word_factors(forward_lora, rank: int, vocab_size: int, hidden_size: int):
     return {"embeddings": {"word": {"a": a, "b": b}}}
 
 
+def single_task(adapters: Mapping, scales: Mapping, name: str | None):
+    """The `lora` argument of a single-task forward (no `task_index`): `name`'s factors as a
+    stacked tree with one task (T = 1), in the structure common to all `adapters` (every module
+    any of them adapts, each at its largest rank; zeros where `name` has none, zeros throughout
+    for `name` None). Every task, and no task, then shares one compiled forward. None when there
+    are no adapters."""
+    names = sorted(adapters)
+    if not names:
+        return None
+    stacked = stack([adapters[n] for n in names], [scales[n] for n in names])
+    t = 0 if name is None else names.index(name)
+    out: dict = {}
+    for path, fac in adapted_modules(stacked):
+        axis = 1 if BY_PATH[path].layered else 0
+        one = {k: jax.lax.slice_in_dim(v, t, t + 1, axis=axis) for k, v in fac.items()}
+        set_path(out, path, one if name is not None else jax.tree_util.tree_map(jnp.zeros_like, one))
+    return out
+
+
+def merged_task(params: Mapping, adapters: Mapping, scales: Mapping, name: str | None,
+                vocab_size: int, hidden_size: int):
+    """(merged params, word-embedding factors) for one task (None: the base params), every
+    task's factors in one shape (`word_factors`): a full copy of the adapted weights, for users
+    of the pure function who want merged parameters; the model's own forward never builds it."""
+    rank = max((word_rank(a) for a in adapters.values()), default=0)
+    if name is None:
+        return params, word_factors(None, rank, vocab_size, hidden_size)
+    merged, forward_lora = merge(params, adapters[name], scales[name])
+    return merged, word_factors(forward_lora, rank, vocab_size, hidden_size)
+
+
 class TaskCache:
-    """Forward inputs per task for one set of weights: merged params for a single task (least
-    recently used, at most `max_tasks`), stacked factors for the last mixed set of tasks."""
+    """Forward inputs per task for one set of weights: a single task's factors (`single_task`:
+    small, no weight copy; least recently used, at most `max_tasks`), stacked factors for the
+    last mixed set of tasks."""
 
     def __init__(self, max_tasks: int = 2):
         self.max_tasks = max_tasks
-        self.merged: collections.OrderedDict = collections.OrderedDict()
+        self.single_tasks: collections.OrderedDict = collections.OrderedDict()
         self.stacked: dict = {}
-        self.base = None  # (params, word factors) for no task: nothing to merge, never evicted
 
     def clear(self):
-        self.merged.clear()
-        self.stacked, self.base = {}, None
+        self.single_tasks.clear()
+        self.stacked = {}
 
-    def single(self, name, params, adapters: Mapping, scales: Mapping, vocab_size, hidden_size):
-        """(params, lora) for one task (None: no adapter): merged weights + word factors."""
-        rank = max((word_rank(a) for a in adapters.values()), default=0)
-        if name is None:
-            if self.base is None:
-                self.base = (params, word_factors(None, rank, vocab_size, hidden_size))
-            return self.base
-        if name in self.merged:
-            self.merged.move_to_end(name)
-            return self.merged[name]
-        merged, forward_lora = merge(params, adapters[name], scales[name])
-        entry = (merged, word_factors(forward_lora, rank, vocab_size, hidden_size))
-        self.merged[name] = entry
-        while len(self.merged) > max(1, self.max_tasks):
-            self.merged.popitem(last=False)
+    def single(self, name, adapters: Mapping, scales: Mapping):
+        """The single-task `lora` of `name` (None: no adapter, zero factors of the same shape)."""
+        if name in self.single_tasks:
+            self.single_tasks.move_to_end(name)
+            return self.single_tasks[name]
+        entry = single_task(adapters, scales, name)
+        self.single_tasks[name] = entry
+        while len(self.single_tasks) > max(1, self.max_tasks):
+            self.single_tasks.popitem(last=False)
         return entry
 
     def mixed(self, names: tuple, adapters: Mapping, scales: Mapping):

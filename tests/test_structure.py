@@ -65,7 +65,7 @@ def test_scan_equals_unrolled(transformers_dir):
 def test_forward_is_a_pure_jittable_function(transformers_dir):
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
     ids, mask = ref.padded_batch(model.config.vocab_size)
-    params, lora = model.params_for("separation")
+    params, lora = model.params_for("separation", merge=False)  # what the model runs
     fn = jax.jit(lambda p, i, n: model.module().apply({"params": p}, i, lengths=n, lora=lora))
     out = fn(params, ids, mask.sum(1))
     np.testing.assert_array_equal(np.asarray(out.last_hidden_state),
@@ -74,10 +74,13 @@ def test_forward_is_a_pure_jittable_function(transformers_dir):
 
 def test_task_cache_is_bounded(transformers_dir):
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir, max_cached_tasks=2)
-    first = model.params_for("separation")
-    assert model.params_for("separation") is first  # cached
+    first = model.params_for("separation", merge=False)
+    assert model.params_for("separation", merge=False)[1] is first[1]  # cached
     for task in ("retrieval.query", "classification", "text-matching"):
-        model.params_for(task)
+        model.params_for(task, merge=False)
+    assert model.cached_tasks == ["classification", "text-matching"]
+    merged = model.params_for("separation")
+    assert model.params_for("separation") is not merged  # merged on request, never cached
     assert model.cached_tasks == ["classification", "text-matching"]
 
 

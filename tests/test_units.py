@@ -163,21 +163,38 @@ def test_task_rows():
     assert lora.task_rows([None, None])[0] == []
 
 
-def test_task_cache_is_lru_bounded_and_keeps_no_task_apart():
+def test_single_task_factors_share_one_structure_and_equal_the_stack():
     rng = np.random.default_rng(2)
-    params = {"layers": {"mlp": {"fc1": {"kernel": jnp.zeros((2, 24, 40))}}}}
+    adapters = {"a": _adapter(rng, 2, ["qkv", "word"]), "b": _adapter(rng, 3, ["qkv", "fc1"])}
+    scales = {"a": 0.5, "b": 2.0}
+    stacked = lora.stack([adapters["a"], adapters["b"]], [0.5, 2.0])
+    trees = {t: lora.single_task(adapters, scales, t) for t in ("a", "b", None)}
+    shapes = {t: jax.tree_util.tree_map(np.shape, tree) for t, tree in trees.items()}
+    assert shapes["a"] == shapes["b"] == shapes[None]  # one compiled forward for any task
+    assert shapes["a"]["layers"]["attn"]["qkv"]["a"] == (2, 1, 24, 3)  # [L, T=1, I, R]
+    assert shapes["a"]["embeddings"]["word"]["b"] == (1, 2, 24)  # [T=1, R, H]
+    for t, (i, tree) in (("a", (0, trees["a"])), ("b", (1, trees["b"]))):
+        for path, fac in lora.adapted_modules(tree):
+            axis = 1 if architecture.BY_PATH[path].layered else 0
+            for k in "ab":
+                np.testing.assert_array_equal(
+                    fac[k], np.take(get_path(stacked, path)[k], [i], axis=axis))
+    assert not any(np.asarray(x).any() for x in jax.tree_util.tree_leaves(trees[None]))
+    assert lora.single_task({}, {}, None) is None
+
+
+def test_task_cache_is_lru_bounded():
+    rng = np.random.default_rng(2)
     adapters = {t: _adapter(rng, 1, ["fc1"]) for t in "abc"}
     scales = dict.fromkeys("abc", 1.0)
     cache = lora.TaskCache(max_tasks=2)
-    base = cache.single(None, params, adapters, scales, 50, 24)
-    first = cache.single("a", params, adapters, scales, 50, 24)
-    assert cache.single("a", params, adapters, scales, 50, 24) is first
-    cache.single("b", params, adapters, scales, 50, 24)
-    cache.single("c", params, adapters, scales, 50, 24)
-    assert list(cache.merged) == ["b", "c"]
-    assert cache.single(None, params, adapters, scales, 50, 24) is base
+    first = cache.single("a", adapters, scales)
+    assert cache.single("a", adapters, scales) is first
+    cache.single("b", adapters, scales)
+    cache.single("c", adapters, scales)
+    assert list(cache.single_tasks) == ["b", "c"]
     cache.clear()
-    assert not cache.merged and cache.base is None
+    assert not cache.single_tasks
 
 
 # --- builders -----------------------------------------------------------------------------
