@@ -14,6 +14,7 @@ it is complete.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -145,8 +146,8 @@ def _check_dtypes(files, fmt: str, allowed=FLOAT_CODES) -> None:
             if code not in allowed:
                 raise CheckpointError(f"{f.path}: key {key!r} is stored as {code}; a {fmt}-format "
                                       f"checkpoint stores it as {' or '.join(allowed)}")
-        halves = sorted({c for c in codes.values() if c in HALF_CODES},
-                        key=lambda c: -list(codes.values()).count(c))
+        counts = collections.Counter(c for c in codes.values() if c in HALF_CODES)
+        halves = sorted(counts, key=lambda c: (-counts[c], c))  # the file's own type first
         if len(halves) > 1:
             key = next(k for k, c in codes.items() if c == halves[-1])
             raise CheckpointError(f"{f.path}: key {key!r} is stored as {halves[-1]}, but the "

@@ -110,9 +110,10 @@ time.sleep(120)
 
 def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
     target = str(tmp_path / "out.npy")
-    owner = files._owner()  # noqa: SLF001 - the naming under test
-    assert owner is not None, "this test needs Linux /proc"
-    tag, pid, start = owner.split("-")
+    mine = files.temporary_sibling(target)  # .out.npy.tmp-TAG-PID-START-XXXXXXXX
+    tag, pid, start, _ = os.path.basename(mine)[len(".out.npy.tmp-"):].split("-")
+    assert pid == str(os.getpid()), "this test needs Linux /proc"
+    os.unlink(mine)
 
     def touch(name, folder=False):
         path = tmp_path / name

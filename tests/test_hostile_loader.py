@@ -307,3 +307,18 @@ def test_cli_prints_one_line_and_exits_1(ckpt, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and repr(key) in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_embed_with_a_garbage_tokenizer_prints_one_line(ckpt, tmp_path):
+    (ckpt / "tokenizer.json").write_bytes(b'{"model": {"type": "Unigram"}}')
+    text = tmp_path / "in.txt"
+    text.write_text("hello\n")
+    done = subprocess.run([sys.executable, "-m", "jina_jax.cli", "embed", "--model", str(ckpt),
+                           "--task", "none", "--input", str(text), "--output",
+                           str(tmp_path / "out.npy")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ckpt / 'tokenizer.json'}: not a "
+                                                   "tokenizer") and "vocab" in lines[0], lines
+    assert not (tmp_path / "out.npy").exists()
