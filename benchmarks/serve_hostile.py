@@ -102,12 +102,14 @@ def leave_after_first_forward(port, pid, body: bytes) -> dict:
             time.sleep(0.02)
         first = time.perf_counter() - sent
     left = time.perf_counter()
-    while metrics(port)["jina_jax_cancelled_texts_total"] < \
-            before["jina_jax_cancelled_texts_total"] + n:
+    while (now := metrics(port))["jina_jax_queue_depth"] > 0 or \
+            now["jina_jax_cancelled_texts_total"] == before["jina_jax_cancelled_texts_total"]:
         time.sleep(0.02)
     return {"texts": n, "body_mb": round(len(body) / 1e6, 1),
             "to_first_forward_s": round(first, 2),
             "cancelled_after_leaving_s": round(time.perf_counter() - left, 2),
+            "cancelled_texts": now["jina_jax_cancelled_texts_total"]
+            - before["jina_jax_cancelled_texts_total"],
             "rss_before_gb": round(rss / 1e9, 2),
             "peak_growth_gb": round((status_field(pid, "VmHWM") - rss) / 1e9, 3),
             "rss_after_gb": round(status_field(pid, "VmRSS") / 1e9, 2)}
