@@ -22,8 +22,8 @@ bounded under any load.
 
 Late chunking. A request with `late=True` is one document made of its texts joined by a space,
 each text a chunk (as `late_chunking.encode_late_chunks` does); it runs on its own, between
-rounds, one window a forward (`late_shapes`, compiled by `warm_up` too), so a cancel is seen
-between windows. Documents are capped at `max_late_chars` characters (`submit` raises
+rounds, `late_rows` windows a forward (`late_shapes`, compiled by `warm_up` too), so a cancel
+is seen between forwards. Documents are capped at `max_late_chars` characters (`submit` raises
 `DocumentTooLong`).
 
 Tokenizing. A request's texts are tokenized `TOKENIZE_PIECE` at a time, a cancel seen between
@@ -45,11 +45,13 @@ import numpy as np
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
 from .late_chunking import prepare_document
 from .metrics import Counter, Gauge, Histogram, Registry
-from .tokenize import SERVE_WIDTHS, bucket_for, check_max_length, pad, position_limit, token_ids
+from .tokenize import (BUCKETS, SERVE_WIDTHS, bucket_for, check_max_length, pad, position_limit,
+                       token_ids)
 
 LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 TOKENIZE_PIECE = 64  # texts tokenized at a time: a cancel is seen between pieces
+LATE_ROWS = 8  # late-chunking windows per forward, at most
 
 
 class QueueFull(Exception):
@@ -405,19 +407,26 @@ class Batcher:
         self._note_rate(len(job.texts), time.monotonic() - started)
 
     def late_shapes(self) -> list[tuple[int, int]]:
-        """The (rows, width) of late chunking's forwards: a document of one window runs alone
-        at its rung of the ladder; a longer one's windows (`max_length` tokens each) run
-        `late_rows` at a time, the last batch's rows rounded up to a power of two."""
-        top, multiple = bucket_for(self.max_length, self.limit, LADDER), self.model.row_multiple
-        single = [(multiple, w) for w in LADDER if w < top]
+        """The (rows, width) of late chunking's forwards: a document of one window runs alone,
+        its width a power of two (or `max_length`'s rung); a longer one's windows (`max_length`
+        tokens each) run up to `late_rows` at a time, rows rounded up to a power of two."""
+        *short, top = self.late_widths
+        multiple = self.model.row_multiple
         rows = sorted({max(multiple, 2 ** k) for k in range(self.late_rows.bit_length())})
-        return single + [(r, top) for r in rows]
+        return [(multiple, w) for w in short] + [(r, top) for r in rows]
+
+    @property
+    def late_widths(self) -> tuple[int, ...]:
+        """Powers of two below `max_length`'s rung of the ladder, then that rung: few shapes
+        (a short document pads at most to twice its length)."""
+        top = bucket_for(self.max_length, self.limit, LADDER)
+        return tuple(w for w in BUCKETS if w < top) + (top,)
 
     @property
     def late_rows(self) -> int:
-        """Windows per forward in late chunking: a power of two within the batch budget."""
-        top = bucket_for(self.max_length, self.limit, LADDER)
-        fit = max(1, min(self.runner.batch_size, self.max_batch_tokens // top))
+        """Windows per forward in late chunking: a power of two within the batch budget, at
+        most `LATE_ROWS` (a cancel is seen between forwards)."""
+        fit = max(1, min(LATE_ROWS, self.max_batch_tokens // self.late_widths[-1]))
         return 2 ** (fit.bit_length() - 1)
 
     def _late_windows(self, job: Job, windows: list[np.ndarray]) -> list[np.ndarray] | None:
@@ -429,7 +438,7 @@ class Batcher:
                 return None
             group = windows[first:first + self.late_rows]
             rows = max(multiple, 1 << (len(group) - 1).bit_length())
-            width = bucket_for(max(map(len, group)), self.limit, LADDER)
+            width = bucket_for(max(map(len, group)), self.limit, self.late_widths)
             ids, lengths = pad(group + [FILLER] * (rows - len(group)), width, pad_id)
             states = np.asarray(self.model.hidden(ids, lengths, job.tasks[:1] * rows,
                                                   merge=False))
