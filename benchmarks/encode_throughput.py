@@ -210,6 +210,42 @@ def profile(model, texts, task, batch_size, cost, lengths, rates, classes, plann
     return totals
 
 
+def plan_table(model, batch_size) -> list[dict]:
+    """Padding, shapes and batches of the padding-only plan and of the priced one (the
+    model's cost), on each corpus and on a stream of 40 windows of 16,384 lognormal lengths
+    (the stream's plans reuse the shapes met before, as `Runner` does)."""
+    cost, limit = for_model(model), position_limit(model.config)
+    prefix = model.config.instruction("retrieval.passage")
+    tok = model.tokenizer
+    tok.enable_truncation(8192)
+    rows = []
+    for name, texts in (("large", corpus(1.0)), ("large-0.5", corpus(0.5)),
+                        ("small-100", corpus(1.0, small=100)), ("small-160", corpus(1.0, small=160)),
+                        ("small-300", corpus(1.0, small=300))):
+        lengths = [len(e.ids) for e in tok.encode_batch([prefix + t for t in texts])]
+        row = {"corpus": name}
+        for key, priced in (("before", None), ("after", cost)):
+            batches = plan(lengths, ["t"] * len(lengths), limit, batch_size, cost=priced)
+            row[key] = {"padding": round(padding_fraction(batches, lengths), 4),
+                        "shapes": len({(b.rows, b.width) for b in batches}),
+                        "batches": len(batches),
+                        "predicted_s": round(sum(cost.seconds(b.rows, b.width)
+                                                 for b in batches), 1)}
+        rows.append(row)
+    row = {"corpus": "stream 40 x 16384 lognormal"}
+    for key, priced in (("before", None), ("after", cost)):
+        rng, seen, paddings = np.random.default_rng(0), set(), []
+        for _ in range(40):
+            lengths = [int(min(8192, max(3, x))) for x in rng.lognormal(4.5, 1.0, 16384)]
+            batches = plan(lengths, ["t"] * len(lengths), limit, batch_size, cost=priced,
+                           known=frozenset(seen))
+            seen |= {(b.rows, b.width) for b in batches}
+            paddings.append(padding_fraction(batches, lengths))
+        row[key] = {"padding": round(float(np.mean(paddings)), 4), "shapes": len(seen)}
+    rows.append(row)
+    return rows
+
+
 def torch_loop(folder, texts, prefix, dtype, batch_size, device="cpu"):
     """Transformers + PEFT, written the way users write it; returns (embeddings, seconds)."""
     import torch
@@ -257,6 +293,8 @@ def main():
                    help="calibrate the cost model on this machine first (cached for encode)")
     p.add_argument("--replay", action="store_true",
                    help="also run the plan's batches back to back, each waited for")
+    p.add_argument("--plans", action="store_true",
+                   help="only print each corpus's plan before/after the cost model (no timing)")
     args = p.parse_args()
     if args.corpus == "small" and not 1 <= args.texts <= 100000:
         p.error("--texts must be a positive count")
@@ -266,6 +304,10 @@ def main():
     folder = write_weights(args.weights or os.path.join(
         tempfile.gettempdir(), f"jina-encode-bench-{args.layers}"), args.layers)
     model = JinaEmbeddingsV3.from_pretrained(folder, dtype=args.dtype)
+    if args.plans:
+        for row in plan_table(model, args.batch_size):
+            print(json.dumps(row))
+        return
     task = "retrieval.passage"
     texts = corpus(args.scale, small=args.texts if args.corpus == "small" else None)
     if args.calibrate:

@@ -48,6 +48,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_WINDOW = 16384
 IN_FLIGHT = 2
 PROGRESS_MIN_BATCHES = 10
+SHAPES_DOUBLING = 32  # shapes a stream has met per doubling of a new shape's price (see plan)
 NEIGHBOURS = 2 ** (1 / 6)  # how much shorter a text may be and still share a batch (see plan)
 # A filler row for incomplete batches: "<s></s>", two real tokens, so nothing divides by zero.
 FILLER = [0, 2]
@@ -140,13 +141,17 @@ def priced_cut(widths: Sequence[int], cost: CostModel, batch_size: int, token_bu
     # Pass 1 prices every batch as a new shape, which favours few, full batches; pass 2 lets
     # the shapes pass 1 chose (and `known` ones) go free of that price, so a new shape comes
     # in only where it saves more than `cost.shape_s`.
-    first = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None)
+    # A stream keeps every shape it compiled (in memory): each SHAPES_DOUBLING shapes it has
+    # met double the price of one more, so a long stream settles on a set it reuses.
+    price = cost.shape_s * 2 ** (len(known) / SHAPES_DOUBLING)
+    first = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None, price)
     free = set(known) | {(rows, widths[start]) for start, _, rows in first}
-    return cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free)
+    return cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free, price)
 
 
-def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free) -> list[tuple]:
-    """`priced_cut`'s dynamic programme: each batch costs `cost.seconds`, plus `cost.shape_s`
+def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free,
+                 shape_price: float) -> list[tuple]:
+    """`priced_cut`'s dynamic programme: each batch costs `cost.seconds`, plus `shape_price`
     unless its shape is in `free` (None: none is)."""
     n = len(widths)
     best = np.full(n + 1, np.inf)
@@ -162,7 +167,7 @@ def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free) -> 
                     for k in range(1, cap + 1)]
             price = prices[width] = np.array([
                 cost.seconds(r, width)
-                + (0.0 if free is not None and (r, width) in free else cost.shape_s)
+                + (0.0 if free is not None and (r, width) in free else shape_price)
                 for r in rows])
         m = min(len(price), n - i)
         candidate = best[i] + price[:m]

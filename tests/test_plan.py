@@ -81,7 +81,7 @@ def test_cheapest_cut_is_the_cheapest(seed):
                     reverse=True)
     cost = (CPU, GPU, dataclasses.replace(CPU, shape_s=0.0))[seed % 3]
     free = None if seed < 3 else {(4, widths[0]), (8, widths[-1])}
-    cut = cheapest_cut(widths, cost, 4, 2048, 1, free)
+    cut = cheapest_cut(widths, cost, 4, 2048, 1, free, cost.shape_s)
     total = sum(cost.seconds(rows, widths[s]) + (
         0.0 if free is not None and (rows, widths[s]) in free else cost.shape_s)
         for s, _, rows in cut)
