@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from jina_jax import JinaEmbeddingsV3
+from jina_jax.executables import abstract_signature
 from jina_jax.lora import adapted_modules
 from jina_jax.tree import flatten
 from tests import reference as ref
@@ -17,29 +18,28 @@ def _nonzero_b(adapter) -> bool:
 
 
 def test_single_task_forward_equals_the_merged_weights(transformers_dir):
-    """Every task (different ranks and module subsets) and no task, on padded batches of mixed
+    """Every task (different ranks and module subsets) and no task, on a padded batch of mixed
     lengths: the low-rank forward the model runs equals the merged parameters within 1e-5."""
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
     merged_forward = jax.jit(lambda p, ids, n, lora: model.module().apply(
         {"params": p}, ids, lengths=n, lora=lora))
     base = flatten(model.params)
-    for lengths, seed in (((11, 7, 1, 4), 3), ((29, 2, 16), 8)):
-        ids, mask = ref.padded_batch(model.config.vocab_size, lengths=lengths, seed=seed)
-        real = mask.astype(bool)
-        for task in [*model.tasks, None]:
-            if task is not None:
-                assert _nonzero_b(model.adapters[task]), task
-            ours = model(ids, mask, task=task)
-            params, word = model.params_for(task)  # merged
-            theirs = merged_forward(params, ids, mask.sum(1).astype(np.int32), word)
-            err = np.abs(np.asarray(ours.last_hidden_state)
-                         - np.asarray(theirs.last_hidden_state))[real].max()
-            perr = np.abs(np.asarray(ours.pooler_output) - np.asarray(theirs.pooler_output)).max()
-            assert err < 1e-5 and perr < 1e-5, (task, lengths, err, perr)
-            # The adapter really changes the weights: the comparison sees it.
-            if task is not None:
-                assert any(not np.array_equal(w, base[path]) for path, w in
-                           flatten(params).items() if path[0] == "layers"), task
+    ids, mask = ref.padded_batch(model.config.vocab_size, lengths=(29, 11, 2, 16, 1), seed=8)
+    real = mask.astype(bool)
+    for task in [*model.tasks, None]:
+        if task is not None:
+            assert _nonzero_b(model.adapters[task]), task
+        ours = model(ids, mask, task=task)
+        params, word = model.params_for(task)  # merged
+        theirs = merged_forward(params, ids, mask.sum(1).astype(np.int32), word)
+        err = np.abs(np.asarray(ours.last_hidden_state)
+                     - np.asarray(theirs.last_hidden_state))[real].max()
+        perr = np.abs(np.asarray(ours.pooler_output) - np.asarray(theirs.pooler_output)).max()
+        assert err < 1e-5 and perr < 1e-5, (task, err, perr)
+        # The adapter really changes the weights: the comparison sees it.
+        if task is not None:
+            assert any(not np.array_equal(w, base[path]) for path, w in
+                       flatten(params).items() if path[0] == "layers"), task
 
 
 def _weight_shaped(model) -> int:
@@ -76,3 +76,22 @@ def test_no_merged_copy_of_the_weights_is_kept(transformers_dir):
     copied = sum(x.nbytes for x in jax.tree_util.tree_leaves(merged) if id(x) not in base)
     assert factors < copied / 2, (factors, copied)
     assert len(model.cached_tasks) <= 2
+
+
+def test_store_keys_tell_the_single_task_path_from_the_per_row_one(transformers_dir):
+    """Every single task (and no task) shares one executable; the per-row path of the same
+    task, or the merged parameters, get their own."""
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    ids, mask = ref.padded_batch(model.config.vocab_size)
+
+    def key(task, merge=True, params=None):
+        inputs = model.forward_inputs(ids, mask, task, merge=merge)
+        if params is not None:
+            inputs["params"], inputs["lora"] = params
+        signature = abstract_signature(model.forward.arguments(**inputs))
+        return model.forward.store.key(model.forward.description("xla", "pooled"), signature)
+
+    single = {key(task) for task in [*model.tasks, None]}
+    assert len(single) == 1
+    assert key("separation", merge=False) not in single
+    assert key("separation", params=model.params_for("separation")) not in single
