@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .adapters import AdapterSet
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
 from .late_chunking import encode_late_chunks
 from .metrics import Counter, Gauge, Histogram, Registry
@@ -44,6 +45,9 @@ from .tokenize import SERVE_WIDTHS, bucket_for, check_max_length, pad, position_
 LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 UNTRUNCATED = 2 ** 31 - 1
+# `ready_shapes`: shapes of at most this many padded positions compile before the server
+# answers (19 of the 134 for max_length 8192), the rest in the background.
+READY_TOKENS = 128
 
 
 class QueueFull(Exception):
@@ -60,6 +64,16 @@ class Closed(Exception):
     """The batcher is shutting down and takes no new requests."""
 
 
+class TooLong(ValueError):
+    """A text of a request that asked not to be truncated has more tokens than `max_length`."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        super().__init__(f"input[{index}] has {tokens} tokens (instruction and <s>/</s> "
+                         f"included), over this server's limit of {limit}; send truncate true "
+                         "to cut it there, or split it")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     texts: list[str]
@@ -67,6 +81,8 @@ class Job:
     dim: int
     normalize: bool = True
     late: bool = False
+    truncate: bool = True  # False: a text over max_length fails the job (TooLong)
+    adapters: object = None  # the AdapterSet it was submitted under (None: the model's own)
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
@@ -97,7 +113,8 @@ class Row:
 class Batcher:
     def __init__(self, model, *, max_batch_tokens: int = 8192, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 4096,
-                 max_length: int | None = None, registry: Registry | None = None):
+                 max_length: int | None = None, registry: Registry | None = None,
+                 adapters: AdapterSet | None = None):
         for name, value in (("max_batch_tokens", max_batch_tokens),
                             ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -105,6 +122,10 @@ class Batcher:
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < math.inf:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
         self.model = model
+        # The tasks requests may name, in the fixed layout every forward stacks: replaced
+        # (never changed in place) when an adapter is loaded or removed; a job keeps the set
+        # it was submitted under.
+        self.adapters = adapters if adapters is not None else AdapterSet.build(model)
         self.max_length = check_max_length(max_length, model.config, DEFAULT_MAX_LENGTH)
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.max_queue = max_queue
@@ -145,26 +166,36 @@ class Batcher:
     # --- setup -----------------------------------------------------------------------------
 
     def shapes(self) -> list[tuple[int, int]]:
-        """The (rows, width) shapes this batcher runs: what `warm_up` compiles."""
-        return self.runner.shapes(self.max_length)
+        """The (rows, width) shapes this batcher runs: what `warm_up` compiles, smallest
+        (rows x width) first: the shapes of short requests, which most are, come first."""
+        return sorted(self.runner.shapes(self.max_length), key=lambda s: (s[0] * s[1], s[1]))
+
+    def ready_shapes(self, tokens: int = READY_TOKENS) -> list[tuple[int, int]]:
+        """The first shapes to compile before answering: those of at most `tokens` padded
+        positions (single texts up to that length, small batches of short ones); the others
+        can compile in the background (`warm_up(shapes=...)`) while the server answers."""
+        return [s for s in self.shapes() if s[0] * s[1] <= tokens]
 
     def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
-                stop: Callable[[], bool] | None = None) -> int:
-        """Compiles (or loads from the executable store) every shape, without running them
-        where the store is on; returns how many. `on_shape(done, total)` after each; `stop()`
-        true ends it early."""
-        shapes = self.shapes()
+                stop: Callable[[], bool] | None = None, shapes=None) -> int:
+        """Compiles (or loads from the executable store) `shapes` (default: every shape),
+        without running them where the store is on; returns how many. `on_shape(done, total)`
+        after each; `stop()` true ends it early. Safe beside a running worker: a round that
+        needs a shape not ready yet compiles it itself (it waits, it never fails)."""
+        shapes = self.shapes() if shapes is None else list(shapes)
         pad_id = self.model.config.pad_token_id
+        done = 0
         for done, (rows, width) in enumerate(shapes, 1):
             if stop is not None and stop():
-                break
+                return done - 1
             ids, lengths = pad([FILLER] * rows, width, pad_id)
             tasks = [None] * rows
-            if not self.model.prepare_pooled(ids, lengths, tasks, merge=False):
-                np.asarray(self.model.pooled(ids, lengths, tasks, merge=False))
+            inputs = {"merge": False, "adapters": self.adapters}
+            if not self.model.prepare_pooled(ids, lengths, tasks, **inputs):
+                np.asarray(self.model.pooled(ids, lengths, tasks, **inputs))
             if on_shape is not None:
                 on_shape(done, len(shapes))
-        return len(shapes)
+        return done
 
     def start(self) -> "Batcher":
         self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
@@ -182,11 +213,13 @@ class Batcher:
     # --- callers ---------------------------------------------------------------------------
 
     def submit(self, texts: list[str], tasks: list, dim: int, normalize: bool = True,
-               late: bool = False) -> Job:
-        """Queues a request (texts checked by the caller; one adapter name or None per text)."""
+               late: bool = False, truncate: bool = True) -> Job:
+        """Queues a request (texts checked by the caller; one adapter name or None per text,
+        names of the current `adapters` set, which the job keeps). truncate=False: the job fails with `TooLong` if a text has over `max_length` tokens
+        (late chunking never truncates: long documents run in windows)."""
         if len(tasks) != len(texts) or not texts:
             raise ValueError("submit needs one task per text, and at least one text")
-        job = Job(list(texts), list(tasks), dim, normalize, late)
+        job = Job(list(texts), list(tasks), dim, normalize, late, truncate, self.adapters)
         with self.cond:
             if self.closing:
                 raise Closed("the server is shutting down")
@@ -261,7 +294,7 @@ class Batcher:
                 self.late.append(job)
                 continue
             try:
-                ids = token_ids(self.model.tokenizer, cfg, job.texts, job.tasks, self.max_length)
+                ids = self._tokenize(job)
             except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
                 self._forget(len(job.texts))
                 resolve(job, error=e)
@@ -271,6 +304,32 @@ class Batcher:
             job.remaining = len(ids)
             self.rows.extend(Row(job, i, x, bucket_for(len(x), self.limit, LADDER))
                              for i, x in enumerate(ids))
+
+    def _tokenize(self, job: Job) -> list[np.ndarray]:
+        """The job's token ids, cut at `max_length`; for a job that may not be truncated,
+        `TooLong` for its first longer text (one token more is enough to see it; the message
+        counts that text's tokens in full)."""
+        limit = self.max_length
+        ids = self._token_ids(job, job.texts, job.tasks, limit if job.truncate else limit + 1)
+        if not job.truncate:
+            for i, x in enumerate(ids):
+                if len(x) > limit:
+                    full = self._token_ids(job, job.texts[i:i + 1], job.tasks[i:i + 1],
+                                           UNTRUNCATED)[0]
+                    raise TooLong(i, len(full), limit)
+        return ids
+
+    def _token_ids(self, job: Job, texts, tasks, max_length: int) -> list[np.ndarray]:
+        """`token_ids` with the instructions of the job's adapter set, a task at a time."""
+        out: list = [None] * len(texts)
+        for task in dict.fromkeys(tasks):
+            where = [i for i, t in enumerate(tasks) if t == task]
+            prompt = job.adapters.instruction(task)
+            ids = token_ids(self.model.tokenizer, self.model.config, [texts[i] for i in where],
+                            [task] * len(where), max_length, prompt)
+            for i, x in zip(where, ids):
+                out[i] = x
+        return out
 
     def _forget(self, count: int):
         with self.cond:
@@ -290,9 +349,12 @@ class Batcher:
             self.rows = kept
 
     def _take(self) -> list[Row]:
-        """Rows first in, first out, up to the token budget (at least one)."""
+        """Rows first in, first out, up to the token budget (at least one), all submitted
+        under one adapter set (the first's: a set replaced meanwhile waits its turn)."""
         taken, cost = [], 0
-        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens):
+        adapters = self.rows[0].job.adapters
+        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens) \
+                and self.rows[0].job.adapters is adapters:
             row = self.rows.popleft()
             taken.append(row)
             cost += row.width
@@ -305,7 +367,7 @@ class Batcher:
         tasks = [r.job.tasks[r.index] for r in rows]
         batches = self.runner.plan(ids, tasks)
         try:
-            pooled = self.runner.submit(ids, tasks, batches)
+            pooled = self.runner.submit(ids, tasks, batches, rows[0].job.adapters)
             self.runner.drain()
         except Exception as e:  # noqa: BLE001 - every request of the round gets the error
             self.runner.in_flight.clear()
@@ -341,12 +403,14 @@ class Batcher:
             spans.append((start, start + len(text)))
             start += len(text) + len(LATE_SEPARATOR)
         try:
+            # The single-task path runs on the model's own adapters: one loaded into the
+            # server goes onto the model first (here, between forwards).
+            job.adapters.carry(self.model, job.tasks[0])
             embeddings, _ = encode_late_chunks(
                 self.model, document, job.tasks[0], spans=spans, max_length=self.max_length,
                 truncate_dim=job.dim, normalize=job.normalize, show_progress_bar=False)
             # Usage counts the whole document once (windows repeat the instruction).
-            tokens = len(token_ids(self.model.tokenizer, self.model.config, [document],
-                                   job.tasks[:1], UNTRUNCATED)[0])
+            tokens = len(self._token_ids(job, [document], job.tasks[:1], UNTRUNCATED)[0])
         except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
             resolve(job, error=e)
             return

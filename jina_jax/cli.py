@@ -236,6 +236,10 @@ def _finetune_parser(p: argparse.ArgumentParser):
     p.add_argument("--format", choices=["jina_jax", "transformers", "original"],
                    default="jina_jax", help="checkpoint format written to --output")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the trained adapter(s) to --output: one PEFT LoRA folder "
+                        "per task (a few MB; `serve --adapter NAME=OUTPUT`, "
+                        "`from_pretrained(base, adapters={NAME: OUTPUT})`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--save-state", action="store_true",
                    help="also write OUTPUT/train_state.safetensors (for --resume)")
@@ -249,6 +253,7 @@ def run_finetune(args) -> int:
     from tqdm.auto import tqdm
 
     from . import training
+    from .adapters import put_adapters
     from .embedder import JinaEmbeddingsV3
     from .files import atomic_folder
 
@@ -318,12 +323,18 @@ def run_finetune(args) -> int:
     if evals is not None:
         evaluate(args.steps)
     model.update(trainer.trained(state))
+    trained = sorted({query_task, passage_task})
     with atomic_folder(output) as folder:  # checkpoint and train state appear together
-        model.save_pretrained(folder, format=args.format)
+        if args.adapter_only:
+            put_adapters(folder, model.config, {t: model.adapters[t] for t in trained},
+                         {t: model.scales[t] for t in trained})
+        else:
+            model.save_pretrained(folder, format=args.format)
         if args.save_state:
             trainer.save_state(os.path.join(folder, "train_state.safetensors"), state)
-    print(f"fine-tuned {', '.join(sorted({t for t in (query_task, passage_task)}))} for "
-          f"{args.steps - start} step(s) -> {output} ({args.format})", file=sys.stderr)
+    what = "adapter folder" if args.adapter_only else args.format
+    print(f"fine-tuned {', '.join(trained)} for {args.steps - start} step(s) -> {output} "
+          f"({what})", file=sys.stderr)
     return 0
 
 
@@ -384,6 +395,15 @@ def _serve_parser(p: argparse.ArgumentParser):
         p.add_argument(flag, type=positive_int, default=default, help=text)
     p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0,
                    help="how long the first waiting text waits for others to join its batch")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a user adapter as task NAME (repeatable): a `finetune "
+                        "--adapter-only` folder, a PEFT LoRA folder, or a fine-tuned "
+                        "checkpoint; PATH@TASK picks one of several")
+    p.add_argument("--adapter-slots", type=non_negative_int, default=0,
+                   help="room for this many adapters loaded while serving (POST /v1/adapters)")
+    p.add_argument("--max-adapter-rank", type=positive_int, default=None,
+                   help="every adapter is padded to this rank so shapes never change "
+                        "(default: the largest at start); a loaded adapter may not exceed it")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
 
@@ -404,12 +424,30 @@ def run_serve(args) -> int:
         default_task=args.default_task, max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_inputs=args.max_inputs,
-        max_input_chars=args.max_input_chars, max_length=args.max_length)
+        max_input_chars=args.max_input_chars, max_length=args.max_length,
+        adapters=tuple(_adapter_flags(args.adapter)), adapter_slots=args.adapter_slots,
+        max_adapter_rank=args.max_adapter_rank)
     try:
         return serve.run(settings, args.host, args.port, args.log_level)
     except serve.LoadFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _adapter_flags(values) -> list[tuple[str, str]]:
+    """--adapter NAME=PATH values, checked: [(name, path)]."""
+    out = []
+    for value in values:
+        name, eq, path = value.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--adapter must be NAME=PATH, got {value!r}")
+        if any(name == n for n, _ in out):
+            raise UsageError(f"--adapter {name} is given twice")
+        folder = path.rpartition("@")[0] if "@" in path and not os.path.exists(path) else path
+        if not os.path.isdir(folder):
+            raise UsageError(f"--adapter {value}: no such folder {folder}")
+        out.append((name, path))
+    return out
 
 
 def run_random_checkpoint(args) -> int:

@@ -254,8 +254,9 @@ class Runner:
         return shapes(self.limit, max_length, self.batch_size, self.token_budget,
                       self.model.row_multiple, self.ladder)
 
-    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None):
-        """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`)."""
+    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None, adapters=None):
+        """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`;
+        `adapters`: an `adapters.AdapterSet` whose fixed layout the mixed path runs on)."""
         model, cfg = self.model, self.model.config
         out = [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size),
                                                              np.float32)
@@ -264,7 +265,8 @@ class Runner:
             rows = [ids[i] for i in batch.members]
             rows += [FILLER] * (batch.rows - len(rows))
             array, lengths = pad(rows, batch.width, cfg.pad_token_id)
-            result = run(array, lengths, batch.task, merge=not self.mixed)
+            layout = {} if adapters is None else {"adapters": adapters}
+            result = run(array, lengths, batch.task, merge=not self.mixed, **layout)
             self.in_flight.append((out, batch.members, lengths, result))
             if len(self.in_flight) > IN_FLIGHT:
                 self._collect()

@@ -56,7 +56,9 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "server exited:\n" + "".join(self.log)
             try:
-                if self.get("/health")[0] == 200:
+                # Ready, and the background warm-up done: from then on nothing compiles.
+                status, body = self.get("/health")
+                if status == 200 and "background_warm_up" not in body:
                     return
             except OSError:
                 pass
