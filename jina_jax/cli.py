@@ -234,7 +234,7 @@ def _finetune_parser(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (trained weights stay float32)")
     p.add_argument("--format", choices=["jina_jax", "transformers", "original"],
-                   default="jina_jax", help="checkpoint format written to --output")
+                   default=None, help="checkpoint format written to --output (default jina_jax)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--adapter-only", action="store_true",
                    help="write only the trained adapter(s) to --output: one PEFT LoRA folder "
@@ -261,6 +261,9 @@ def run_finetune(args) -> int:
                        ("--resume", args.resume)):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{flag} {path}: no such file")
+    if args.adapter_only and args.format is not None:
+        raise UsageError("--adapter-only writes PEFT adapter folders; drop --format")
+    args.format = args.format or "jina_jax"
     output = check_output(args.output, "--output", overwrite=args.overwrite, folder=True,
                           sources=[args.model, args.data, args.eval_data, args.resume])
     records = training.read_pairs(args.data)

@@ -1,19 +1,29 @@
-"""`jina-jax serve`: the OpenAI embeddings API over one model, batching every client's requests
-together (`batcher.Batcher`), on Starlette under uvicorn (`pip install jina-jax[serve]`).
+"""`jina-jax serve`: the OpenAI embeddings API and the Jina Embeddings API over one model,
+batching every client's requests together (`batcher.Batcher`), on Starlette under uvicorn
+(`pip install jina-jax[serve]`).
 
-    POST /v1/embeddings   {"input": str | [str], "model", "dimensions", "encoding_format":
-                           "float" | "base64", "user"; extensions "task", "late_chunking",
-                           "normalized"}
-    GET  /v1/models       the served name, and one "name:task" entry per adapter
-    GET  /health          200 once the model is loaded and every shape compiled, else 503
+    POST /v1/embeddings   (also /embeddings) both APIs' fields (`api.py`): "input" (strings or
+                          {"text": ...}), "model", "task", "dimensions", "normalized",
+                          "late_chunking", "truncate", "embedding_type" (float, base64, binary,
+                          ubinary, int8, uint8), "encoding_format", "user"; any other: 400
+    POST /tokenize        TEI's: {"inputs", "add_special_tokens", "task" / "prompt_name"}
+    GET  /v1/models       the served name, and one "name:task" entry per task (user adapters too)
+    POST /v1/adapters     {"name", "path"}: a user adapter into a free slot (--adapter-slots)
+    DELETE /v1/adapters/NAME
+    GET  /health          200 once the model is loaded and the short shapes compiled (the others
+                          compile in the background: "background_warm_up" says how far), else 503
     GET  /metrics         Prometheus text
 
 The adapter: the `task` field, else a task after the model name ("jina-embeddings-v3:
 retrieval.query", for clients that cannot send extra fields), else the server's default task
-(default: none, as `encode(task=None)`). Every malformed request gets a 4xx with an OpenAI-style
-body {"error": {"message", "type", "param", "code"}}; a full queue a 503 with Retry-After;
-`--api-key` guards /v1/ (401 without `Authorization: Bearer KEY`). SIGTERM: no new connections,
-in-flight requests finish, exit 0. A client that leaves has its texts that have not run dropped.
+(default: none, as `encode(task=None)`). Tasks are the release's and the user's (`--adapter
+NAME=PATH` at start, POST /v1/adapters while serving), all stacked in one fixed layout
+(`adapters.AdapterSet`), so any mix runs in one forward and loading an adapter compiles nothing;
+a request is answered with the adapter set it arrived under. Every malformed request gets a 4xx
+with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; a full queue a 503
+with Retry-After; `--api-key` guards /v1/ and /tokenize (401 without `Authorization: Bearer
+KEY`). SIGTERM: no new connections, in-flight requests finish, exit 0. A client that leaves has
+its texts that have not run dropped.
 """
 
 from __future__ import annotations

@@ -4,14 +4,25 @@ same options (packed types bit for bit), against `model.tokenizer`, and every un
 conflicting field refused with a 400 naming it."""
 
 import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from jina_jax import JinaEmbeddingsV3
+from jina_jax.adapters import AdapterSet, read_adapter
 from jina_jax.api import int8_ranges
+from jina_jax.batcher import Batcher
 
-from .test_serve import Server, sample_text, vectors
+from .test_cli import _cli
+from .test_serve import TASKS, Server, sample_text, vectors
+from .test_training import synthetic_pairs
 
 pytest.importorskip("starlette", reason="the [serve] extra is not installed")
 openai = pytest.importorskip("openai", reason="the [test] extra is not installed")
@@ -32,22 +43,29 @@ def server(transformers_dir):
     assert srv.stop() == 0
 
 
+def tokenizer_of(model):
+    """The model's tokenizer, untruncated (`encode` leaves its own set to truncate)."""
+    tok = Tokenizer.from_str(model.tokenizer.to_str())
+    tok.no_truncation()
+    return tok
+
+
 def texts_of_length(model, task, lengths):
     """Texts whose token counts (instruction and <s>/</s> included) are `lengths` exactly."""
     instruction = model.config.instruction(task) if task else ""
-    out = []
+    tokenizer, out = tokenizer_of(model), []
     for want in lengths:
         words = []
         while True:
             text = " ".join(words)
-            count = len(model.tokenizer.encode(instruction + text).ids) if words else 0
+            count = len(tokenizer.encode(instruction + text).ids) if words else 0
             if count >= want:
                 break
             words.append("ab")
         # "ab" is one or two tokens: trim characters until the count is exact.
-        while len(model.tokenizer.encode(instruction + text).ids) > want:
+        while len(tokenizer.encode(instruction + text).ids) > want:
             text = text[:-1]
-        assert len(model.tokenizer.encode(instruction + text).ids) == want, (want, text)
+        assert len(tokenizer.encode(instruction + text).ids) == want, (want, text)
         out.append(text)
     return out
 
@@ -63,7 +81,7 @@ def test_jina_fields_equal_encode(server, model):
     assert status == 200, out
     np.testing.assert_allclose(vectors(out), model.encode(texts, truncate_dim=16,
                                                           normalize=False, **kwargs), atol=1e-5)
-    tokens = sum(len(model.tokenizer.encode("P: " + t).ids[:MAX_LENGTH]) for t in texts)
+    tokens = sum(min(len(tokenizer_of(model).encode("P: " + t).ids), MAX_LENGTH) for t in texts)
     assert out["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
     floats = model.encode(texts, **kwargs)
@@ -100,7 +118,9 @@ def test_truncate_both_ways(server, model):
     expected = model.encode([short, exact, over], task="retrieval.query", max_length=MAX_LENGTH)
     np.testing.assert_allclose(vectors(out), expected, atol=1e-5)
     assert out["usage"]["prompt_tokens"] == 10 + 2 * MAX_LENGTH
-    assert server.post({**body, "truncate": True})[1] == out
+    status, again = server.post({**body, "truncate": True})
+    assert status == 200 and again["usage"] == out["usage"]
+    np.testing.assert_allclose(vectors(again), expected, atol=1e-5)
 
     status, out = server.post({**body, "truncate": False})
     assert status == 400, out
@@ -142,12 +162,13 @@ def test_unknown_and_conflicting_fields(server):
 
 
 def test_tokenize_equals_the_tokenizer(server, model):
+    tokenizer = tokenizer_of(model)
     texts = ["the quick brown fox", "rain on green hills, again!"]
     status, _, out = server.request("POST", "/tokenize", {"inputs": texts})
     assert status == 200, out
     assert len(out) == 2
     for text, tokens in zip(texts, out):
-        enc = model.tokenizer.encode(text)
+        enc = tokenizer.encode(text)
         assert [t["id"] for t in tokens] == enc.ids
         assert [t["special"] for t in tokens] == [bool(x) for x in enc.special_tokens_mask]
         for t, (start, stop) in zip(tokens, enc.offsets):
@@ -163,13 +184,13 @@ def test_tokenize_equals_the_tokenizer(server, model):
         status, _, out = server.request("POST", "/tokenize", {"inputs": long_text,
                                                               field: "retrieval.query"})
         assert status == 200, out
-        enc = model.tokenizer.encode("Q: " + long_text)
+        enc = tokenizer.encode("Q: " + long_text)
         assert [t["id"] for t in out[0]] == enc.ids and len(enc.ids) == MAX_LENGTH + 9
         inside = [t for t in out[0] if t["start"] is not None]
         assert inside and all(long_text[t["start"]:t["stop"]].strip() for t in inside)
     status, _, out = server.request("POST", "/tokenize", {"inputs": [texts[0]],
                                                           "add_special_tokens": False})
-    assert [t["id"] for t in out[0]] == model.tokenizer.encode(texts[0],
+    assert [t["id"] for t in out[0]] == tokenizer.encode(texts[0],
                                                                add_special_tokens=False).ids
     for body, param in (({"inputs": "x", "truncate": True}, "truncate"),
                         ({"input": "x"}, "input"),
@@ -179,3 +200,179 @@ def test_tokenize_equals_the_tokenizer(server, model):
                           "prompt_name": "text-matching"}, "prompt_name")):
         status, _, out = server.request("POST", "/tokenize", body)
         assert status == 400 and out["error"]["param"] == param, (body, out)
+
+
+# --- the user's adapters ------------------------------------------------------------------
+
+def finetune_adapter(base, pairs, out, name, rank, seed):
+    """`jina-jax finetune --adapter NAME --rank R --adapter-only`: a new adapter, trained with a
+    large step so that it moves the embeddings well past the test tolerance."""
+    run = _cli("finetune", "--model", base, "--data", pairs, "--output", str(out), "--adapter",
+               name, "--rank", str(rank), "--steps", "2", "--batch-size", "4", "--lr", "3e-2",
+               "--max-length", "16", "--seed", str(seed), "--adapter-only")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tuned(transformers_dir, tmp_path_factory):
+    """Two adapter folders from `jina-jax finetune --adapter-only`."""
+    root = tmp_path_factory.mktemp("tuned")
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n"
+                             for q, p in synthetic_pairs(8)))
+    return (finetune_adapter(transformers_dir, str(pairs), root / "legal", "legal", 2, 0),
+            finetune_adapter(transformers_dir, str(pairs), root / "medical", "medical", 3, 1))
+
+
+def test_finetune_adapter_only_is_small_and_peft(tuned, transformers_dir):
+    legal, _ = tuned
+    sub = os.path.join(legal, "legal")
+    assert sorted(os.listdir(legal)) == ["legal"]
+    assert sorted(os.listdir(sub)) == ["adapter_config.json", "adapter_model.safetensors",
+                                       "jina_jax_task.json"]
+    base_size = sum(os.path.getsize(os.path.join(transformers_dir, f))
+                    for f in os.listdir(transformers_dir) if f.endswith(".safetensors"))
+    assert os.path.getsize(os.path.join(sub, "adapter_model.safetensors")) < base_size / 4
+    conf = json.load(open(os.path.join(sub, "adapter_config.json")))
+    assert conf["peft_type"] == "LORA" and conf["r"] == 2
+    # PEFT loads it onto Transformers' model and computes what a model carrying it computes.
+    ref = pytest.importorskip("tests.reference")
+    peft = pytest.importorskip("peft")
+    peft_model = peft.PeftModel.from_pretrained(ref.peft_reference(transformers_dir, None),
+                                                sub).eval()
+    ours = JinaEmbeddingsV3.from_pretrained(transformers_dir, adapters={"legal": legal})
+    ids, mask = ref.padded_batch(ours.config.vocab_size)
+    expected, _ = ref.run(peft_model, ids, mask)
+    got = np.asarray(ours(ids, mask, task="legal").last_hidden_state)
+    assert np.abs(got - np.asarray(ours(ids, mask).last_hidden_state)).max() > 1e-3
+    np.testing.assert_allclose(got * mask[..., None], expected * mask[..., None], atol=1e-4)
+
+
+def test_adapters_at_start_and_hot_loaded(transformers_dir, tuned, tmp_path):
+    """A server started with one fine-tuned adapter, then another loaded into a slot while 4
+    clients keep sending other tasks: each equals encode() of a model carrying it, no client
+    sees an error, nothing compiles; bad folders are 4xx naming the file and key."""
+    legal, medical = tuned
+    srv = Server(transformers_dir, "--adapter", f"legal={legal}", "--adapter-slots", "1",
+                 "--max-adapter-rank", "16", "--max-length", str(MAX_LENGTH),
+                 "--max-batch-size", "8", "--api-key", "k")
+    auth = {"Authorization": "Bearer k"}
+    try:
+        texts = [sample_text(i) for i in range(4)]
+        carrying = JinaEmbeddingsV3.from_pretrained(
+            transformers_dir, adapters={"legal": legal, "medical": medical})
+        plain = carrying.encode(texts, max_length=MAX_LENGTH)
+        ids = [m["id"] for m in srv.request("GET", "/v1/models", headers=auth)[2]["data"]]
+        assert "jina-embeddings-v3:legal" in ids and "jina-embeddings-v3:medical" not in ids
+
+        def embed(task, via_model=False):
+            body = {"input": texts, **({"model": f"jina-embeddings-v3:{task}"} if via_model
+                                       else {"task": task})}
+            return srv.post(body, headers=auth)
+
+        status, out = embed("legal", via_model=True)
+        assert status == 200, out
+        expected = carrying.encode(texts, task="legal", max_length=MAX_LENGTH)
+        np.testing.assert_allclose(vectors(out), expected, atol=1e-5)
+        assert np.abs(expected - plain).max() > 1e-3  # the adapter does something
+        assert embed("medical")[0] == 400  # not loaded yet
+
+        # A concurrent load of the release's tasks while adapters come and go.
+        stop, errors, answered = threading.Event(), [], []
+
+        def client(k):
+            while not stop.is_set():
+                task = TASKS[k % len(TASKS)]
+                status, out = srv.post({"input": sample_text(k), "task": task}, headers=auth)
+                (answered if status == 200 else errors).append((task, status, out))
+
+        compiles = srv.metrics()["jina_jax_compiles"]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            load = [pool.submit(client, k) for k in range(4)]
+            status, _, out = srv.request("POST", "/v1/adapters",
+                                         {"name": "medical", "path": medical}, headers=auth)
+            assert status == 200, out
+            assert "medical" in out["tasks"] and out["free_slots"] == 0
+            status, out = embed("medical")
+            assert status == 200, out
+            expected = carrying.encode(texts, task="medical", max_length=MAX_LENGTH)
+            np.testing.assert_allclose(vectors(out), expected, atol=1e-5)
+            assert np.abs(expected - plain).max() > 1e-3
+
+            # Bad folders: a 4xx naming the file and the key; the server goes on.
+            broken = tmp_path / "broken"
+            shutil.copytree(os.path.join(medical, "medical"), broken)
+            conf = json.loads((broken / "adapter_config.json").read_text())
+            (broken / "adapter_config.json").write_text(json.dumps({**conf, "r": "four"}))
+            cases = [({"name": "b", "path": str(broken)}, 400, "adapter_config.json"),
+                     ({"name": "b", "path": str(tmp_path / "nowhere")}, 400, "nowhere"),
+                     ({"name": "b", "path": legal}, 409, "slot"),
+                     ({"name": "legal", "path": medical}, 409, "started with"),
+                     ({"name": "b", "path": medical, "rank": 2}, 400, "rank"),
+                     ({"name": "b"}, 400, "path")]
+            for body, code, word in cases:
+                status, _, out = srv.request("POST", "/v1/adapters", body, headers=auth)
+                assert status == code and word in out["error"]["message"], (body, out)
+            assert srv.request("POST", "/v1/adapters", {"name": "b", "path": medical})[0] == 401
+            assert srv.request("DELETE", "/v1/adapters/legal", headers=auth)[0] == 409
+            assert srv.request("DELETE", "/v1/adapters/nothing", headers=auth)[0] == 404
+            status, _, out = srv.request("DELETE", "/v1/adapters/medical", headers=auth)
+            assert status == 200 and "medical" not in out["tasks"], out
+            assert embed("medical")[0] == 400
+            # The freed slot takes another adapter (the same folder again).
+            status, _, out = srv.request("POST", "/v1/adapters",
+                                         {"name": "medical", "path": medical}, headers=auth)
+            assert status == 200, out
+            time.sleep(1)  # let the clients run on the new set too
+            stop.set()
+            for f in load:
+                f.result(60)
+        assert not errors, errors[:3]
+        assert len(answered) >= 8
+        for task, _, out in answered[:8]:
+            assert out["data"][0]["embedding"]
+        assert srv.metrics()["jina_jax_compiles"] == compiles
+        assert embed("medical")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_a_request_keeps_the_adapter_set_it_came_with(transformers_dir, tuned):
+    """In process: a job submitted before its adapter's slot is given to another adapter of
+    the same name is answered with the old one, the next job with the new one, in shapes
+    compiled once for every set."""
+    legal, medical = tuned
+    base = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    first = AdapterSet.build(base, slots=1, rank=16).with_adapter(
+        read_adapter("x", legal, base.config))
+    batcher = Batcher(base, max_batch_tokens=256, max_batch_size=8, max_wait_ms=5,
+                      max_length=MAX_LENGTH, adapters=first)
+    batcher.warm_up()
+    compiled = base.compile_count
+    texts = [sample_text(i) for i in range(3)]
+    old = batcher.submit(texts, ["x"] * 3, 48)
+    batcher.adapters = first.without("x").with_adapter(read_adapter("x", medical, base.config))
+    new = batcher.submit(texts, ["x"] * 3, 48)
+    batcher.start()
+    try:
+        for job, folder in ((old, legal), (new, medical)):
+            carrying = JinaEmbeddingsV3.from_pretrained(transformers_dir,
+                                                        adapters={"x": folder})
+            np.testing.assert_allclose(job.future.result(60)[0],
+                                       carrying.encode(texts, task="x", max_length=MAX_LENGTH),
+                                       atol=1e-5)
+    finally:
+        batcher.close(30)
+    assert base.compile_count == compiled
+
+
+def test_adapter_flags_refused_before_loading(transformers_dir, tmp_path):
+    for flag, word in (("legal", "NAME=PATH"), (f"legal={tmp_path / 'none'}", "no such folder")):
+        run = _cli("serve", "--model", transformers_dir, "--port", "0", "--adapter", flag)
+        assert run.returncode == 2 and word in run.stderr, run.stderr
+    # A folder that is no adapter: the server stops by itself, naming it, exit 1.
+    (tmp_path / "empty").mkdir()
+    run = _cli("serve", "--model", transformers_dir, "--port", "0", "--adapter",
+               f"x={tmp_path / 'empty'}")
+    assert run.returncode == 1 and "empty" in run.stderr and "Traceback" not in run.stderr
