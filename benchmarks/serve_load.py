@@ -124,7 +124,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, int, float, float]
             status, body = Client(port).get("/health")
             if status == 200 and ready is None:
                 ready = time.perf_counter() - started
-            if status == 200 and "background_warm_up" not in json.loads(body):
+            if status == 200 and (args.ready_only
+                                  or "background_warm_up" not in json.loads(body)):
                 return proc, port, ready, time.perf_counter() - started
         except OSError:
             pass
@@ -208,6 +209,9 @@ def main():
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--restart-only", action="store_true",
                    help="only start, stop and start the server again (readiness times)")
+    p.add_argument("--ready-only", action="store_true",
+                   help="with --restart-only: stop each start at /health 200, without waiting "
+                        "for a background warm-up (all_shapes_s is then ready_s)")
     p.add_argument("--serve-only", action="store_true",
                    help="skip phase 4 (encode() and the in-process batcher after the server)")
     args = p.parse_args()

@@ -162,12 +162,16 @@ class EmbeddingServer:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        threading.Thread(target=self.load, name="jina-jax loader", daemon=True).start()
+        loader = threading.Thread(target=self.load, name="jina-jax loader", daemon=True)
+        loader.start()
         try:
             yield
         finally:
             self.status = "stopping"
             self.stopping.set()
+            # Warm-up stops after the shape it is compiling: let it, rather than end the
+            # process under a compiler thread (which aborts it).
+            await asyncio.to_thread(loader.join, 120)
             if self.batcher is not None:
                 await asyncio.to_thread(self.batcher.close)
 

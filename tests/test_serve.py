@@ -26,7 +26,7 @@ from jina_jax.metrics import parse
 pytest.importorskip("starlette", reason="the [serve] extra is not installed")
 openai = pytest.importorskip("openai", reason="the [test] extra is not installed")
 
-STARTUP_S = 240
+STARTUP_S = 600
 TASKS = ["retrieval.query", "retrieval.passage", "separation", "classification",
          "text-matching", None]
 WORDS = "the quick brown fox jumps over a lazy dog while rain falls on green hills".split()

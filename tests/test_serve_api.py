@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -77,9 +78,9 @@ def test_jina_fields_equal_encode(server, model):
     status, _, out = server.request("POST", "/embeddings", {
         "model": "jina-embeddings-v3", "task": "retrieval.passage",
         "input": [{"text": t} if i % 2 else t for i, t in enumerate(texts)],
-        "dimensions": 16, "normalized": False, "embedding_type": "float"})
+        "dimensions": 32, "normalized": False, "embedding_type": "float"})
     assert status == 200, out
-    np.testing.assert_allclose(vectors(out), model.encode(texts, truncate_dim=16,
+    np.testing.assert_allclose(vectors(out), model.encode(texts, truncate_dim=32,
                                                           normalize=False, **kwargs), atol=1e-5)
     tokens = sum(min(len(tokenizer_of(model).encode("P: " + t).ids), MAX_LENGTH) for t in texts)
     assert out["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -204,14 +205,20 @@ def test_tokenize_equals_the_tokenizer(server, model):
 
 # --- the user's adapters ------------------------------------------------------------------
 
-def finetune_adapter(base, pairs, out, name, rank, seed):
-    """`jina-jax finetune --adapter NAME --rank R --adapter-only`: a new adapter, trained with a
-    large step so that it moves the embeddings well past the test tolerance."""
-    run = _cli("finetune", "--model", base, "--data", pairs, "--output", str(out), "--adapter",
-               name, "--rank", str(rank), "--steps", "2", "--batch-size", "4", "--lr", "3e-2",
-               "--max-length", "16", "--seed", str(seed), "--adapter-only")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return str(out)
+def finetune_adapters(base, pairs, runs):
+    """`jina-jax finetune --adapter NAME --rank R --adapter-only` for each (out, name, rank,
+    seed) of `runs`, side by side: new adapters, trained with a large step so that they move
+    the embeddings well past the test tolerance."""
+    exe = shutil.which("jina-jax")
+    procs = [subprocess.Popen(
+        [exe, "finetune", "--model", base, "--data", pairs, "--output", str(out), "--adapter",
+         name, "--rank", str(rank), "--steps", "2", "--batch-size", "4", "--lr", "3e-2",
+         "--max-length", "16", "--seed", str(seed), "--adapter-only"],
+        stderr=subprocess.PIPE, text=True) for out, name, rank, seed in runs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, err[-3000:]
+    return [str(out) for out, *_ in runs]
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +228,8 @@ def tuned(transformers_dir, tmp_path_factory):
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n"
                              for q, p in synthetic_pairs(8)))
-    return (finetune_adapter(transformers_dir, str(pairs), root / "legal", "legal", 2, 0),
-            finetune_adapter(transformers_dir, str(pairs), root / "medical", "medical", 3, 1))
+    return finetune_adapters(transformers_dir, str(pairs), [(root / "legal", "legal", 2, 0),
+                                                            (root / "medical", "medical", 3, 1)])
 
 
 def test_finetune_adapter_only_is_small_and_peft(tuned, transformers_dir):
@@ -371,6 +378,11 @@ def test_adapter_flags_refused_before_loading(transformers_dir, tmp_path):
     for flag, word in (("legal", "NAME=PATH"), (f"legal={tmp_path / 'none'}", "no such folder")):
         run = _cli("serve", "--model", transformers_dir, "--port", "0", "--adapter", flag)
         assert run.returncode == 2 and word in run.stderr, run.stderr
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"query": "a", "positive": "b"}\n')
+    run = _cli("finetune", "--model", transformers_dir, "--data", str(data), "--output",
+               str(tmp_path / "out"), "--adapter-only", "--format", "transformers")
+    assert run.returncode == 2 and "--format" in run.stderr, run.stderr
     # A folder that is no adapter: the server stops by itself, naming it, exit 1.
     (tmp_path / "empty").mkdir()
     run = _cli("serve", "--model", transformers_dir, "--port", "0", "--adapter",
