@@ -2,6 +2,10 @@
 
     python benchmarks/serve_load.py [--layers 6] [--hidden 1024] [--clients 16] [--seconds 20]
                                     [--model FOLDER] [--max-length 512] [--restart-only]
+                                    [--ready-only] [--serve-only]
+
+To compare with another version of the server, run this script with PYTHONPATH pointing at
+that version's tree (it drives `jina-jax serve` over HTTP, whichever the path provides).
 
 Model: `--model`, else a random release-format checkpoint (`--layers` deep, `--hidden` wide,
 five task adapters) written to a temporary folder. The server runs in its own process (`jina-jax
