@@ -2,6 +2,10 @@
 
     python benchmarks/serve_load.py [--layers 6] [--hidden 1024] [--clients 16] [--seconds 20]
                                     [--model FOLDER] [--max-length 512] [--restart-only]
+                                    [--ready-only] [--serve-only]
+
+To compare with another version of the server, run this script with PYTHONPATH pointing at
+that version's tree (it drives `jina-jax serve` over HTTP, whichever the path provides).
 
 Model: `--model`, else a random release-format checkpoint (`--layers` deep, `--hidden` wide,
 five task adapters) written to a temporary folder. The server runs in its own process (`jina-jax
@@ -14,6 +18,9 @@ words), each with a task drawn from the five adapters and no adapter.
 
 The compilation cache is a fresh folder of the run (`JINA_JAX_COMPILATION_CACHE`), so the first
 start compiles every shape; a second start (`start` line, `restart_ready_s`) loads them.
+`ready_s`: until `/health` says 200 (the server answers; a server that compiles the long shapes
+in the background is then still doing so); `all_shapes_s`: until that background warm-up is done
+too. The load phases start after it, so they measure serving, not compiling.
 
 Phases (each prints a JSON line):
 1. load: `--clients` clients send single-text requests back to back for `--seconds`: texts/s,
@@ -95,7 +102,9 @@ class Client:
         return response.status, response.read().decode()
 
 
-def start_server(model: str, args) -> tuple[subprocess.Popen, int, float]:
+def start_server(model: str, args) -> tuple[subprocess.Popen, int, float, float]:
+    """(process, port, seconds to /health 200, seconds until the background warm-up is done
+    too: the same where the server has none)."""
     exe = shutil.which("jina-jax") or "jina-jax"
     cmd = [exe, "serve", "--model", model, "--port", "0", "--log-level", "warning",
            "--max-length", str(args.max_length), "--max-batch-tokens", str(args.max_batch_tokens),
@@ -111,15 +120,20 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, int, float]:
                      daemon=True).start()
     port = int(match.group(1))
     deadline = time.monotonic() + 1800
+    ready = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit("the server exited")
         try:
-            if Client(port).get("/health")[0] == 200:
-                return proc, port, time.perf_counter() - started
+            status, body = Client(port).get("/health")
+            if status == 200 and ready is None:
+                ready = time.perf_counter() - started
+            if status == 200 and (args.ready_only
+                                  or "background_warm_up" not in json.loads(body)):
+                return proc, port, ready, time.perf_counter() - started
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.25)
     proc.kill()
     raise SystemExit("the server was not ready in 30 minutes")
 
@@ -199,6 +213,11 @@ def main():
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--restart-only", action="store_true",
                    help="only start, stop and start the server again (readiness times)")
+    p.add_argument("--ready-only", action="store_true",
+                   help="with --restart-only: stop each start at /health 200, without waiting "
+                        "for a background warm-up (all_shapes_s is then ready_s)")
+    p.add_argument("--serve-only", action="store_true",
+                   help="skip phase 4 (encode() and the in-process batcher after the server)")
     args = p.parse_args()
     texts = workload(4096, seed=0)
     with tempfile.TemporaryDirectory() as work:
@@ -210,12 +229,14 @@ def main():
                              num_attention_heads=heads, intermediate_size=4 * args.hidden)
             write_random_release(model_dir, cfg, dtype="float32")
         args.cache = os.path.join(work, "xla")
-        proc, port, ready_s = start_server(model_dir, args)
+        proc, port, ready_s, warmed_s = start_server(model_dir, args)
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-        proc, port, again_s = start_server(model_dir, args)
+        proc, port, again_s, rewarmed_s = start_server(model_dir, args)
         print(json.dumps({"phase": "start", "ready_s": round(ready_s, 1),
-                          "restart_ready_s": round(again_s, 1), "layers": args.layers,
+                          "all_shapes_s": round(warmed_s, 1),
+                          "restart_ready_s": round(again_s, 1),
+                          "restart_all_shapes_s": round(rewarmed_s, 1), "layers": args.layers,
                           "hidden": args.hidden, "max_length": args.max_length}), flush=True)
         if args.restart_only:
             proc.send_signal(signal.SIGTERM)
@@ -234,6 +255,8 @@ def main():
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(120)
+        if args.serve_only:
+            return
         model = JinaEmbeddingsV3.from_pretrained(model_dir)
         chosen = [texts[i % len(texts)] for i in sent]
         words, tasks = [t for t, _ in chosen], [k for _, k in chosen]

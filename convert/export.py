@@ -82,6 +82,31 @@ def _adapter_tensors(adapter: dict, cfg, prefix: str = ""):
     return tensors, ranks
 
 
+def peft_folder_name(task: str) -> str:
+    """The PEFT subfolder of a task ("retrieval.query" -> "retrieval_query")."""
+    return task.replace(".", "_").replace("-", "_")
+
+
+def write_peft_adapter(sub: str, adapter: dict, cfg, scale: float, prefix: str = "") -> None:
+    """One PEFT LoRA folder (`adapter_config.json`, `adapter_model.safetensors`) in the existing
+    folder `sub`, loadable with `PeftModel.from_pretrained` onto Transformers' model."""
+    tensors, ranks = _adapter_tensors(adapter, cfg, prefix)
+    write(tensors, os.path.join(sub, "adapter_model.safetensors"), metadata={"format": "pt"})
+    scale = float(scale)
+    rank = max(ranks.values(), default=1)
+    conf = {
+        "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": scale * rank,
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: scale * r for m, r in ranks.items() if r != rank},
+        "base_model_name_or_path": None,
+    }
+    with open(os.path.join(sub, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+
+
 _HEAD_CLASSES = {"masked_lm": "JinaEmbeddingsV3ForMaskedLM",
                  "sequence_classification": "JinaEmbeddingsV3ForSequenceClassification",
                  "token_classification": "JinaEmbeddingsV3ForTokenClassification",
@@ -117,23 +142,9 @@ def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: di
         json.dump({"prompts": dict(cfg.task_instructions), "default_prompt_name": None}, f,
                   indent=2)
     for task, adapter in adapters.items():
-        tensors, ranks = _adapter_tensors(adapter, cfg, "roberta." if heads else "")
-        sub = os.path.join(folder, task.replace(".", "_").replace("-", "_"))
+        sub = os.path.join(folder, peft_folder_name(task))
         os.makedirs(sub, exist_ok=True)
-        write(tensors, os.path.join(sub, "adapter_model.safetensors"), metadata={"format": "pt"})
-        scale = float(scales[task])
-        rank = max(ranks.values(), default=1)
-        conf = {
-            "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": scale * rank,
-            "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-            "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-            "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
-            "alpha_pattern": {m: scale * r for m, r in ranks.items() if r != rank},
-            "base_model_name_or_path": None,
-        }
-        with open(os.path.join(sub, "adapter_config.json"), "w") as f:
-            json.dump(conf, f, indent=2)
+        write_peft_adapter(sub, adapter, cfg, scales[task], "roberta." if heads else "")
     copy_tokenizer(source_folder, folder, skip=("config_sentence_transformers.json",))
 
 

@@ -325,6 +325,14 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
     return task_scale
 
 
+def read_peft_folder(sub: str, task: str, cfg) -> tuple[dict, float]:
+    """(adapter tree of np.float32 factors, scale) of one PEFT LoRA folder, checked against
+    `cfg` (a CheckpointError names the file and key that do not fit)."""
+    adapters = AdapterBuilder(cfg, sub)
+    scale = _read_peft_adapter(sub, task, cfg, adapters)
+    return adapters.finish().get(task, {}), scale
+
+
 def _load_transformers(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     src = TensorSource.open(folder)
@@ -447,4 +455,4 @@ def copy_tokenizer(source_folder: str | None, folder: str, skip=()) -> None:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "copy_tokenizer", "detect_format", "load",
-           "save_native"]
+           "read_peft_folder", "save_native"]

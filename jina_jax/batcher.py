@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .adapters import AdapterSet
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
 from .late_chunking import prepare_document
 from .metrics import Counter, Gauge, Histogram, Registry
@@ -52,6 +53,10 @@ LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 TOKENIZE_PIECE = 64  # texts tokenized at a time: a cancel is seen between pieces
 LATE_ROWS = 8  # late-chunking windows per forward, at most
+UNTRUNCATED = 2 ** 31 - 1
+# `ready_shapes`: shapes of at most this many padded positions compile before the server
+# answers (19 of the 134 for max_length 8192), the rest in the background.
+READY_TOKENS = 128
 
 
 class QueueFull(Exception):
@@ -72,6 +77,16 @@ class DocumentTooLong(ValueError):
     """A late-chunking document (its texts joined) is over `max_late_chars` characters."""
 
 
+class TooLong(ValueError):
+    """A text of a request that asked not to be truncated has more tokens than `max_length`."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        super().__init__(f"input[{index}] has {tokens} tokens (instruction and <s>/</s> "
+                         f"included), over this server's limit of {limit}; send truncate true "
+                         "to cut it there, or split it")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     texts: list[str]
@@ -79,6 +94,8 @@ class Job:
     dim: int
     normalize: bool = True
     late: bool = False
+    truncate: bool = True  # False: a text over max_length fails the job (TooLong)
+    adapters: object = None  # the AdapterSet it was submitted under (None: the model's own)
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
@@ -110,7 +127,7 @@ class Batcher:
     def __init__(self, model, *, max_batch_tokens: int = 8192, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 4096,
                  max_length: int | None = None, registry: Registry | None = None,
-                 max_late_chars: int = 65536):
+                 max_late_chars: int = 65536, adapters: AdapterSet | None = None):
         for name, value in (("max_batch_tokens", max_batch_tokens),
                             ("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("max_late_chars", max_late_chars)):
@@ -119,6 +136,10 @@ class Batcher:
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < math.inf:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
         self.model = model
+        # The tasks requests may name, in the fixed layout every forward stacks: replaced
+        # (never changed in place) when an adapter is loaded or removed; a job keeps the set
+        # it was submitted under.
+        self.adapters = adapters if adapters is not None else AdapterSet.build(model)
         self.max_length = check_max_length(max_length, model.config, DEFAULT_MAX_LENGTH)
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.max_queue, self.max_late_chars = max_queue, max_late_chars
@@ -159,40 +180,41 @@ class Batcher:
     # --- setup -----------------------------------------------------------------------------
 
     def shapes(self) -> list[tuple[int, int]]:
-        """The (rows, width) shapes this batcher's rounds run (`warm_up` compiles them and
+        """The (rows, width) shapes this batcher's rounds run, smallest (rows x width) first:
+        the shapes of short requests, which most are, come first (`warm_up` compiles them, and
         `late_shapes`)."""
-        return self.runner.shapes(self.max_length)
+        return sorted(self.runner.shapes(self.max_length), key=lambda s: (s[0] * s[1], s[1]))
+
+    def ready_shapes(self, tokens: int = READY_TOKENS) -> list[tuple[int, int]]:
+        """The first shapes to compile before answering: those of at most `tokens` padded
+        positions (single texts up to that length, small batches of short ones); the others
+        can compile in the background (`warm_up(shapes=...)`) while the server answers."""
+        return [s for s in self.shapes() if s[0] * s[1] <= tokens]
 
     def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
-                stop: Callable[[], bool] | None = None) -> int:
-        """Compiles (or loads from the executable store) every shape, without running them
-        where the store is on; returns how many. `on_shape(done, total)` after each; `stop()`
-        true ends it early."""
-        shapes = self.shapes()
-        pad_id = self.model.config.pad_token_id
-        for done, (rows, width) in enumerate(shapes, 1):
+                stop: Callable[[], bool] | None = None, shapes=None, late: bool = True) -> int:
+        """Compiles (or loads from the executable store) `shapes` (default: every shape) and,
+        with `late`, the late-chunking forwards' `late_shapes`, without running them where the
+        store is on; returns how many. `on_shape(done, total)` after each; `stop()` true ends
+        it early. Safe beside a running worker: a round that needs a shape not ready yet
+        compiles it itself (it waits, it never fails)."""
+        shapes = self.shapes() if shapes is None else list(shapes)
+        work = [(shape, False) for shape in shapes]
+        work += [(shape, True) for shape in (self.late_shapes() if late else [])]
+        model, pad_id = self.model, self.model.config.pad_token_id
+        inputs = {"merge": False, "adapters": self.adapters}
+        for done, ((rows, width), hidden) in enumerate(work, 1):
             if stop is not None and stop():
-                break
+                return done - 1
             ids, lengths = pad([FILLER] * rows, width, pad_id)
             tasks = [None] * rows
-            if not self.model.prepare_pooled(ids, lengths, tasks, merge=False):
-                np.asarray(self.model.pooled(ids, lengths, tasks, merge=False))
+            prepare, run = ((model.prepare_hidden, model.hidden) if hidden else
+                            (model.prepare_pooled, model.pooled))
+            if not prepare(ids, lengths, tasks, **inputs):
+                np.asarray(run(ids, lengths, tasks, **inputs))
             if on_shape is not None:
-                on_shape(done, len(shapes) + len(self.late_shapes()))
-        return len(shapes) + self._warm_up_late(on_shape, stop, len(shapes))
-
-    def _warm_up_late(self, on_shape, stop, before: int) -> int:
-        """`warm_up` for `late_shapes` (hidden states; `before` pooled shapes came first)."""
-        late = self.late_shapes()
-        for done, (rows, width) in enumerate(late, before + 1):
-            if stop is not None and stop():
-                break
-            ids, lengths = pad([FILLER] * rows, width, self.model.config.pad_token_id)
-            if not self.model.prepare_hidden(ids, lengths, [None] * rows, merge=False):
-                np.asarray(self.model.hidden(ids, lengths, [None] * rows, merge=False))
-            if on_shape is not None:
-                on_shape(done, before + len(late))
-        return len(late)
+                on_shape(done, len(work))
+        return len(work)
 
     def start(self) -> "Batcher":
         self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
@@ -210,8 +232,11 @@ class Batcher:
     # --- callers ---------------------------------------------------------------------------
 
     def submit(self, texts: list[str], tasks: list, dim: int, normalize: bool = True,
-               late: bool = False) -> Job:
-        """Queues a request (texts checked by the caller; one adapter name or None per text)."""
+               late: bool = False, truncate: bool = True) -> Job:
+        """Queues a request (texts checked by the caller; one adapter name or None per text,
+        names of the current `adapters` set, which the job keeps). truncate=False: the job
+        fails with `TooLong` if a text has over `max_length` tokens (late chunking never
+        truncates: long documents run in windows)."""
         if len(tasks) != len(texts) or not texts:
             raise ValueError("submit needs one task per text, and at least one text")
         if late:
@@ -220,7 +245,7 @@ class Batcher:
                 raise DocumentTooLong(f"the late-chunking document (the inputs joined) has "
                                       f"{chars} characters, over this server's limit of "
                                       f"{self.max_late_chars}")
-        job = Job(list(texts), list(tasks), dim, normalize, late)
+        job = Job(list(texts), list(tasks), dim, normalize, late, truncate, self.adapters)
         with self.cond:
             if self.closing:
                 raise Closed("the server is shutting down")
@@ -311,15 +336,37 @@ class Batcher:
                              for i, x in enumerate(ids))
 
     def _tokenize(self, job: Job) -> list[np.ndarray] | None:
-        """The job's token ids, `TOKENIZE_PIECE` texts at a time; None once it is cancelled."""
-        ids, cfg = [], self.model.config
+        """The job's token ids cut at `max_length`, `TOKENIZE_PIECE` texts at a time; None
+        once it is cancelled. For a job that may not be truncated, `TooLong` for its first
+        longer text (one token more is enough to see it; the message counts that text's tokens
+        in full)."""
+        limit = self.max_length
+        cut = limit if job.truncate else limit + 1
+        ids: list = []
         for start in range(0, len(job.texts), TOKENIZE_PIECE):
             if job.cancelled:
                 return None
             piece = slice(start, start + TOKENIZE_PIECE)
-            ids += token_ids(self.model.tokenizer, cfg, job.texts[piece], job.tasks[piece],
-                             self.max_length)
+            ids += self._token_ids(job, job.texts[piece], job.tasks[piece], cut)
+        if not job.truncate:
+            for i, x in enumerate(ids):
+                if len(x) > limit:
+                    full = self._token_ids(job, job.texts[i:i + 1], job.tasks[i:i + 1],
+                                           UNTRUNCATED)[0]
+                    raise TooLong(i, len(full), limit)
         return ids
+
+    def _token_ids(self, job: Job, texts, tasks, max_length: int) -> list[np.ndarray]:
+        """`token_ids` with the instructions of the job's adapter set, a task at a time."""
+        out: list = [None] * len(texts)
+        for task in dict.fromkeys(tasks):
+            where = [i for i, t in enumerate(tasks) if t == task]
+            prompt = job.adapters.instruction(task)
+            ids = token_ids(self.model.tokenizer, self.model.config, [texts[i] for i in where],
+                            [task] * len(where), max_length, prompt)
+            for i, x in zip(where, ids):
+                out[i] = x
+        return out
 
     def _forget(self, count: int):
         with self.cond:
@@ -339,9 +386,12 @@ class Batcher:
             self.rows = kept
 
     def _take(self) -> list[Row]:
-        """Rows first in, first out, up to the token budget (at least one)."""
+        """Rows first in, first out, up to the token budget (at least one), all submitted
+        under one adapter set (the first's: a set replaced meanwhile waits its turn)."""
         taken, cost = [], 0
-        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens):
+        adapters = self.rows[0].job.adapters
+        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens) \
+                and self.rows[0].job.adapters is adapters:
             row = self.rows.popleft()
             taken.append(row)
             cost += row.width
@@ -354,7 +404,7 @@ class Batcher:
         tasks = [r.job.tasks[r.index] for r in rows]
         batches = self.runner.plan(ids, tasks)
         try:
-            pooled = self.runner.submit(ids, tasks, batches)
+            pooled = self.runner.submit(ids, tasks, batches, rows[0].job.adapters)
             self.runner.drain()
         except Exception as e:  # noqa: BLE001 - every request of the round gets the error
             self.runner.in_flight.clear()
@@ -389,6 +439,9 @@ class Batcher:
         try:
             states = None
             if not job.cancelled:
+                # The document's instruction comes from the model's own adapters: one loaded
+                # into the server goes onto the model first (here, between forwards).
+                job.adapters.carry(self.model, job.tasks[0])
                 prepared = prepare_document(self.model, document, job.tasks[0], spans=spans,
                                             max_length=self.max_length)
                 states = self._late_windows(job, prepared.rows)
@@ -441,7 +494,7 @@ class Batcher:
             width = bucket_for(max(map(len, group)), self.limit, self.late_widths)
             ids, lengths = pad(group + [FILLER] * (rows - len(group)), width, pad_id)
             states = np.asarray(self.model.hidden(ids, lengths, job.tasks[:1] * rows,
-                                                  merge=False))
+                                                  merge=False, adapters=job.adapters))
             out += [states[k, :len(w)].astype(np.float32) for k, w in enumerate(group)]
             self.batches_total.inc()
             self.padded_total.inc(ids.size)

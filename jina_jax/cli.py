@@ -325,8 +325,12 @@ def _finetune_parser(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (trained weights stay float32)")
     p.add_argument("--format", choices=["jina_jax", "transformers", "original"],
-                   default="jina_jax", help="checkpoint format written to --output")
+                   default=None, help="checkpoint format written to --output (default jina_jax)")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the trained adapter(s) to --output: one PEFT LoRA folder "
+                        "per task (a few MB; `serve --adapter NAME=OUTPUT`, "
+                        "`from_pretrained(base, adapters={NAME: OUTPUT})`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--save-state", action="store_true",
                    help="also write OUTPUT/train_state.safetensors (for --resume)")
@@ -340,6 +344,7 @@ def run_finetune(args) -> int:
     from tqdm.auto import tqdm
 
     from . import training
+    from .adapters import put_adapters
     from .embedder import JinaEmbeddingsV3
     from .files import atomic_folder
 
@@ -347,6 +352,9 @@ def run_finetune(args) -> int:
                        ("--resume", args.resume)):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{flag} {path}: no such file")
+    if args.adapter_only and args.format is not None:
+        raise UsageError("--adapter-only writes PEFT adapter folders; drop --format")
+    args.format = args.format or "jina_jax"
     output = check_output(args.output, "--output", overwrite=args.overwrite, folder=True,
                           sources=[args.model, args.data, args.eval_data, args.resume])
     records = training.read_pairs(args.data)
@@ -409,12 +417,18 @@ def run_finetune(args) -> int:
     if evals is not None:
         evaluate(args.steps)
     model.update(trainer.trained(state))
+    trained = sorted({query_task, passage_task})
     with atomic_folder(output) as folder:  # checkpoint and train state appear together
-        model.save_pretrained(folder, format=args.format)
+        if args.adapter_only:
+            put_adapters(folder, model.config, {t: model.adapters[t] for t in trained},
+                         {t: model.scales[t] for t in trained})
+        else:
+            model.save_pretrained(folder, format=args.format)
         if args.save_state:
             trainer.save_state(os.path.join(folder, "train_state.safetensors"), state)
-    print(f"fine-tuned {', '.join(sorted({t for t in (query_task, passage_task)}))} for "
-          f"{args.steps - start} step(s) -> {output} ({args.format})", file=sys.stderr)
+    what = "adapter folder" if args.adapter_only else args.format
+    print(f"fine-tuned {', '.join(trained)} for {args.steps - start} step(s) -> {output} "
+          f"({what})", file=sys.stderr)
     return 0
 
 
@@ -491,6 +505,15 @@ def _serve_parser(p: argparse.ArgumentParser):
             ("--max-connections", positive_int, 1024,
              "open connections (default 1024): beyond, 503 and closed at once")):
         p.add_argument(flag, type=kind, default=default, help=text)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a user adapter as task NAME (repeatable): a `finetune "
+                        "--adapter-only` folder, a PEFT LoRA folder, or a fine-tuned "
+                        "checkpoint; PATH@TASK picks one of several")
+    p.add_argument("--adapter-slots", type=non_negative_int, default=0,
+                   help="room for this many adapters loaded while serving (POST /v1/adapters)")
+    p.add_argument("--max-adapter-rank", type=positive_int, default=None,
+                   help="every adapter is padded to this rank so shapes never change "
+                        "(default: the largest at start); a loaded adapter may not exceed it")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
 
@@ -514,12 +537,30 @@ def run_serve(args) -> int:
         max_input_chars=args.max_input_chars, max_length=args.max_length,
         max_body_bytes_in_flight=args.max_body_bytes_in_flight,
         max_late_chars=args.max_late_chunking_chars, header_timeout=args.header_timeout,
-        idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+        adapters=tuple(_adapter_flags(args.adapter)), adapter_slots=args.adapter_slots,
+        max_adapter_rank=args.max_adapter_rank)
     try:
         return serve.run(settings, args.host, args.port, args.log_level)
     except serve.LoadFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _adapter_flags(values) -> list[tuple[str, str]]:
+    """--adapter NAME=PATH values, checked: [(name, path)]."""
+    out = []
+    for value in values:
+        name, eq, path = value.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--adapter must be NAME=PATH, got {value!r}")
+        if any(name == n for n, _ in out):
+            raise UsageError(f"--adapter {name} is given twice")
+        folder = path.rpartition("@")[0] if "@" in path and not os.path.exists(path) else path
+        if not os.path.isdir(folder):
+            raise UsageError(f"--adapter {value}: no such folder {folder}")
+        out.append((name, path))
+    return out
 
 
 def run_random_checkpoint(args) -> int:

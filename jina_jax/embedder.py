@@ -16,6 +16,7 @@ import numpy as np
 
 from . import checkpoint
 from . import lora as lora_lib
+from .adapters import Adapter, AdapterSet, read_adapter
 from .architecture import DEFAULT_LORA_MODULES
 from .config import JinaConfig, as_dtype, canonical_task
 from .encode import DEFAULT_WINDOW, encode, iter_encode
@@ -56,8 +57,12 @@ class JinaEmbeddingsV3:
 
     @classmethod
     def from_pretrained(cls, src, *, dtype="float32", param_dtype=None, revision=None,
-                        **kwargs) -> "JinaEmbeddingsV3":
+                        adapters: dict | None = None, **kwargs) -> "JinaEmbeddingsV3":
         """Loads a hub id or a folder in any supported format (detected from its files).
+
+        adapters: {task name: PATH or PATH@TASK} of user adapters to add (see `adapters.py`:
+        an adapter folder of `jina-jax finetune --adapter-only`, a PEFT LoRA folder, or a
+        fine-tuned checkpoint).
 
         dtype: compute dtype; param_dtype: storage dtype of the weights (default: dtype).
         precision: matmul precision of the compiled forward (None: JAX's default, which is
@@ -68,6 +73,8 @@ class JinaEmbeddingsV3:
         model = cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
                     param_dtype=param_dtype, heads=ckpt.heads, source=ckpt.folder, **kwargs)
         model._tokenizer = ckpt.tokenizer  # read (and checked) before the weights
+        for name, spec in (adapters or {}).items():
+            model.attach_adapter(read_adapter(name, spec, model.config))
         return model
 
     def save_pretrained(self, folder: str, format: str = "jina_jax") -> None:
@@ -150,14 +157,21 @@ class JinaEmbeddingsV3:
         """Tasks whose single-task factors are cached, least recently used first."""
         return list(self.task_cache.single_tasks)
 
-    def task_inputs(self, task, batch: int, merge: bool = True) -> dict:
+    def task_inputs(self, task, batch: int, merge: bool = True,
+                    adapters: AdapterSet | None = None) -> dict:
         """The forward's weight inputs for a task spec over `batch` rows: the base params plus,
         for one task (or none), that task's factors run for every row (`params_for(task,
         merge=False)`: no merged copy of the weights), else every adapter's factors stacked
         with per-row task_index/mask. merge=False takes the per-row path even for one task: one
         compiled structure for any mix of tasks (what a server batching requests together
-        wants)."""
+        wants). `adapters`: the per-row path over that set's fixed layout instead (its task
+        names)."""
         with on_mesh(self.layout):
+            if adapters is not None:
+                row_tasks = [task] * batch if task is None or isinstance(task, str) else list(task)
+                task_index, task_mask = adapters.rows(row_tasks)
+                return {"params": self.params, "lora": adapters.lora, "task_index": task_index,
+                        "task_mask": task_mask}
             return self._task_inputs(self.resolve_tasks(task, batch), merge)
 
     def _task_inputs(self, row_tasks: list, merge: bool) -> dict:
@@ -183,12 +197,32 @@ class JinaEmbeddingsV3:
         alpha = float(rank if alpha is None else alpha)
         if not alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha!r}")
-        self.adapters[name] = adapter
-        self.scales[name] = alpha / rank
+        return self.attach_adapter(Adapter(name, adapter, alpha / rank, instruction, "new"))
+
+    def attach_adapter(self, adapter: Adapter):
+        """Adds (or replaces) a task adapter read by `adapters.read_adapter`: its factors,
+        scale and instruction. Returns self."""
+        name = adapter.name
+        for old in [n for n in self.adapters if canonical_task(n) == canonical_task(name)]:
+            self.detach_adapter(old)
+        self.adapters[name] = adapter.factors
+        self.scales[name] = adapter.scale
         cfg = self.config
         self.config = cfg.replace(
             lora_adaptations=tuple(cfg.lora_adaptations) + (name,),
-            task_instructions=tuple(cfg.task_instructions) + ((name, instruction),))
+            task_instructions=tuple(cfg.task_instructions) + ((name, adapter.instruction),))
+        self.invalidate()
+        return self
+
+    def detach_adapter(self, name: str):
+        """Removes a task adapter (any spelling of its name). Returns self."""
+        name = self.resolve_task(name)
+        del self.adapters[name]
+        del self.scales[name]
+        cfg = self.config
+        self.config = cfg.replace(
+            lora_adaptations=tuple(t for t in cfg.lora_adaptations if t != name),
+            task_instructions=tuple(kv for kv in cfg.task_instructions if kv[0] != name))
         self.invalidate()
         return self
 
@@ -267,7 +301,7 @@ class JinaEmbeddingsV3:
                               dtype=self.dtype, param_dtype=self.param_dtype, remat=remat)
 
     def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None,
-                       merge: bool = True) -> dict:
+                       merge: bool = True, adapters: AdapterSet | None = None) -> dict:
         """Checked inputs of the compiled forward: ids, padding (`lengths` for right-padded
         rows, else a mask), the task's weights (see `task_inputs` for `merge`) and, for a head
         model, the head's."""
@@ -281,7 +315,7 @@ class JinaEmbeddingsV3:
                                  f"[{ids.shape[0]}]")
             mask = None
         return {"ids": ids, "mask": mask, "lengths": lengths, "head_params": self.head_params,
-                **self.task_inputs(task, ids.shape[0], merge)}
+                **self.task_inputs(task, ids.shape[0], merge, adapters)}
 
     def lower(self, input_ids, attention_mask=None, task=None, *, lengths=None,
               output: str = "outputs"):
@@ -290,26 +324,35 @@ class JinaEmbeddingsV3:
         return self.forward.lower(**self.forward_inputs(input_ids, attention_mask, task,
                                                         lengths=lengths), output=output)
 
-    def pooled(self, input_ids, lengths, task=None, *, merge: bool = True):
-        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths."""
+    def pooled(self, input_ids, lengths, task=None, *, merge: bool = True,
+               adapters: AdapterSet | None = None):
+        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths (`adapters`: see
+        `task_inputs`)."""
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                  merge=merge), output="pooled")
+                                                  merge=merge, adapters=adapters),
+                            output="pooled")
 
-    def prepare_pooled(self, input_ids, lengths, task=None, *, merge: bool = True) -> bool:
+    def prepare_pooled(self, input_ids, lengths, task=None, *, merge: bool = True,
+                       adapters: AdapterSet | None = None) -> bool:
         """Readies `pooled`'s executable for these inputs' shapes without running it (see
         `CompiledForward.prepare`); False: only running it compiles it."""
         return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                          merge=merge), output="pooled")
+                                                          merge=merge, adapters=adapters),
+                                    output="pooled")
 
-    def hidden(self, input_ids, lengths, task=None, *, merge: bool = True):
+    def hidden(self, input_ids, lengths, task=None, *, merge: bool = True,
+               adapters: AdapterSet | None = None):
         """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
         return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                  merge=merge), output="hidden")
+                                                  merge=merge, adapters=adapters),
+                            output="hidden")
 
-    def prepare_hidden(self, input_ids, lengths, task=None, *, merge: bool = True) -> bool:
+    def prepare_hidden(self, input_ids, lengths, task=None, *, merge: bool = True,
+                       adapters: AdapterSet | None = None) -> bool:
         """`prepare_pooled` for `hidden`."""
         return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                          merge=merge), output="hidden")
+                                                          merge=merge, adapters=adapters),
+                                    output="hidden")
 
     def run(self, input_ids, attention_mask=None, task=None):
         """The compiled forward's output (a head model's: its head's) for these inputs."""

@@ -344,8 +344,9 @@ class Runner:
         return shapes(self.limit, max_length, self.batch_size, self.token_budget,
                       self.model.row_multiple, self.ladder)
 
-    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None):
-        """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`)."""
+    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None, adapters=None):
+        """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`;
+        `adapters`: an `adapters.AdapterSet` whose fixed layout the mixed path runs on)."""
         model, cfg = self.model, self.model.config
         out = [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size),
                                                              np.float32)
@@ -357,7 +358,8 @@ class Runner:
             array, lengths = pad(rows, batch.width, cfg.pad_token_id)
             if self.stats is not None:
                 self.stats.add(batch, lengths)
-            result = run(array, lengths, batch.task, merge=not self.mixed)
+            layout = {} if adapters is None else {"adapters": adapters}
+            result = run(array, lengths, batch.task, merge=not self.mixed, **layout)
             times = [batch, started, time.perf_counter()]
             self.seen.add((batch.rows, batch.width))
             self.in_flight.append((out, batch.members, lengths, result, times))

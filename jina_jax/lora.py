@@ -131,42 +131,60 @@ def merge(params: Mapping, adapter: Mapping, scale: float, *, keep_word_embeddin
     return merged, forward_lora
 
 
-def stack(adapters: Sequence[Mapping], scales: Sequence[float]):
+def stack(adapters: Sequence[Mapping], scales: Sequence[float], *, rank: int | None = None,
+          shapes: Mapping | None = None):
     """One stacked tree for several tasks (the mixed-batch path).
 
     Modules missing from some adapters get zero factors there; different ranks are zero-padded to
-    the largest, which leaves `a @ b` unchanged. Scales are folded into b.
+    the largest, which leaves `a @ b` unchanged. Scales are folded into b. A fixed layout keeps
+    the tree's shapes whatever the adapters: `shapes` {module path: (a shape, b shape)} at
+    `rank` (every module of the tree; an adapter may not adapt another one nor exceed `rank`).
     """
-    shapes: dict[tuple, tuple] = {}
-    for adapter in adapters:
-        for path, fac in adapted_modules(adapter):
-            a_shape, b_shape = np.shape(fac["a"]), np.shape(fac["b"])
-            rank = a_shape[-1]
-            if path in shapes:
-                old_a, old_b, old_rank = shapes[path]
-                rank = max(rank, old_rank)
-            shapes[path] = (a_shape, b_shape, rank)
+    if shapes is None:
+        shapes = {}
+        for adapter in adapters:
+            for path, fac in adapted_modules(adapter):
+                a_shape, b_shape = np.shape(fac["a"]), np.shape(fac["b"])
+                top = a_shape[-1] if rank is None else rank
+                if path in shapes:
+                    top = max(top, shapes[path][0][-1])
+                shapes[path] = (a_shape[:-1] + (top,), b_shape[:-2] + (top,) + b_shape[-1:])
+    else:
+        for i, adapter in enumerate(adapters):
+            for path, fac in adapted_modules(adapter):
+                if path not in shapes:
+                    raise ValueError(f"adapter {i} adapts {'/'.join(path)}, which the layout "
+                                     "does not stack")
+                if np.shape(fac["a"])[-1] > shapes[path][0][-1]:
+                    raise ValueError(f"adapter {i} has rank {np.shape(fac['a'])[-1]} at "
+                                     f"{'/'.join(path)}, over the layout's {shapes[path][0][-1]}")
     out: dict = {}
-    for path, (a_shape, b_shape, rank) in shapes.items():
+    for path, (a_shape, b_shape) in shapes.items():
         layered = BY_PATH[path].layered
+        top = a_shape[-1]
         a_list, b_list = [], []
         for adapter, scale in zip(adapters, scales):
             try:
                 fac = get_path(adapter, path)
-                a, b = jnp.asarray(fac["a"]), jnp.asarray(fac["b"]) * scale
+                a, b = jnp.asarray(fac["a"], jnp.float32), jnp.asarray(fac["b"]) * scale
             except KeyError:
-                a = jnp.zeros(a_shape[:-1] + (rank,), jnp.float32)
-                b = jnp.zeros(b_shape[:-2] + (rank,) + b_shape[-1:], jnp.float32)
-            pad = rank - a.shape[-1]
+                a = jnp.zeros(a_shape, jnp.float32)
+                b = jnp.zeros(b_shape, jnp.float32)
+            pad = top - a.shape[-1]
             if pad:
                 a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
                 b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
             a_list.append(a)
-            b_list.append(b)
+            b_list.append(b.astype(jnp.float32))
         # Layers: [L, T, ...] so the scan over layers slices the first axis.
         axis = 1 if layered else 0
         set_path(out, path, {"a": jnp.stack(a_list, axis), "b": jnp.stack(b_list, axis)})
     return out
+
+
+def max_rank(adapter: Mapping) -> int:
+    """The largest rank among an adapter's modules (0 for an empty adapter)."""
+    return max((int(np.shape(f["a"])[-1]) for _, f in adapted_modules(adapter)), default=0)
 
 
 def init_adapter(params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_LORA_MODULES, *,

@@ -1,25 +1,34 @@
-"""`jina-jax serve`: the OpenAI embeddings API over one model, batching every client's requests
-together (`batcher.Batcher`), on Starlette under uvicorn (`pip install jina-jax[serve]`).
+"""`jina-jax serve`: the OpenAI embeddings API and the Jina Embeddings API over one model,
+batching every client's requests together (`batcher.Batcher`), on Starlette under uvicorn
+(`pip install jina-jax[serve]`).
 
-    POST /v1/embeddings   {"input": str | [str], "model", "dimensions", "encoding_format":
-                           "float" | "base64", "user"; extensions "task", "late_chunking",
-                           "normalized"}
-    GET  /v1/models       the served name, and one "name:task" entry per adapter
-    GET  /health          200 once the model is loaded and every shape compiled, else 503
+    POST /v1/embeddings   (also /embeddings) both APIs' fields (`api.py`): "input" (strings or
+                          {"text": ...}), "model", "task", "dimensions", "normalized",
+                          "late_chunking", "truncate", "embedding_type" (float, base64, binary,
+                          ubinary, int8, uint8), "encoding_format", "user"; any other: 400
+    POST /tokenize        TEI's: {"inputs", "add_special_tokens", "task" / "prompt_name"}
+    GET  /v1/models       the served name, and one "name:task" entry per task (user adapters too)
+    POST /v1/adapters     {"name", "path"}: a user adapter into a free slot (--adapter-slots)
+    DELETE /v1/adapters/NAME
+    GET  /health          200 once the model is loaded and the short shapes compiled (the others
+                          compile in the background: "background_warm_up" says how far), else 503
     GET  /metrics         Prometheus text
 
 The adapter: the `task` field, else a task after the model name ("jina-embeddings-v3:
 retrieval.query", for clients that cannot send extra fields), else the server's default task
-(default: none, as `encode(task=None)`). Every malformed request gets a 4xx with an OpenAI-style
-body {"error": {"message", "type", "param", "code"}}; a full queue a 503 with Retry-After;
-`--api-key` guards /v1/ (401 without `Authorization: Bearer KEY`). SIGTERM: no new connections,
-in-flight requests finish, exit 0. A client that leaves has its texts that have not run dropped.
+(default: none, as `encode(task=None)`). Tasks are the release's and the user's (`--adapter
+NAME=PATH` at start, POST /v1/adapters while serving), all stacked in one fixed layout
+(`adapters.AdapterSet`), so any mix runs in one forward and loading an adapter compiles nothing;
+a request is answered with the adapter set it arrived under. Every malformed request gets a 4xx
+with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; a full queue a 503
+with Retry-After; `--api-key` guards /v1/ and /tokenize (401 without `Authorization: Bearer
+KEY`). SIGTERM: no new connections, in-flight requests finish, exit 0. A client that leaves has
+its texts that have not run dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import hmac
@@ -39,8 +48,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from tokenizers import Tokenizer
 
-from .batcher import Batcher, Closed, DocumentTooLong, QueueFull
+from convert.formats import CheckpointError
+
+from .api import (ApiError, EmbeddingRequest, check_fields, embedding_body,
+                  parse_embedding_request, parse_tokenize_request, tokens_of)
+from .adapters import AdapterSet, read_adapter
+from .batcher import (READY_TOKENS, Batcher, Closed, DocumentTooLong, QueueFull,
+                      TooLong)
 from .embedder import JinaEmbeddingsV3
 from .http_limits import (BodyBudget, ClientGone, Refused, check_json_type, parse_json,
                           protocol_class, read_body)
@@ -48,7 +64,6 @@ from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 
 log = logging.getLogger("jina_jax.serve")
 
-ENCODING_FORMATS = ("float", "base64")
 CLIENT_GONE = 499  # the nginx convention, for metrics only: no one reads the answer
 
 
@@ -77,6 +92,13 @@ class Settings:
     header_timeout: float = 10.0
     idle_timeout: float = 5.0
     max_connections: int = 1024
+    # User adapters: ((name, PATH or PATH@TASK), ...) at start; slots for loading more while
+    # serving, every adapter's factors padded to max_adapter_rank (None: the largest at start).
+    adapters: tuple = ()
+    adapter_slots: int = 0
+    max_adapter_rank: int | None = None
+    # Warm-up: shapes of at most this many padded positions compile before /health is ready.
+    ready_tokens: int = READY_TOKENS
 
     def __post_init__(self):
         if self.max_inputs > self.max_queue:
@@ -95,132 +117,20 @@ class LoadFailed(Exception):
     """The model could not be loaded or warmed; the server stopped."""
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code)
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code,
-                              self.headers)
-
-
 def error_response(status, message, type="invalid_request_error", param=None, code=None,
                    headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@dataclasses.dataclass(frozen=True)
-class EmbeddingRequest:
-    texts: list[str]
-    task: str | None
-    dim: int
-    normalize: bool
-    encoding_format: str
-    late: bool
-    model: str
-
-
-def parse_model_name(value, served_name: str) -> str | None:
-    """The task a model name carries ("name:task"), or None; ApiError for another model."""
-    if not isinstance(value, str):
-        raise ApiError(400, f"model must be a string, got {type(value).__name__}", param="model")
-    name, _, task = value.partition(":")
-    aliases = {served_name, served_name.rsplit("/", 1)[-1]}
-    if name not in aliases and name.rsplit("/", 1)[-1] not in aliases:
-        raise ApiError(404, f"the model {value!r} is not served here; this server serves "
-                       f"{served_name!r} (optionally {served_name!r}:<task>)", param="model",
-                       code="model_not_found")
-    return task or None
-
-
-def parse_request(body, model: JinaEmbeddingsV3, settings: Settings,
-                  default_task: str | None) -> EmbeddingRequest:
-    """The checked request, or ApiError naming the field at fault."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    if "input" not in body:
-        raise ApiError(400, "missing required field: input", param="input")
-    texts = body["input"]
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list):
-        raise ApiError(400, f"input must be a string or a list of strings, got "
-                       f"{type(texts).__name__}", param="input")
-    if not texts:
-        raise ApiError(400, "input is an empty list: send at least one text", param="input")
-    if len(texts) > settings.max_inputs:
-        raise ApiError(400, f"input has {len(texts)} texts, over this server's limit of "
-                       f"{settings.max_inputs} per request", param="input", code="too_many_inputs")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            what = "token ids" if isinstance(text, (int, list)) else type(text).__name__
-            raise ApiError(400, f"input[{i}] is {what}, not a string (this server takes "
-                           "text only)", param=f"input[{i}]")
-        if not text:
-            raise ApiError(400, f"input[{i}] is an empty string", param=f"input[{i}]")
-        if len(text) > settings.max_input_chars:
-            raise ApiError(413, f"input[{i}] has {len(text)} characters, over this server's "
-                           f"limit of {settings.max_input_chars}", param=f"input[{i}]",
-                           code="input_too_long")
-
-    requested = body.get("model")
-    name_task = None if requested is None else parse_model_name(requested, settings.served_name)
-    task = body.get("task")
-    if task is not None and not isinstance(task, str):
-        raise ApiError(400, f"task must be a string or null, got {type(task).__name__}",
-                       param="task")
-    try:
-        task = model.resolve_task(task) if task is not None else None
-        name_task = model.resolve_task(name_task) if name_task is not None else None
-    except ValueError as e:
-        raise ApiError(400, str(e), param="task" if body.get("task") is not None else "model",
-                       code="invalid_task") from None
-    if task is not None and name_task is not None and task != name_task:
-        raise ApiError(400, f"the model name asks for task {name_task!r}, the task field for "
-                       f"{task!r}: give one", param="task", code="invalid_task")
-    task = task or name_task or default_task
-
-    hidden = model.config.hidden_size
-    dim = body.get("dimensions")
-    if dim is None:
-        dim = model.config.truncate_dim or hidden
-    elif not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= hidden:
-        raise ApiError(400, f"dimensions must be an integer in 1..{hidden}, got {dim!r}",
-                       param="dimensions")
-    encoding = body.get("encoding_format")
-    encoding = "float" if encoding is None else encoding
-    if encoding not in ENCODING_FORMATS:
-        raise ApiError(400, f"encoding_format must be one of {list(ENCODING_FORMATS)}, got "
-                       f"{encoding!r}", param="encoding_format")
-    flags = {}
-    for field, default in (("normalized", True), ("late_chunking", False)):
-        value = body.get(field)
-        if value is not None and not isinstance(value, bool):
-            raise ApiError(400, f"{field} must be true or false, got {value!r}", param=field)
-        flags[field] = default if value is None else value
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise ApiError(400, f"user must be a string, got {type(user).__name__}", param="user")
-    return EmbeddingRequest(texts, task, dim, flags["normalized"], encoding,
-                            flags["late_chunking"], requested or settings.served_name)
-
-
-def embedding_body(request: EmbeddingRequest, embeddings: np.ndarray, tokens: int) -> bytes:
-    """The OpenAI response, as JSON bytes. base64: each vector's little-endian float32 bytes."""
-    if request.encoding_format == "base64":
-        vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
-                   for row in embeddings]
-    else:
-        vectors = embeddings.astype(np.float32).tolist()
-    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-    body = {"object": "list", "data": data, "model": request.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return json.dumps(body, separators=(",", ":")).encode()
+def parse_request(body, tasks, settings: Settings, default_task: str | None,
+                  config) -> EmbeddingRequest:
+    """The checked embedding request (`api.parse_embedding_request` with this server's
+    settings); `tasks` resolves task names, `config` is the model's."""
+    return parse_embedding_request(
+        body, tasks, hidden_size=config.hidden_size, default_dim=config.truncate_dim,
+        served_name=settings.served_name, default_task=default_task,
+        max_inputs=settings.max_inputs, max_chars=settings.max_input_chars)
 
 
 class EmbeddingServer:
@@ -234,6 +144,10 @@ class EmbeddingServer:
         self.status = "loading"
         self.failure: BaseException | None = None
         self.on_failure = None  # called (from the loader thread) when loading fails
+        self.warming, self.warmed = "", False  # background warm-up progress; done
+        self.counting_tokenizer = None  # /tokenize's own, untruncated (made on first use)
+        self.tokenizer_lock = threading.Lock()
+        self.adapters_lock = threading.Lock()  # one adapter change at a time
         self.stopping = threading.Event()
         self.created = int(time.time())
         self.registry = Registry()
@@ -248,7 +162,11 @@ class EmbeddingServer:
                                 lambda: self.status == "ready"))
         self.app = Starlette(
             routes=[Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                    Route("/embeddings", self.embeddings, methods=["POST"]),
+                    Route("/tokenize", self.tokenize, methods=["POST"]),
                     Route("/v1/models", self.models, methods=["GET"]),
+                    Route("/v1/adapters", self.load_adapter, methods=["POST"]),
+                    Route("/v1/adapters/{name}", self.remove_adapter, methods=["DELETE"]),
                     Route("/health", self.health, methods=["GET"]),
                     Route("/metrics", self.metrics, methods=["GET"])],
             exception_handlers={HTTPException: self.http_error},
@@ -258,51 +176,96 @@ class EmbeddingServer:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        threading.Thread(target=self.load, name="jina-jax loader", daemon=True).start()
+        loader = threading.Thread(target=self.load, name="jina-jax loader", daemon=True)
+        loader.start()
         try:
             yield
         finally:
             self.status = "stopping"
             self.stopping.set()
+            # Warm-up stops after the shape it is compiling: let it, rather than end the
+            # process under a compiler thread (which aborts it).
+            await asyncio.to_thread(loader.join, 120)
             if self.batcher is not None:
                 await asyncio.to_thread(self.batcher.close)
 
     def load(self):
-        """Loads the model (unless given), builds the batcher, compiles every shape."""
+        """Loads the model (unless given) and the adapters, builds the batcher, compiles the
+        shapes of short requests (`Batcher.ready_shapes`), starts answering, then compiles
+        the other shapes in the background (a request that needs one of those first compiles
+        it on the way: it waits, never fails)."""
         s = self.settings
         try:
             if self.model is None:
-                self.model = JinaEmbeddingsV3.from_pretrained(s.source, dtype=s.dtype)
+                self.model = JinaEmbeddingsV3.from_pretrained(s.source, dtype=s.dtype,
+                                                              adapters=dict(s.adapters))
             if s.default_task is not None:
                 self.default_task = self.model.resolve_task(s.default_task)
+            adapters = AdapterSet.build(self.model, slots=s.adapter_slots,
+                                        rank=s.max_adapter_rank)
             batcher = Batcher(self.model, max_batch_tokens=s.max_batch_tokens,
                               max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                               max_queue=s.max_queue, max_length=s.max_length,
-                              registry=self.registry, max_late_chars=s.max_late_chars)
+                              registry=self.registry, max_late_chars=s.max_late_chars,
+                              adapters=adapters)
             self.model.tokenizer  # noqa: B018 - a missing tokenizer fails now, not per request
-            started = time.monotonic()
-
-            def progress(done, total):
-                self.status = f"warming up ({done}/{total} shapes compiled)"
-
-            count = batcher.warm_up(progress, self.stopping.is_set)
+            shapes = batcher.shapes()
+            first = batcher.ready_shapes(s.ready_tokens)
+            rest = [x for x in shapes if x not in first]
+            log.info("warm-up: %d shapes for --max-length %d (%d tasks stacked, %d adapter "
+                     "slots, rank %d); %d before answering, %d more in the background",
+                     len(shapes), batcher.max_length, len(adapters.names),
+                     adapters.free_slots, adapters.rank, len(first), len(rest))
+            count = self.warm(batcher, first, "warming up", late=False)
             if self.stopping.is_set():
                 return
             self.batcher = batcher.start()
             self.status = "ready"
-            log.info("ready: %d shapes compiled in %.1f s", count, time.monotonic() - started)
+            log.info("ready: %s", count)
+            if rest or batcher.late_shapes():  # the late-chunking forwards' shapes too
+                log.info("background warm-up: %s", self.warm(batcher, rest, "background"))
+            self.warmed = True
         except Exception as e:  # noqa: BLE001 - reported by the command, which exits 1
             self.failure, self.status = e, "failed"
             log.error("loading failed: %s", e)
             if self.on_failure is not None:
                 self.on_failure()
 
+    def warm(self, batcher: Batcher, shapes, phase: str, late: bool = True) -> str:
+        """Compiles (or loads from the executable store) `shapes` (and, with `late`, the
+        late-chunking shapes), logging progress every few seconds; what it did, in words."""
+        forward, started = self.model.forward, time.monotonic()
+        compiled, loaded = forward.compile_count, forward.loaded_count
+        last = [started]
+
+        def progress(done, total):
+            self.warming = f"{done}/{total} shapes"
+            if phase != "background":
+                self.status = f"{phase} ({done}/{total} shapes compiled)"
+            now = time.monotonic()
+            if now - last[0] >= 5 or done == total:
+                last[0] = now
+                log.info("%s: %d/%d shapes, %.1f s", phase, done, total, now - started)
+
+        done = batcher.warm_up(progress, self.stopping.is_set, shapes, late=late)
+        new = forward.compile_count - compiled
+        from_store = forward.loaded_count - loaded
+        return (f"{done} shapes in {time.monotonic() - started:.1f} s ({new - from_store} "
+                f"compiled, {from_store} loaded from the store, {done - new} ready already)")
+
     # --- routes ----------------------------------------------------------------------------
 
     async def embeddings(self, request: Request) -> Response:
-        started, route = time.perf_counter(), "/v1/embeddings"
+        return await self.answer(request, "/v1/embeddings", self.embed)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self.answer(request, "/tokenize", self.tokens)
+
+    async def answer(self, request: Request, route: str, handler) -> Response:
+        """`handler(request)`'s response, an ApiError's, or a 500; counted under `route`."""
+        started = time.perf_counter()
         try:
-            response = await self.embed(request)
+            response = await handler(request)
         except ApiError as e:
             response = e.response()
         except ClientGone:  # it left while sending: nobody reads an answer, nothing failed
@@ -317,14 +280,14 @@ class EmbeddingServer:
 
     async def embed(self, request: Request) -> Response:
         self.authorize(request)
-        if self.status != "ready":
-            raise ApiError(503, f"the model is not ready ({self.status})", type="server_error",
-                           code="not_ready", headers={"Retry-After": "5"})
+        self.check_ready()
         body = await self.read_json(request)
-        parsed = parse_request(body, self.model, self.settings, self.default_task)
+        parsed = parse_request(body, self.batcher.adapters, self.settings, self.default_task,
+                               self.model.config)
         try:
             job = self.batcher.submit(parsed.texts, [parsed.task] * len(parsed.texts),
-                                      parsed.dim, parsed.normalize, parsed.late)
+                                      parsed.dim, parsed.normalize, parsed.late,
+                                      parsed.truncate)
         except QueueFull as e:
             raise ApiError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -332,12 +295,105 @@ class EmbeddingServer:
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         except DocumentTooLong as e:
             raise ApiError(413, str(e), param="input", code="document_too_long") from None
-        outcome = await self.wait(job, request)
+        try:
+            outcome = await self.wait(job, request)
+        except TooLong as e:
+            raise ApiError(400, str(e), param=f"input[{e.index}]",
+                           code="input_too_long") from None
         if outcome is None:  # the client left: nobody reads this
             return Response(status_code=CLIENT_GONE)
         embeddings, tokens = outcome
         content = await asyncio.to_thread(embedding_body, parsed, embeddings, tokens)
         return Response(content, media_type="application/json")
+
+    async def tokens(self, request: Request) -> Response:
+        """TEI's /tokenize: per input, its tokens as `encode` makes them (untruncated)."""
+        self.authorize(request)
+        self.check_ready()
+        body = await self.read_json(request)
+        adapters = self.batcher.adapters
+        parsed = parse_tokenize_request(body, adapters, max_inputs=self.settings.max_inputs,
+                                        max_chars=self.settings.max_input_chars)
+        instruction = adapters.instruction(parsed.task)
+
+        def run():
+            # Its own tokenizer: the batcher's one is set to truncate, and is the worker's.
+            with self.tokenizer_lock:
+                if self.counting_tokenizer is None:
+                    self.counting_tokenizer = Tokenizer.from_str(self.model.tokenizer.to_str())
+                    self.counting_tokenizer.no_truncation()
+                    self.counting_tokenizer.no_padding()
+                tok = self.counting_tokenizer
+                return json.dumps([tokens_of(tok, t, instruction, parsed.add_special_tokens)
+                                   for t in parsed.texts], separators=(",", ":")).encode()
+
+        return Response(await asyncio.to_thread(run), media_type="application/json")
+
+    async def load_adapter(self, request: Request) -> Response:
+        return await self.answer(request, "/v1/adapters", self.add_adapter)
+
+    async def remove_adapter(self, request: Request) -> Response:
+        return await self.answer(request, "/v1/adapters", self.drop_adapter)
+
+    async def add_adapter(self, request: Request) -> Response:
+        """POST /v1/adapters {"name", "path"}: an adapter folder into a free slot (or in the
+        place of a loaded one of that name). No compile: the slot layout keeps every shape.
+        Requests already queued keep the set they came with."""
+        self.authorize(request)
+        self.check_ready()
+        body = await self.read_json(request)
+        check_fields(body, ("name", "path"))
+        for field in ("name", "path"):
+            if not isinstance(body.get(field), str) or not body[field]:
+                raise ApiError(400, f"{field} must be a non-empty string", param=field)
+        name, path = body["name"], body["path"]
+
+        def run():
+            try:
+                adapter = read_adapter(name, path, self.model.config)
+            except (CheckpointError, OSError, ValueError) as e:
+                message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) \
+                    and e.filename else str(e)
+                raise ApiError(400, f"cannot load adapter {name!r}: {message}", param="path",
+                               code="invalid_adapter") from None
+            with self.adapters_lock:
+                try:
+                    new = self.batcher.adapters.with_adapter(adapter)
+                except ValueError as e:
+                    raise ApiError(409, str(e), param="name", code="adapter_conflict") from None
+                self.batcher.adapters = new
+            log.info("adapter %r loaded from %s (rank %d); tasks now %s", name, adapter.source,
+                     adapter.rank, list(new.tasks))
+            return {"object": "adapter", "name": name, "source": adapter.source,
+                    "rank": adapter.rank, "tasks": list(new.tasks),
+                    "free_slots": new.free_slots}
+
+        return JSONResponse(await asyncio.to_thread(run))
+
+    async def drop_adapter(self, request: Request) -> Response:
+        """DELETE /v1/adapters/NAME: the slot of an adapter loaded while serving is freed."""
+        self.authorize(request)
+        self.check_ready()
+        name = request.path_params["name"]
+        with self.adapters_lock:
+            current = self.batcher.adapters
+            try:
+                current.resolve_task(name)
+            except ValueError as e:
+                raise ApiError(404, str(e), param="name", code="adapter_not_found") from None
+            try:
+                new = current.without(name)
+            except ValueError as e:
+                raise ApiError(409, str(e), param="name", code="adapter_conflict") from None
+            self.batcher.adapters = new
+        log.info("adapter %r removed; tasks now %s", name, list(new.tasks))
+        return JSONResponse({"object": "adapter", "name": name, "deleted": True,
+                             "tasks": list(new.tasks), "free_slots": new.free_slots})
+
+    def check_ready(self):
+        if self.status != "ready":
+            raise ApiError(503, f"the model is not ready ({self.status})", type="server_error",
+                           code="not_ready", headers={"Retry-After": "5"})
 
     async def wait(self, job, request: Request):
         """The job's (embeddings, tokens), or None when the client disconnects first (the
@@ -392,7 +448,7 @@ class EmbeddingServer:
             self.requests.inc(route="/v1/models", code=e.status)
             return e.response()
         name = self.settings.served_name
-        tasks = self.model.tasks if self.model is not None else ()
+        tasks = self.batcher.adapters.tasks if self.batcher is not None else ()
         ids = [name] + [f"{name}:{t}" for t in tasks]
         data = [{"id": i, "object": "model", "created": self.created, "owned_by": "jina-jax"}
                 for i in ids]
@@ -401,7 +457,10 @@ class EmbeddingServer:
 
     async def health(self, request: Request) -> Response:
         ready = self.status == "ready"
-        return JSONResponse({"status": "ok" if ready else self.status},
+        body = {"status": "ok" if ready else self.status}
+        if ready and not self.warmed:
+            body["background_warm_up"] = self.warming
+        return JSONResponse(body,
                             status_code=200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
