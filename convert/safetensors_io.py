@@ -32,8 +32,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and, where known, the key."""
 
 
-def _no_duplicates(pairs):
-    """object_pairs_hook for json: a key given twice is an error, never last-one-wins."""
+def no_duplicate_keys(pairs):
+    """object_pairs_hook for json: a key given twice is an error (ValueError), never
+    last-one-wins."""
     out = {}
     for key, value in pairs:
         if key in out:
@@ -46,7 +47,7 @@ def parse_json(raw, what: str):
     """`raw` (bytes or str) as JSON; anything else (bad syntax or encoding, nesting deeper than
     Python's recursion limit, a repeated key) is a CheckpointError naming `what`."""
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates)
+        return json.loads(raw, object_pairs_hook=no_duplicate_keys)
     except RecursionError:
         raise CheckpointError(f"{what}: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError

@@ -14,6 +14,8 @@ import json
 
 from starlette.requests import ClientDisconnect, Request
 
+from convert.safetensors_io import no_duplicate_keys
+
 JSON_TYPES = ("application/json",)
 
 
@@ -109,15 +111,6 @@ async def read_body(request: Request, max_bytes: int, budget: BodyBudget,
     return body, taken
 
 
-def _unique_keys(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r} in an object")
-        out[key] = value
-    return out
-
-
 def parse_json(body: bytearray):
     """The JSON value of a UTF-8 body. Refused (400) for invalid UTF-8 or JSON, a duplicate key
     in an object (no silent last-one-wins), or nesting deeper than Python's recursion limit.
@@ -129,7 +122,7 @@ def parse_json(body: bytearray):
             from None
     del body[:]
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except RecursionError:
         raise Refused(400, "the body is not valid JSON here: nested too deeply",
                       "invalid_json") from None
