@@ -14,8 +14,8 @@ token_s the dense layers' time per token (projections, FFN: the same for every t
 attention's, per token per key (a row of width w has w keys); min_tokens the size below which a
 batch runs no faster (its matmuls are too small for the CPU's vector units, or leave most of a
 GPU's cores idle). On this repository's 2-core CPU at the released widths and 6 layers a call
-costs what about 20 tokens cost and batches under about 100 tokens run no faster (measured,
-`benchmarks/encode_throughput.py --profile`); on a GPU the call is cheap against a small batch's
+costs what about 20 tokens cost and batches under about 100 tokens run no faster (twelve shapes
+from 1x32 to 2x1024 timed best of 3 on a loaded machine, as `calibrate` does); on a GPU the call is cheap against a small batch's
 tokens but a batch under thousands of tokens leaves the chip mostly idle, so there the plan
 merges rungs into fewer, fuller batches. The defaults scale with the model's FLOPs (layers,
 hidden size, FFN size); `calibrate` replaces them with a fit to timed shapes on the device at
