@@ -199,6 +199,9 @@ class EmbeddingServer:
             if self.model is None:
                 self.model = JinaEmbeddingsV3.from_pretrained(s.source, dtype=s.dtype,
                                                               adapters=dict(s.adapters))
+            else:  # a model given ready-made still gets the adapters asked for
+                for name, spec in s.adapters:
+                    self.model.attach_adapter(read_adapter(name, spec, self.model.config))
             if s.default_task is not None:
                 self.default_task = self.model.resolve_task(s.default_task)
             adapters = AdapterSet.build(self.model, slots=s.adapter_slots,
