@@ -6,6 +6,12 @@
     model.encode(texts, ...)         # batches split over the devices, results in input order
 
 Batch row counts are rounded up to a multiple of the device count, so every device gets rows.
+
+Several processes (multi-host, after `jax.distributed.initialize()`): a mesh over `jax.devices()`
+spans every process; the train step takes each process's own rows (`global_batch`), a multiple
+of its local devices. Embedding needs no cross-host mesh: each process shards over
+`jax.local_devices()` and embeds its own texts (a forward on a mesh this process cannot fully
+address is refused, `shard_rows`).
 """
 
 from __future__ import annotations
@@ -50,11 +56,23 @@ def place_params(tree, mesh: Mesh, shard: bool = False):
         lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(np.shape(x), n))), tree)
 
 
+def local_device_count(mesh: Mesh) -> int:
+    """The mesh's devices that this process feeds (all of them with one process)."""
+    return len(mesh.local_devices)
+
+
 def shard_rows(x, mesh: Mesh):
-    """Split axis 0 over the mesh; its size must be a multiple of the device count."""
+    """Split axis 0 over the mesh; its size must be a multiple of the device count. The whole
+    array is this process's: a mesh with other processes' devices is refused (their rows would
+    have to be the same array, and the result could not be read back here)."""
     if x is None:
         return None
     n = mesh.devices.size
+    if local_device_count(mesh) != n:
+        raise ValueError(
+            f"the mesh spans {n} devices of {jax.process_count()} processes but this process "
+            f"addresses {local_device_count(mesh)}: embed per process over its own devices "
+            "(model.shard(jax.local_devices())); only the train step takes a multi-host mesh")
     if np.shape(x)[0] % n:
         raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices")
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
@@ -62,8 +80,9 @@ def shard_rows(x, mesh: Mesh):
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
     """Rows split over the mesh. With several processes (multi-host, after
-    `jax.distributed.initialize()`), each process passes its own rows and they are assembled
-    into one global array, process 0's rows first."""
+    `jax.distributed.initialize()`), each process passes its own rows (the same count in every
+    process, a multiple of its local devices) and they are assembled into one global array in
+    the order of the mesh's devices: process 0's rows first for a mesh over `jax.devices()`."""
     sharding = NamedSharding(mesh, PartitionSpec(AXIS))
     if jax.process_count() == 1:
         return {k: shard_rows(v, mesh) for k, v in batch.items()}

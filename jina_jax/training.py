@@ -45,7 +45,7 @@ from .attention import choose_implementation
 from .config import as_dtype
 from .encoder import REMAT_POLICIES, EncoderOutput, JinaEncoder, mean_pool
 from .records import read_jsonl
-from .sharding import global_batch, place_params
+from .sharding import global_batch, local_device_count, place_params
 from .tokenize import check_max_length, tokenize
 from .tree import combine, copy_dicts, get_path, set_path
 
@@ -258,6 +258,11 @@ class Trainer:
     def devices(self) -> int:
         return 1 if self.mesh is None else int(self.mesh.devices.size)
 
+    @property
+    def local_devices(self) -> int:
+        """The devices this process feeds rows to: all of them unless multi-host."""
+        return 1 if self.mesh is None else local_device_count(self.mesh)
+
     def module(self, implementation: str) -> JinaEncoder:
         return JinaEncoder(self.model.config, dtype=self.dtype, param_dtype=jnp.float32,
                            implementation=implementation, deterministic=not self.dropout,
@@ -337,12 +342,16 @@ class Trainer:
         n = next(iter(rows.values()))
         if any(r != n for r in rows.values()):
             raise ValueError(f"every batch entry needs the same number of rows, got {rows}")
-        if n < self.devices:
-            raise ValueError(f"the batch has {n} rows but the train step runs on {self.devices} "
-                             "devices: every device needs at least one row")
-        if n % (self.devices * self.accumulate):
-            raise ValueError(f"the batch has {n} rows, not a multiple of devices ({self.devices}) "
-                             f"x accumulate ({self.accumulate})")
+        # Multi-host: `batch` is this process's rows, spread over its own devices only.
+        devices, where = self.local_devices, ""
+        if devices != self.devices:
+            where = f" of this process (of {self.devices} in {jax.process_count()} processes)"
+        if n < devices:
+            raise ValueError(f"the batch has {n} rows but the train step runs on {devices} "
+                             f"devices{where}: every device needs at least one row")
+        if n % (devices * self.accumulate):
+            raise ValueError(f"the batch has {n} rows, not a multiple of devices ({devices}"
+                             f"{where}) x accumulate ({self.accumulate})")
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         return global_batch(batch, self.mesh)
