@@ -24,6 +24,9 @@ _EXPORTS = {
     "Batcher": "batcher", "QueueFull": "batcher",
     # needs the [serve] extra (Starlette, uvicorn)
     "EmbeddingServer": "serve",
+    # need the [data] extra (pyarrow)
+    "open_dataset": "data.reader", "EmbeddingDataset": "data.reader",
+    "CorpusJob": "data.job", "embed_corpus": "data.job",
 }
 _SUBMODULES = ("losses", "training")
 
@@ -50,6 +53,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from . import losses, training
     from .batcher import Batcher, QueueFull
     from .config import JinaConfig
+    from .data.job import CorpusJob, embed_corpus
+    from .data.reader import EmbeddingDataset, open_dataset
     from .embedder import JinaEmbeddingsV3
     from .encoder import EncoderOutput, JinaEncoder
     from .serve import EmbeddingServer

@@ -27,12 +27,14 @@ def _embed_parser(p: argparse.ArgumentParser):
     task.add_argument("--document", dest="task", action="store_const",
                       const="retrieval.passage", help="shorthand for --task retrieval.passage")
     for flag, default, text in (
-            ("--input", "-", "text file (one text per line) or JSONL (one object per line); "
-                             "- = stdin. Blank lines are skipped in both."),
+            ("--input", "-", "text file (one text per line), JSONL (one object per line) or "
+                             "CSV (with its header); - = stdin. Blank lines are skipped. With "
+                             "a folder --output also Parquet, a folder or a glob."),
             ("--text-field", None, "read JSONL records and embed this field (default 'text' "
                                    "for .jsonl input)"),
             ("--output", "-", "OUT.npy (float32 [N, D]) or OUT.jsonl (input records + "
-                              "'embedding'); - = JSONL on stdout"),
+                              "'embedding'); - = JSONL on stdout; a folder (or a path ending "
+                              "in /): Parquet shards + manifest.json, resumable"),
             ("--ranges", None, "RANGES.npy: per-dimension [min, max] ([2, D]) for int8/uint8")):
         p.add_argument(flag, default=default, help=text)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -49,6 +51,82 @@ def _embed_parser(p: argparse.ArgumentParser):
     p.add_argument("--late-chunking", action="store_true",
                    help="one JSONL record per chunk (doc, chunk, start, end, embedding): "
                         "sentences, or --chunk-tokens pieces, embedded in document context")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _dataset_flags(p)
+
+
+DATASET_FLAGS = ("--id-field", "--keep-fields", "--skip-empty", "--shard-index",
+                 "--shard-count", "--shard-rows")
+
+
+def _dataset_flags(p: argparse.ArgumentParser):
+    """The flags of a dataset run (`--output` a folder, or ending in /): jina_jax.data.job."""
+    g = p.add_argument_group("dataset output (--output FOLDER/: Parquet shards + manifest.json, "
+                             "resumable; --input may then be a folder or a glob of .txt, "
+                             ".jsonl, .csv and .parquet files)")
+    g.add_argument("--id-field", help="the field or column holding each row's id (default: "
+                   "the file's name and row number, 'name:row')")
+    g.add_argument("--keep-fields", help="comma-separated fields carried into the output")
+    g.add_argument("--skip-empty", action="store_true", help="leave out rows whose text is "
+                   "null or blank (counted) instead of stopping with file:row")
+    g.add_argument("--shard-index", type=non_negative_int, default=None,
+                   help="this process's index: it does shards i, i + n, ... (with "
+                        "--shard-count n; default JAX's process index under jax.distributed)")
+    g.add_argument("--shard-count", type=positive_int, default=None,
+                   help="how many processes share the output folder")
+    g.add_argument("--shard-rows", type=positive_int, default=None,
+                   help="input rows per shard (default 50000)")
+
+
+def _is_dataset(args) -> bool:
+    return args.output != "-" and (args.output.endswith(("/", os.sep))
+                                   or os.path.isdir(args.output))
+
+
+def run_embed_dataset(args) -> int:
+    """`embed --output FOLDER/`: the corpus job of jina_jax.data.job (resumable, sharded)."""
+    import numpy as np
+
+    from .embedder import JinaEmbeddingsV3
+
+    try:
+        from .data.job import DEFAULT_SHARD_ROWS, CorpusJob, Refused, embed_corpus
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    if args.input == "-":
+        raise UsageError("a dataset --output needs files as --input (a file, a folder or a "
+                         "glob), not stdin")
+    if args.late_chunking:
+        raise UsageError("--late-chunking writes JSONL; a folder --output is not supported")
+    if args.ranges is not None and not os.path.isfile(args.ranges):
+        raise UsageError(f"--ranges {args.ranges}: no such file")
+    if args.precision.endswith("int8") and args.ranges is None:
+        raise UsageError(f"--precision {args.precision} needs --ranges RANGES.npy (per-dimension "
+                         "min and max, [2, D]): a stream cannot calibrate on itself")
+    if (args.shard_index is None) != (args.shard_count is None):
+        raise UsageError("--shard-index and --shard-count go together")
+    if args.shard_index is not None and args.shard_index >= args.shard_count:
+        raise UsageError(f"--shard-index must be in 0..{args.shard_count - 1}, got "
+                         f"{args.shard_index}")
+    folder = check_output(args.output.rstrip("/" + os.sep) or args.output, "--output",
+                          overwrite=True, folder=True, sources=[args.input, args.ranges])
+    model = JinaEmbeddingsV3.from_pretrained(args.model, dtype=args.dtype)
+    task = _check_model_options(model, args)
+    keep = tuple(f.strip() for f in args.keep_fields.split(",")) if args.keep_fields else ()
+    job = CorpusJob(inputs=(args.input,), task=task, max_length=args.max_length,
+                    truncate_dim=args.truncate_dim, precision=args.precision,
+                    ranges=None if args.ranges is None else np.load(args.ranges),
+                    text_field=args.text_field, id_field=args.id_field, keep_fields=keep,
+                    skip_empty=args.skip_empty, shard_rows=args.shard_rows or DEFAULT_SHARD_ROWS)
+    try:
+        summary = embed_corpus(model, job, folder, batch_size=args.batch_size,
+                          shard_index=args.shard_index, shard_count=args.shard_count,
+                          overwrite=args.overwrite, progress=False if args.quiet else None,
+                          log=None if args.quiet else sys.stderr)
+    except Refused as e:
+        raise UsageError(str(e)) from None
+    print(summary.line(), file=sys.stderr)
+    return 0
 
 
 def _check_model_options(model, args):
@@ -122,6 +200,15 @@ def run_embed(args) -> int:
     from .files import atomic_file
     from .records import TextInput
 
+    if _is_dataset(args):
+        return run_embed_dataset(args)
+    for flag in DATASET_FLAGS:
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
+            raise UsageError(f"{flag} needs a dataset --output (a folder, or a path ending "
+                             "in /)")
+    if args.input.endswith((".parquet", ".pq")) or os.path.isdir(args.input):
+        raise UsageError(f"--input {args.input}: Parquet files and folders need a dataset "
+                         "--output (a folder, or a path ending in /)")
     if args.input != "-" and not os.path.isfile(args.input):
         raise UsageError(f"--input {args.input}: no such file")
     if args.ranges is not None and not os.path.isfile(args.ranges):
@@ -157,7 +244,7 @@ def run_embed(args) -> int:
         embeddings = ((vector, records.popleft()) for vector in model.iter_encode(
             texts(), task=task, batch_size=args.batch_size, max_length=args.max_length,
             truncate_dim=args.truncate_dim, precision=args.precision, ranges=ranges,
-            show_progress_bar=sys.stderr.isatty()))
+            show_progress_bar=sys.stderr.isatty() and not args.quiet))
 
     def write_all(writer) -> int:
         for vector, record in embeddings:

@@ -239,9 +239,10 @@ class Runner:
     row (its real tokens)."""
 
     def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar, *,
-                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False):
+                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False, stats=None):
         self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
         self.hidden, self.bar, self.ladder, self.mixed = hidden, bar, ladder, mixed
+        self.stats = stats  # a Stats to count into, or None
         self.limit = position_limit(model.config)
         self.in_flight: collections.deque = collections.deque()
 
@@ -264,6 +265,8 @@ class Runner:
             rows = [ids[i] for i in batch.members]
             rows += [FILLER] * (batch.rows - len(rows))
             array, lengths = pad(rows, batch.width, cfg.pad_token_id)
+            if self.stats is not None:
+                self.stats.add(batch, lengths)
             result = run(array, lengths, batch.task, merge=not self.mixed)
             self.in_flight.append((out, batch.members, lengths, result))
             if len(self.in_flight) > IN_FLIGHT:
@@ -285,6 +288,28 @@ class Runner:
         self.bar.update(len(members))
 
 
+@dataclasses.dataclass
+class Stats:
+    """What a run's batches held, counted as they are dispatched (`iter_encode(stats=...)`):
+    texts, real tokens (instruction and `<s>`/`</s>` included), padded positions (filler rows
+    included) and batches."""
+    texts: int = 0
+    tokens: int = 0
+    padded: int = 0
+    batches: int = 0
+
+    def add(self, batch: Batch, lengths: np.ndarray) -> None:
+        self.texts += len(batch.members)
+        self.tokens += int(lengths[: len(batch.members)].sum())
+        self.padded += batch.rows * batch.width
+        self.batches += 1
+
+    @property
+    def padding(self) -> float:
+        """Padded positions per real token, minus one (as `padding_fraction`)."""
+        return self.padded / max(self.tokens, 1) - 1.0
+
+
 def finish(pooled: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
     """Matryoshka truncation to `dim`, then L2 normalisation: float32 [N, dim]."""
     emb = pooled[:, :dim]
@@ -304,11 +329,11 @@ def iter_encode(model, texts, *, task=None, prompt=None, batch_size=32, max_leng
                 truncate_dim=None, normalize=True, show_progress_bar=None,
                 max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW,
                 precision="float32", ranges=None,
-                output_value="sentence_embedding") -> Iterator[np.ndarray]:
+                output_value="sentence_embedding", stats=None) -> Iterator[np.ndarray]:
     """One embedding per text of `texts` (any iterable of strings), in input order, holding at
     most two windows of `window` texts: [D] in `precision` ([D / 8] bytes for the binary ones;
     int8/uint8 need `ranges` here), or for output_value="token_embeddings" float32 [n_tokens, H].
-    Same arguments as `encode`."""
+    Same arguments as `encode`; `stats`: a `Stats` that counts the batches as they run."""
     cfg = model.config
     truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
     max_length, dim = check_options(model, batch_size=batch_size, max_length=max_length,
@@ -330,7 +355,7 @@ def iter_encode(model, texts, *, task=None, prompt=None, batch_size=32, max_leng
             yield token_ids(model.tokenizer, cfg, chunk, tasks, max_length, prompt), tasks
 
     with progress(count, batch_size, show_progress_bar) as bar:
-        runner = Runner(model, batch_size, max_tokens_per_batch, tokens_out, bar)
+        runner = Runner(model, batch_size, max_tokens_per_batch, tokens_out, bar, stats=stats)
         upcoming = windows()
         current = next(upcoming, None)
         while current is not None:
