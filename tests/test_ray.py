@@ -198,13 +198,13 @@ def test_cli_engine_ray_equals_local_job(cluster, model, corpus, transformers_di
     assert a.table.column("year").to_pylist() == b.table.column("year").to_pylist()
     assert np.abs(a.embeddings - b.embeddings).max() < 1e-6
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and len(manifest["shards"]) == 4
+    assert manifest["complete"] and len(manifest["shards"]) == 5  # 25 + 25 + 10, 25 + 11
     assert {s["engine"]["name"] for s in manifest["shards"].values()} == {"ray"}
     assert sorted(os.listdir(out)) == ["manifest.json"] + [f"part-0000{i}.parquet"
-                                                           for i in range(4)]
+                                                           for i in range(5)]
     # the local job takes the Ray-made folder as its own: nothing left to do
     again = _cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 shard(s) written, 4 already complete" in again.stderr
+    assert "0 shard(s) written, 5 already complete" in again.stderr
     wrong = _cli(*args, "--engine", "ray", "--shard-count", "2", "--shard-index", "0")
     assert wrong.returncode == 2 and "--engine ray" in wrong.stderr
