@@ -76,7 +76,7 @@ def _dataset_flags(p: argparse.ArgumentParser):
     g.add_argument("--shard-count", type=positive_int, default=None,
                    help="how many processes share the output folder")
     g.add_argument("--shard-rows", type=positive_int, default=None,
-                   help="input rows per shard (default 50000)")
+                   help="input rows per shard (default 65536)")
 
 
 RAY_FLAGS = ("--ray-address", "--ray-actors", "--ray-num-cpus", "--ray-num-gpus",
@@ -189,6 +189,10 @@ def run_embed_dataset(args) -> int:
                           log=None if args.quiet else sys.stderr)
     except Refused as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: the shards finished so far stay in {folder}; the same command "
+              "finishes the rest", file=sys.stderr)
+        return 130
     print(summary.line() + (f" (made by ray: {args.ray_actors} actor(s))"
                             if args.engine == "ray" else ""), file=sys.stderr)
     return 0

@@ -38,7 +38,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats, check_options
 from ..files import atomic_path
 from .arrow import pa, pq
@@ -51,7 +50,10 @@ from .schema import (EMBEDDING_COLUMN, EMBEDDING_DTYPES, MANIFEST, as_text, chec
                      output_schema, shard_name)
 from .sources import Fields, InputFile, expand, read_rows, scan
 
-DEFAULT_SHARD_ROWS = 50_000
+# The package's version (jina_jax/__init__.py, always imported before its submodules; taken
+# from sys.modules so that the import graph keeps running one way).
+__version__ = sys.modules[__name__.split(".")[0]].__version__
+DEFAULT_SHARD_ROWS = 65_536  # four of encode's windows
 GROUP_ROWS = 8192  # rows per Parquet row group of a shard (what the writer holds)
 PROGRESS_EVERY = 256  # rows between progress updates
 # what a folder may hold: shards, manifests and their temporaries (files.temporary_sibling)

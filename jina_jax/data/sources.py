@@ -224,7 +224,7 @@ def _field(record: dict, field: str, file: InputFile, row: int):
 def _jsonl_rows(file, start, stop, fields):
     for row, line in _lines(file, start, stop):
         if not line.strip():
-            yield row, None, None, ()
+            yield row, "", None, ()
             continue
         record = parse_record(line, file.name, row)
         text = record.get(fields.text)
@@ -244,7 +244,7 @@ def _csv_rows(file, start, stop, fields):
             if row > stop:
                 return
             if not values:
-                yield row, None, None, ()
+                yield row, "", None, ()
                 continue
             record = csv_record(names, values, file.name, row)
             ident = None if fields.id is None else record[fields.id]
