@@ -48,8 +48,8 @@ import numpy as np
 from ..embedder import JinaEmbeddingsV3
 from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats, check_options
 from .arrow import pa
-from .job import OURS, CorpusJob, Summary, embed_shards, finalize, plan_job, prepare_folder
-from .manifest import Manifest, check_shard, model_fingerprint
+from .job import OURS, CorpusJob, Summary, embed_shards, finalize, open_job
+from .manifest import model_fingerprint
 from .schema import EMBEDDING_COLUMN, embedding_column
 
 try:
@@ -59,7 +59,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"embedding on Ray needs ray[data]: pip install 'jina-jax[ray]' ({e})") \
         from None
 
-__version__ = sys.modules[__name__.split(".")[0]].__version__
 ENGINE = "ray"
 DEFAULT_NUM_CPUS = 0.5  # per actor: leaves CPUs to the read tasks (see the pitfalls)
 DEFAULT_RETRIES = 3  # actor restarts and task retries after an actor dies
@@ -291,18 +290,7 @@ def embed_corpus_ray(model, job: CorpusJob, output: str, *, checkpoint: str | No
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     checkpoint = str(model.source if checkpoint is None else checkpoint)
-    plan = plan_job(model, job)
-    folder = os.path.abspath(output)
-    existing = prepare_folder(folder, plan, 0, 1, overwrite)
-    manifest = Manifest(plan.header, {}, 0, 1, __version__)
-    todo = []
-    for shard in plan.shards:
-        record = check_shard(folder, existing.get(shard.index, []))
-        if record is None:
-            todo.append(shard)
-        else:
-            manifest.shards[shard.index] = record
-    manifest.write(folder)
+    plan, folder, manifest, todo = open_job(model, job, output, overwrite=overwrite)
     counts = dict.fromkeys(("rows", "skipped", "tokens", "padded", "compiles", "loaded"), 0)
     if todo:
         if log is not None:
