@@ -98,7 +98,8 @@ def main():
     p.add_argument("--big-rows", type=int, default=64 * POOL)
     p.add_argument("--shard-rows", type=int, default=POOL)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: rate,memory,resume")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: rate,memory,big (the --big-rows "
+                   "run),resume")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = tempfile.mkdtemp(prefix="jina-corpus-bench-")
@@ -156,7 +157,7 @@ def main():
             shutil.rmtree(warm)
         if "memory" not in skip:
             rows = []
-            for n in (args.rows, args.big_rows):
+            for n in (args.rows,) if "big" in skip else (args.rows, args.big_rows):
                 src = corpus if n == args.rows else os.path.join(work, f"corpus-{n}")
                 if n != args.rows:
                     write_corpus(src, pool, n)
@@ -172,8 +173,9 @@ def main():
                 if src != corpus:
                     shutil.rmtree(src)
             report["memory"] = rows
-            report["big_over_small_peak"] = round(rows[1]["peak_rss_mb"] /
-                                                  rows[0]["peak_rss_mb"], 3)
+            if len(rows) == 2:
+                report["big_over_small_peak"] = round(rows[1]["peak_rss_mb"] /
+                                                      rows[0]["peak_rss_mb"], 3)
 
         if "resume" not in skip:
             out = os.path.join(work, "resume")

@@ -271,10 +271,11 @@ def test_empty_texts(model, tmp_path):
     assert sum(r["skipped_empty"] for r in ds.manifest.shards.values()) == 3
     expected = model.encode(["one", "three", "x", "y"], task=TASK, batch_size=BATCH)
     np.testing.assert_allclose(ds.embeddings, expected, atol=1e-6)
-    (src / "c.jsonl").write_text('{"text": "x", "id": 1}\n{"txt": "y"}\n')
+    (src / "c.jsonl").write_text('{"text": "x", "id": 1}\n{"text": "y"}\n{"txt": "z"}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2: no field 'id'"):
-        embed_corpus(model, CorpusJob(inputs=(str(src / "c.jsonl"),), id_field="id"),
-                     str(tmp_path / "c"), progress=False, log=None, batch_size=BATCH)
+        _run(model, CorpusJob(inputs=(str(src / "c.jsonl"),), id_field="id"), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"c.jsonl:3: no field 'text'"):  # not an empty text
+        _run(model, CorpusJob(inputs=(str(src / "c.jsonl"),), skip_empty=True), tmp_path / "c2")
     (src / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8"):
         embed_corpus(model, CorpusJob(inputs=(str(src / "d.jsonl"),)), str(tmp_path / "d"),

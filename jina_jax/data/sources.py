@@ -227,7 +227,7 @@ def _jsonl_rows(file, start, stop, fields):
             yield row, "", None, ()
             continue
         record = parse_record(line, file.name, row)
-        text = record.get(fields.text)
+        text = _field(record, fields.text, file, row)
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{file.name}:{row}: field {fields.text!r} is "
                              f"{type(text).__name__}, not a string")
