@@ -28,6 +28,9 @@ _EXPORTS = {
     # need the [data] extra (pyarrow)
     "open_dataset": "data.reader", "EmbeddingDataset": "data.reader",
     "CorpusJob": "data.job", "embed_corpus": "data.job",
+    # need the [ray] extra (ray[data])
+    "RayEmbedder": "data.ray_data", "embed_dataset": "data.ray_data",
+    "embed_corpus_ray": "data.ray_data",
 }
 _SUBMODULES = ("losses", "training", "orbax_state")
 
@@ -55,6 +58,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .batcher import Batcher, QueueFull
     from .config import JinaConfig
     from .data.job import CorpusJob, embed_corpus
+    from .data.ray_data import RayEmbedder, embed_corpus_ray, embed_dataset
     from .data.reader import EmbeddingDataset, open_dataset
     from .embedder import JinaEmbeddingsV3
     from .encoder import EncoderOutput, JinaEncoder

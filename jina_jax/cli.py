@@ -53,6 +53,7 @@ def _embed_parser(p: argparse.ArgumentParser):
                         "sentences, or --chunk-tokens pieces, embedded in document context")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _dataset_flags(p)
+    _ray_flags(p)
 
 
 DATASET_FLAGS = ("--id-field", "--keep-fields", "--skip-empty", "--shard-index",
@@ -76,6 +77,66 @@ def _dataset_flags(p: argparse.ArgumentParser):
                    help="how many processes share the output folder")
     g.add_argument("--shard-rows", type=positive_int, default=None,
                    help="input rows per shard (default 65536)")
+
+
+RAY_FLAGS = ("--ray-address", "--ray-actors", "--ray-num-cpus", "--ray-num-gpus",
+             "--ray-resources")
+
+
+def _ray_flags(p: argparse.ArgumentParser):
+    """`embed --engine ray`: the dataset job's shards as Ray tasks (jina_jax.data.ray_data)."""
+    g = p.add_argument_group("engine (dataset output only)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: every shard a task on a Ray "
+                        "cluster (the [ray] extra), same folder and manifest")
+    g.add_argument("--ray-address", help="an existing cluster (ray://HOST:10001 or HOST:6379; "
+                   "default: $RAY_ADDRESS, else a local cluster on this machine)")
+    g.add_argument("--ray-actors", type=positive_int, default=1,
+                   help="actors, one model each (default 1); one per GPU, TPU host or CPU node")
+    g.add_argument("--ray-num-cpus", type=non_negative_float, default=None,
+                   help="CPUs each actor asks for (default 0.5: leaves CPUs to Ray's tasks)")
+    g.add_argument("--ray-num-gpus", type=non_negative_float, default=None,
+                   help="GPUs each actor asks for (e.g. 1)")
+    g.add_argument("--ray-resources", type=json.loads, default=None,
+                   help='custom resources each actor asks for, JSON (e.g. \'{"TPU": 4}\')')
+
+
+def _check_engine(args) -> None:
+    """--engine ray and its flags only where they apply."""
+    if args.engine == "ray":
+        if not _is_dataset(args):
+            raise UsageError("--engine ray writes a dataset: --output must be a folder (or a "
+                             "path ending in /)")
+        if args.shard_index is not None or args.shard_count is not None:
+            raise UsageError("--engine ray spreads the shards itself: drop --shard-index and "
+                             "--shard-count")
+        if args.ray_resources is not None and not isinstance(args.ray_resources, dict):
+            raise UsageError("--ray-resources must be a JSON object, e.g. '{\"TPU\": 4}'")
+        return
+    for flag in RAY_FLAGS:
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, 1):
+            raise UsageError(f"{flag} needs --engine ray")
+
+
+def run_embed_ray(args, model, job, folder: str):
+    """The dataset job on Ray: this process is the driver (plans, keeps the manifest)."""
+    try:
+        import ray
+
+        from .data.ray_data import embed_corpus_ray
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False if address is None else None,
+             log_to_driver=not args.quiet, configure_logging=not args.quiet)
+    try:
+        return embed_corpus_ray(model, job, folder, checkpoint=args.model,
+                                batch_size=args.batch_size, actors=args.ray_actors,
+                                num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
+                                resources=args.ray_resources, overwrite=args.overwrite,
+                                log=None if args.quiet else sys.stderr)
+    finally:
+        ray.shutdown()
 
 
 def _is_dataset(args) -> bool:
@@ -119,7 +180,10 @@ def run_embed_dataset(args) -> int:
                     text_field=args.text_field, id_field=args.id_field, keep_fields=keep,
                     skip_empty=args.skip_empty, shard_rows=args.shard_rows or DEFAULT_SHARD_ROWS)
     try:
-        summary = embed_corpus(model, job, folder, batch_size=args.batch_size,
+        if args.engine == "ray":
+            summary = run_embed_ray(args, model, job, folder)
+        else:
+            summary = embed_corpus(model, job, folder, batch_size=args.batch_size,
                           shard_index=args.shard_index, shard_count=args.shard_count,
                           overwrite=args.overwrite, progress=False if args.quiet else None,
                           log=None if args.quiet else sys.stderr)
@@ -129,7 +193,8 @@ def run_embed_dataset(args) -> int:
         print(f"interrupted: the shards finished so far stay in {folder}; the same command "
               "finishes the rest", file=sys.stderr)
         return 130
-    print(summary.line(), file=sys.stderr)
+    print(summary.line() + (f" (made by ray: {args.ray_actors} actor(s))"
+                            if args.engine == "ray" else ""), file=sys.stderr)
     return 0
 
 
@@ -204,6 +269,7 @@ def run_embed(args) -> int:
     from .files import atomic_file
     from .records import TextInput
 
+    _check_engine(args)
     if _is_dataset(args):
         return run_embed_dataset(args)
     for flag in DATASET_FLAGS:

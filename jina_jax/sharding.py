@@ -20,6 +20,12 @@ leaf of the parameter tree (layer leaves carry the leading [L] axis):
 A dimension the axis does not divide stays whole. `shard_params=True` also splits the largest
 remaining axis of each large leaf over the data axis (FSDP-like: XLA gathers it where used).
 Batch row counts must be a multiple of the data axis's size; `encode` rounds its batches up.
+
+Several processes (multi-host, after `jax.distributed.initialize()`): a mesh over `jax.devices()`
+spans every process; the train step takes each process's own rows (`global_batch`), a multiple
+of its share of the data axis. Embedding needs no cross-host mesh: each process shards over
+`jax.local_devices()` and embeds its own texts (a forward on a mesh this process cannot fully
+address is refused, `rows`).
 """
 
 from __future__ import annotations
@@ -90,6 +96,12 @@ class Layout:
     def devices(self) -> int:
         return int(self.mesh.devices.size)
 
+    @property
+    def local_rows_multiple(self) -> int:
+        """This process's share of `rows_multiple` (all of it with one process): the rows a
+        process feeds the train step must be a multiple of it."""
+        return self.rows_multiple * len(self.mesh.local_devices) // self.devices
+
     def context(self):
         """`with layout.context():` runs JAX operations under this layout's own mesh: a caller's
         `jax.set_mesh` of explicit axes would otherwise clash with arrays placed on it."""
@@ -130,9 +142,17 @@ class Layout:
         return jax.device_put(tree, self.sharding(PartitionSpec()))
 
     def rows(self, x):
-        """Split axis 0 over the data axis (replicated over the others)."""
+        """Split axis 0 over the data axis (replicated over the others). The whole array is
+        this process's: a mesh with other processes' devices is refused (their rows would have
+        to be the same array, and the result could not be read back here)."""
         if x is None:
             return None
+        local = len(self.mesh.local_devices)
+        if local != self.devices:
+            raise ValueError(
+                f"the mesh spans {self.devices} devices of {jax.process_count()} processes but "
+                f"this process addresses {local}: embed per process over its own devices "
+                "(model.shard(jax.local_devices())); only the train step takes a multi-host mesh")
         n = self.rows_multiple
         if np.shape(x)[0] % n:
             raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices "
@@ -141,8 +161,10 @@ class Layout:
 
     def global_batch(self, batch: dict) -> dict:
         """Rows split over the data axis. With several processes (multi-host, after
-        `jax.distributed.initialize()`), each process passes its own rows and they are assembled
-        into one global array, process 0's rows first."""
+        `jax.distributed.initialize()`), each process passes its own rows (the same count in
+        every process, a multiple of `local_rows_multiple`) and they are assembled into one
+        global array in the order of the mesh's devices: process 0's rows first for a mesh over
+        `jax.devices()`."""
         if jax.process_count() == 1:
             return {k: self.rows(v) for k, v in batch.items()}
         sharding = self.sharding(PartitionSpec(self.data_axis))
@@ -151,7 +173,7 @@ class Layout:
 
 
 def mesh_layout(devices=None, *, mesh: Mesh | None = None, data_axis: str = AXIS,
-           model_axis: str | None = None, shard_params: bool = False) -> Layout:
+                model_axis: str | None = None, shard_params: bool = False) -> Layout:
     """The layout for `model.shard(...)`: a given mesh, else the one of `jax.set_mesh` in
     context, else a 1-D data mesh over `devices` (default: every device)."""
     if mesh is not None and devices is not None:

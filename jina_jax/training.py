@@ -265,6 +265,11 @@ class Trainer:
         """How many ways a batch's rows split (the data axis's size)."""
         return 1 if self.layout is None else self.layout.rows_multiple
 
+    @property
+    def local_devices(self) -> int:
+        """How many ways this process's rows split: all of `devices` unless multi-host."""
+        return 1 if self.layout is None else self.layout.local_rows_multiple
+
     def module(self, implementation: str) -> JinaEncoder:
         return JinaEncoder(self.model.config, dtype=self.dtype, param_dtype=jnp.float32,
                            implementation=implementation, deterministic=not self.dropout,
@@ -347,12 +352,16 @@ class Trainer:
         n = next(iter(rows.values()))
         if any(r != n for r in rows.values()):
             raise ValueError(f"every batch entry needs the same number of rows, got {rows}")
-        if n < self.devices:
-            raise ValueError(f"the batch has {n} rows but the train step runs on {self.devices} "
-                             "devices: every device needs at least one row")
-        if n % (self.devices * self.accumulate):
-            raise ValueError(f"the batch has {n} rows, not a multiple of devices ({self.devices}) "
-                             f"x accumulate ({self.accumulate})")
+        # Multi-host: `batch` is this process's rows, spread over its own devices only.
+        devices, where = self.local_devices, ""
+        if devices != self.devices:
+            where = f" of this process (of {self.devices} in {jax.process_count()} processes)"
+        if n < devices:
+            raise ValueError(f"the batch has {n} rows but the train step runs on {devices} "
+                             f"devices{where}: every device needs at least one row")
+        if n % (devices * self.accumulate):
+            raise ValueError(f"the batch has {n} rows, not a multiple of devices ({devices}"
+                             f"{where}) x accumulate ({self.accumulate})")
         if self.layout is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         return self.layout.global_batch(batch)

@@ -456,6 +456,26 @@ class Summary:
                 f"{self.compiles} shape(s), {self.loaded} from the compilation cache")
 
 
+def open_job(model, job: CorpusJob, output: str, index: int = 0, count: int = 1,
+             overwrite: bool = False) -> tuple[Plan, str, Manifest, list[Shard]]:
+    """Where a run starts: the plan, the output folder (absolute, made ready by
+    `prepare_folder`), process `index`'s manifest holding its shards that are already complete
+    (written out), and its shards still to do, in plan order."""
+    plan = plan_job(model, job)
+    folder = os.path.abspath(output)
+    existing = prepare_folder(folder, plan, index, count, overwrite)
+    manifest = Manifest(plan.header, {}, index, count, __version__)
+    todo = []
+    for shard in plan.shards_for(index, count):
+        record = check_shard(folder, existing.get(shard.index, []))
+        if record is None:
+            todo.append(shard)
+        else:
+            manifest.shards[shard.index] = record
+    manifest.write(folder)
+    return plan, folder, manifest, todo
+
+
 def embed_corpus(model, job: CorpusJob, output: str, *, batch_size: int = 32,
             shard_index: int | None = None, shard_count: int | None = None,
             overwrite: bool = False, progress: bool | None = None, log=sys.stderr,
@@ -466,19 +486,8 @@ def embed_corpus(model, job: CorpusJob, output: str, *, batch_size: int = 32,
     shapes" line goes (None: nowhere). Returns the `Summary`."""
     start_time = time.perf_counter()
     index, count = shard_assignment(shard_index, shard_count)
-    plan = plan_job(model, job)
-    folder = os.path.abspath(output)
-    existing = prepare_folder(folder, plan, index, count, overwrite)
+    plan, folder, manifest, todo = open_job(model, job, output, index, count, overwrite)
     mine = plan.shards_for(index, count)
-    manifest = Manifest(plan.header, {}, index, count, __version__)
-    todo = []
-    for shard in mine:
-        record = check_shard(folder, existing.get(shard.index, []))
-        if record is None:
-            todo.append(shard)
-        else:
-            manifest.shards[shard.index] = record
-    manifest.write(folder)
 
     stats = Stats()
     show = sys.stderr.isatty() if progress is None else progress
