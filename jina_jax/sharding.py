@@ -22,9 +22,19 @@ def batch_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+def put(x, sharding):
+    """`jax.device_put`, except that a shape (`jax.ShapeDtypeStruct`, as `jax.eval_shape` gives)
+    stays a shape, now with that sharding: what an ahead-of-time compile for devices this host
+    does not have takes (`jina_jax.aot`)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+
 def replicate(tree, mesh: Mesh):
     """Every leaf on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(lambda x: put(x, sharding), tree)
 
 
 # Leaves smaller than this stay replicated: splitting them saves little and costs a gather each.
@@ -47,7 +57,7 @@ def place_params(tree, mesh: Mesh, shard: bool = False):
         return replicate(tree, mesh)
     n = mesh.devices.size
     return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(np.shape(x), n))), tree)
+        lambda x: put(x, NamedSharding(mesh, param_spec(np.shape(x), n))), tree)
 
 
 def shard_rows(x, mesh: Mesh):
@@ -57,7 +67,7 @@ def shard_rows(x, mesh: Mesh):
     n = mesh.devices.size
     if np.shape(x)[0] % n:
         raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices")
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
+    return put(x, NamedSharding(mesh, PartitionSpec(AXIS)))
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
