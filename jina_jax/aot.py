@@ -6,8 +6,8 @@ device and the attention kernel it calls, before anyone rents the hardware.
     c.attention, c.kernels, c.total_bytes, c.fits                 # "splash", ("tpu_custom_call",), ...
     t = aot.compile_train_step("h200", rows=32, width=512, remat="full")
 
-Targets are names (`TARGETS`: "h100", "h200", "v5e-1", "v5e-4", "v6e-1", ...) or a TPU topology
-such as "v5e:2x4". A GPU target needs the CUDA plugin (`pip install 'jina-jax[cuda12]'` plus the
+Targets are names (`TARGETS`: "h100", "h200", "v5e-1", "v5e-4", "v6e-1", ..., and "cpu": this
+host) or a TPU topology such as "v5e:2x4". A GPU target needs the CUDA plugin (`pip install 'jina-jax[cuda12]'` plus the
 cuDNN and nvcc wheels, see the README) and `JAX_PLATFORMS=cpu`; a TPU target needs libtpu
 (`pip install 'jina-jax[tpu]'`). Nothing runs and nothing is allocated at the released size: the
 parameters are shapes (`jax.eval_shape`), placed on the target's abstract devices
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -92,7 +93,7 @@ TPU_MEMORY = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 GPU_MEMORY_FRACTION = 0.75
 # The compiled programs' attention kernels, as their names appear in the compiled HLO.
 # (On a GPU the forward's is __cudnn$fmhaSoftmax, the backward's __cudnn$fmhaSoftmaxBackward.)
-KERNELS = {"gpu": r"__cudnn\$fmha\w*", "tpu": r"tpu_custom_call"}
+KERNELS = {"gpu": r"__cudnn\$fmha\w*", "tpu": r"tpu_custom_call", "cpu": r"(?!)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,8 @@ TARGETS = {
     "v5e-8": Target("v5e-8", "tpu", "v5e:2x4", TPU_MEMORY["v5e"]),
     "v6e-1": Target("v6e-1", "tpu", "v6e:1x1", TPU_MEMORY["v6e"]),
     "v6e-4": Target("v6e-4", "tpu", "v6e:2x2", TPU_MEMORY["v6e"]),
+    # This host's CPU (its RAM): the same machinery, checked anywhere (the default test suite).
+    "cpu": Target("cpu", "cpu", "1", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
 }
 GPU_BANDWIDTH = {"h200": 4800000000000, "h100": 3350000000000}
 
@@ -154,6 +157,8 @@ def devices(spec: str | Target) -> tuple:
     from jax.experimental import topologies
 
     t = target(spec)
+    if t.platform == "cpu":
+        return tuple(jax.devices("cpu"))[:1]
     try:
         if t.platform == "cuda":
             config = GPU_CONFIG.format(memory=t.memory, bandwidth=GPU_BANDWIDTH[t.name],
