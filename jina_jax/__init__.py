@@ -25,7 +25,8 @@ _EXPORTS = {
     # needs the [serve] extra (Starlette, uvicorn)
     "EmbeddingServer": "serve",
 }
-_SUBMODULES = ("losses", "training")
+# `aot`: compiling for a GPU/TPU target without it (jina_jax.aot.compile_forward, plan, ...)
+_SUBMODULES = ("aot", "losses", "training")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 __version__ = "0.1.0"
@@ -47,7 +48,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import losses, training
+    from . import aot, losses, training
     from .batcher import Batcher, QueueFull
     from .config import JinaConfig
     from .embedder import JinaEmbeddingsV3

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import topologies
 
 from .architecture import DEFAULT_LORA_MODULES
 from .attention import choose_implementation
@@ -98,9 +99,9 @@ KERNELS = {"gpu": r"__cudnn\$fmha\w*", "tpu": r"tpu_custom_call", "cpu": r"(?!)"
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A device to compile for: `platform` ("cuda" or "tpu"), the backend name the attention
-    chooser takes ("gpu" or "tpu"), the topology, and memory per device in bytes (`usable`: the
-    share JAX can use)."""
+    """A device to compile for: `platform` ("cuda", "tpu" or "cpu"), the backend name the
+    attention chooser takes (`backend`: "gpu", "tpu", "cpu"), the topology, and memory per device
+    in bytes (`usable`: the share JAX can use)."""
     name: str
     platform: str
     topology: str
@@ -154,8 +155,6 @@ def target(spec: str | Target) -> Target:
 def devices(spec: str | Target) -> tuple:
     """The target's abstract devices (`jax.experimental.topologies`): compile for them, never
     run. Needs the target's plugin: the CUDA one for a GPU, libtpu for a TPU."""
-    from jax.experimental import topologies
-
     t = target(spec)
     if t.platform == "cpu":
         return tuple(jax.devices("cpu"))[:1]
@@ -175,7 +174,8 @@ def devices(spec: str | Target) -> tuple:
     except Exception as e:  # noqa: BLE001 - the plugin's own errors vary; say what is missing
         need = ("the CUDA plugin (pip install 'jina-jax[cuda12]', then --no-deps "
                 "nvidia-cudnn-cu12 nvidia-cuda-nvcc-cu12; run with JAX_PLATFORMS=cpu)"
-                if t.platform == "cuda" else "libtpu (pip install 'jina-jax[tpu]')")
+                if t.platform == "cuda" else "libtpu (pip install 'jina-jax[tpu]'), used by no "
+                "other process at the same time (its /tmp/libtpu_lockfile)")
         raise RuntimeError(f"cannot describe target {t.name} ({t.topology}): {type(e).__name__}: "
                            f"{e}. Compiling for it needs {need}") from e
     return tuple(topo.devices)
@@ -244,7 +244,9 @@ def task_inputs(model: JinaEmbeddingsV3, task, rows: int, merge: bool):
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """One program compiled for a target. Bytes are per device (XLA's `memory_analysis`);
-    `total_bytes` = arguments + outputs - aliased + temporaries + `resident_bytes`."""
+    `total_bytes` = arguments + outputs - aliased + temporaries + `resident_bytes`. A program the
+    target's compiler refused as too large has no `executable`, only the temporaries it said
+    it needed (`fits` is False)."""
     target: Target
     what: str
     shape: tuple
@@ -265,10 +267,14 @@ class Compiled:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.target.usable
+        return self.executable is not None and self.total_bytes <= self.target.usable
 
     def summary(self) -> str:
         rows, width = self.shape[:2]
+        if self.executable is None:
+            return (f"{self.what} {rows}x{width}: OVER, the compiler refused it (temporaries "
+                    f"{self.temp_bytes / GIB:.2f} GiB for a {self.target.usable / GIB:.1f} GiB "
+                    f"device), attention {self.attention}, in {self.seconds:.1f} s")
         return (f"{self.what} {rows}x{width}: {self.total_bytes / GIB:.2f} GiB of "
                 f"{self.target.usable / GIB:.1f} GiB a device ({'fits' if self.fits else 'OVER'}; "
                 f"temporaries {self.temp_bytes / GIB:.2f}), attention {self.attention} "
@@ -276,8 +282,23 @@ class Compiled:
                 f"{self.seconds:.1f} s")
 
 
+# What a TPU compiler says when a program cannot fit (it refuses to compile it; a GPU compiler
+# compiles and plans the excess).
+OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*?memory required for HLO temporaries "
+                           r"\(([\d.]+)([KMGT])\)", re.S)
+
+
 def _compiled(t: Target, what, shape, attention, lowered, resident, start) -> Compiled:
-    executable = lowered.compile()
+    try:
+        executable = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        over = OUT_OF_MEMORY.search(str(e))
+        if over is None:
+            raise
+        # Too large for the device: the temporaries the compiler needed, nothing else known.
+        temp = int(float(over.group(1)) * (1 << (10 * "KMGT".index(over.group(2)) + 10)))
+        return Compiled(t, what, tuple(shape), attention, (), 0, 0, 0, temp, int(resident),
+                        time.perf_counter() - start, None)
     memory = executable.memory_analysis()
     text = executable.as_text()
     kernels = tuple(sorted(set(re.findall(KERNELS[t.backend], text))))
