@@ -32,7 +32,8 @@ _EXPORTS = {
     "RayEmbedder": "data.ray_data", "embed_dataset": "data.ray_data",
     "embed_corpus_ray": "data.ray_data",
 }
-_SUBMODULES = ("losses", "training", "orbax_state")
+# `aot`: compiling for a GPU/TPU target without it (jina_jax.aot.compile_forward, plan, ...)
+_SUBMODULES = ("aot", "losses", "training", "orbax_state")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 __version__ = "0.1.0"
@@ -54,7 +55,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import losses, orbax_state, training
+    from . import aot, losses, orbax_state, training
     from .batcher import Batcher, QueueFull
     from .config import JinaConfig
     from .data.job import CorpusJob, embed_corpus

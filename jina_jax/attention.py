@@ -3,6 +3,8 @@
 - "cudnn": the fused flash kernel through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - "xla": `jax.nn.dot_product_attention`'s XLA path; materialises [B, N, L, S] logits.
 - "blockwise": online softmax over key blocks, for long sequences where those logits do not fit.
+- "splash": Pallas' splash attention kernel (TPU; a Mosaic custom call), padding as segment ids,
+  forward and backward. On a CPU it runs only in interpret mode (`interpret=True`, the tests).
 
 Padding reaches attention in one of two forms:
 - `lengths` int32[B]: every row is right-padded (real tokens first). This is what cuDNN's fused
@@ -15,27 +17,43 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 # From this many tokens on, the blockwise path replaces the XLA one, whose [B, N, L, S] fp32
 # logits take 4 GiB per row at 8192 tokens with 16 heads. On the 2-core CPU the blockwise path
 # already ran attention 2x faster at 1024 tokens and equal at 512.
 BLOCKWISE_MIN_LENGTH = 1024
 BLOCK = 512
+# The splash kernel's tiles are multiples of 128 positions (a TPU vector register's lanes); a
+# width that is no multiple of 128 is padded to one inside `splash_attention`. Below this many
+# tokens XLA's own attention is used (a 64-token batch would otherwise compute 128x128 tiles).
+SPLASH_MIN_LENGTH = 128
+SPLASH_LANES = 128
+# The batch axis of a data-parallel mesh (sharding.AXIS; not imported: the model layer below
+# knows no sharding module).
+DATA_AXIS = "data"
 
 
 def choose_implementation(dtype, head_dim: int, right_padded: bool, length: int = 0,
                           backend: str | None = None) -> str:
-    """cuDNN flash attention on GPU for half-precision right-padded batches; elsewhere XLA, or
+    """cuDNN flash attention on GPU for half-precision right-padded batches; the splash kernel
+    on TPU for right-padded batches of at least `SPLASH_MIN_LENGTH` tokens; elsewhere XLA, or
     the blockwise (online-softmax) path for long sequences.
 
-    `jax.nn.dot_product_attention(implementation=None)` always takes the XLA path, so the fused
-    kernel has to be asked for by name.
+    backend: the platform the program is compiled for ("cpu", "gpu"/"cuda", "tpu"); None: the
+    host's `jax.default_backend()`. A compile for another target (`jina_jax.aot`) passes the
+    target's. `jax.nn.dot_product_attention(implementation=None)` always takes the XLA path, so
+    the fused kernel has to be asked for by name.
     """
     backend = backend or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend in ("gpu", "cuda") and half and right_padded and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
+    if backend == "tpu" and right_padded and length >= SPLASH_MIN_LENGTH:
+        return "splash"
     if length >= BLOCKWISE_MIN_LENGTH:
         return "blockwise"
     return "xla"
@@ -90,6 +108,51 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     return (acc / run_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def splash_kernel(length: int, heads: int, interpret: bool):
+    """The splash kernel for `heads` heads over `length` (a multiple of 128) positions, every
+    query seeing every key (padding comes as segment ids), with tiles as large as divide it.
+    Made per trace, never cached: it holds arrays, which must not outlive the trace (a scan's
+    body would leak them to the next)."""
+    block = next(b for b in (512, 256, 128) if length % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+
+
+def splash_attention(q, k, v, lengths, *, interpret: bool = False):
+    """Splash attention for right-padded rows. q, k, v: [B, L, N, D]; lengths: int32[B].
+    Returns [B, L, N, D] in q's dtype.
+
+    Real tokens are segment 1, padding segment 0, so a real query sees exactly its row's real
+    keys (a padded query sees only padding: finite, and masked by every consumer). The kernel
+    does not scale q: 1/sqrt(D) is applied here. On a data-parallel mesh (the abstract mesh of
+    the trace has a "data" axis) the kernel runs per device under `shard_map`: a Mosaic call is
+    not split by XLA's partitioner, which would gather the whole batch onto every device.
+    """
+    b, l, n, d = q.shape
+    padded = max(SPLASH_LANES, -(-l // SPLASH_LANES) * SPLASH_LANES)
+    kernel = splash_kernel(padded, n, interpret)
+
+    def per_device(q, k, v, lengths):
+        segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
+        # [B, N, L', D]
+        qt, kt, vt = (jnp.pad(x, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+                      for x in (q * jnp.asarray(d ** -0.5, q.dtype), k, v))
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(
+            q=s1, kv=s1)))(qt, kt, vt, segments)
+        return out.transpose(0, 2, 1, 3)[:, :l].astype(q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and DATA_AXIS in mesh.axis_names and mesh.shape[DATA_AXIS] > 1:
+        rows = PartitionSpec(DATA_AXIS)
+        per_device = jax.shard_map(per_device, in_specs=(rows,) * 4, out_specs=rows,
+                                   axis_names={DATA_AXIS}, check_vma=False)
+    return per_device(q, k, v, lengths)
+
+
 def attention_with_dropout(q, k, v, mask, dropout):
     """Plain attention whose probabilities pass through `dropout` (training only: the fused and
     blockwise paths have no hook for it). q, k, v: [B, L, N, D]; mask: bool [B, S] or None."""
@@ -126,6 +189,10 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
         return jax.nn.dot_product_attention(
             q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             implementation="cudnn")
+    if implementation == "splash":
+        if lengths is None:
+            raise ValueError("the splash attention path needs right-padded `lengths`, not a mask")
+        return splash_attention(q, k, v, lengths)
     if mask is None and lengths is not None:
         mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
     if implementation == "blockwise":

@@ -642,6 +642,46 @@ def run_random_checkpoint(args) -> int:
     return 0
 
 
+def _plan_parser(p: argparse.ArgumentParser):
+    p.add_argument("--target", required=True,
+                   help="h100, h200, v5e-1, v5e-4, v5e-8, v6e-1, v6e-4, or a TPU topology such "
+                        "as v5e:2x4 (a GPU needs the [cuda12] extra and JAX_PLATFORMS=cpu, a TPU "
+                        "the [tpu] extra)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--max-length", type=positive_int, default=8192, help="tokens per text")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="encode's batch size")
+    p.add_argument("--train-batch-size", type=positive_int, default=32,
+                   help="query/passage pairs a train step")
+    p.add_argument("--train-length", type=positive_int, default=512, help="tokens a training text")
+    p.add_argument("--shard-params", action="store_true",
+                   help="weights split over the devices (model.shard(shard_params=True))")
+    p.add_argument("--layers", type=positive_int, default=24,
+                   help="encoder layers (24 = released; fewer for a quick look)")
+
+
+def run_plan(args) -> int:
+    from . import aot
+    from .config import JinaConfig
+
+    try:
+        target = aot.target(args.target)
+    except ValueError as e:
+        raise UsageError(f"--target: {e}") from None
+    limit = JinaConfig().max_position_embeddings - 2
+    if args.max_length > limit or args.train_length > limit:
+        raise UsageError(f"--max-length and --train-length must be at most {limit}")
+    try:
+        aot.devices(target)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    aot.plan(target, dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
+             train_batch_size=args.train_batch_size, train_length=args.train_length,
+             shard_params=args.shard_params, config=JinaConfig(num_hidden_layers=args.layers),
+             log=lambda line: print(line, flush=True))
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -662,6 +702,9 @@ def _main(argv) -> int:
     _serve_parser(commands.add_parser(
         "serve", help="serve the OpenAI embeddings API (/v1/embeddings), batching all clients' "
                       "requests together"))
+    _plan_parser(commands.add_parser(
+        "plan", help="compile for a GPU or TPU this host does not have: does encode, the "
+                     "server's warm-up and a train step fit its memory, and the largest batches"))
     rand = commands.add_parser(
         "random-checkpoint",
         help="write a random-weight checkpoint in the release format (meaningless embeddings; "
@@ -678,6 +721,7 @@ def _main(argv) -> int:
                    "embed": (run_embed, args.__dict__.get("output")),
                    "finetune": (run_finetune, args.__dict__.get("output")),
                    "serve": (run_serve, None),
+                   "plan": (run_plan, None),
                    "random-checkpoint": (run_random_checkpoint, args.__dict__.get("dst"))}[
                        args.command]
     return run_guarded(run, args, None if target == "-" else target)

@@ -92,6 +92,9 @@ class CompiledForward:
         self.compile_count = 0
         self.loaded_count = 0  # of which loaded from the executable store
         self.layout: Layout | None = None
+        # The platform the forward is compiled for (`choose_implementation`'s backend); None:
+        # this host's. `jina_jax.aot` sets it to a target's ("gpu", "tpu") to compile without it.
+        self.backend: str | None = None
         self.cache_dir = enable_compilation_cache()
         self.store = (ExecutableStore(os.path.join(self.cache_dir, "jina-jax-executables"))
                       if self.cache_dir else None)
@@ -104,7 +107,7 @@ class CompiledForward:
     def implementation(self, ids, lengths=None) -> str:
         """The attention implementation for a batch: cuDNN needs right-padded `lengths`."""
         impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None,
-                                     ids.shape[1])
+                                     ids.shape[1], backend=self.backend)
         return "xla" if impl == "cudnn" and self.cudnn_failed else impl
 
     def function(self, implementation: str, output: str = "outputs"):
@@ -123,6 +126,8 @@ class CompiledForward:
                 with contextlib.ExitStack() as scope:
                     if self.precision is not None:
                         scope.enter_context(jax.default_matmul_precision(self.precision))
+                    if self.mesh is not None:  # a Pallas kernel runs per device under it
+                        scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
                     out = module.apply({"params": params}, ids, attention_mask=mask,
                                        lengths=lengths, lora=lora, task_index=task_index,
                                        task_mask=task_mask)

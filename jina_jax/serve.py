@@ -41,7 +41,6 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException

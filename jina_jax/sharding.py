@@ -50,6 +50,15 @@ def batch_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+def put(x, sharding):
+    """`jax.device_put`, except that a shape (`jax.ShapeDtypeStruct`, as `jax.eval_shape` gives)
+    stays a shape, now with that sharding: what an ahead-of-time compile for devices this host
+    does not have takes (`jina_jax.aot`)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+
 def auto_mesh(mesh: Mesh) -> Mesh:
     """The same devices and axes with automatic (GSPMD) axis types: our jitted functions let
     XLA choose intermediate layouts, which `jax.make_mesh`'s default explicit axes forbid."""
@@ -135,11 +144,12 @@ class Layout:
     def place(self, tree):
         """Every leaf of `tree` onto the mesh with its `spec` (parameters, adapters, train state)."""
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.device_put(x, self.sharding(self.spec(p, np.shape(x)))), tree)
+            lambda p, x: put(x, self.sharding(self.spec(p, np.shape(x)))), tree)
 
     def replicate(self, tree):
         """Every leaf on every device of the mesh."""
-        return jax.device_put(tree, self.sharding(PartitionSpec()))
+        sharding = self.sharding(PartitionSpec())
+        return jax.tree_util.tree_map(lambda x: put(x, sharding), tree)
 
     def rows(self, x):
         """Split axis 0 over the data axis (replicated over the others). The whole array is
@@ -148,7 +158,7 @@ class Layout:
         if x is None:
             return None
         local = len(self.mesh.local_devices)
-        if local != self.devices:
+        if local != self.devices and not isinstance(x, jax.ShapeDtypeStruct):
             raise ValueError(
                 f"the mesh spans {self.devices} devices of {jax.process_count()} processes but "
                 f"this process addresses {local}: embed per process over its own devices "
@@ -157,7 +167,7 @@ class Layout:
         if np.shape(x)[0] % n:
             raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices "
                              f"(the mesh's {self.data_axis!r} axis)")
-        return jax.device_put(x, self.sharding(PartitionSpec(self.data_axis)))
+        return put(x, self.sharding(PartitionSpec(self.data_axis)))
 
     def global_batch(self, batch: dict) -> dict:
         """Rows split over the data axis. With several processes (multi-host, after

@@ -100,7 +100,8 @@ class Forward:
             lora = lora_lib.stack([adapters[n] for n in names], [model.scales[n] for n in names])
         else:
             task_index = task_mask = None
-        impl = choose_implementation(trainer.dtype, model.config.head_dim, True, ids.shape[1])
+        impl = choose_implementation(trainer.dtype, model.config.head_dim, True, ids.shape[1],
+                                     backend=trainer.backend)
         module = trainer.module(impl)
         rng = self.next_rng()
         out = module.apply({"params": self.variables["params"]}, ids, lengths=lengths, lora=lora,
@@ -229,18 +230,21 @@ class Trainer:
       trained weights and their optimizer state are split as `sharding.Layout` says). Batches
       are split by rows, so their row count must be a multiple of the data axis's size.
       shard_params: split large weights over the data axis too (default: as the model does).
+    backend: the platform the step is compiled for, which picks the attention kernel
+      (`choose_implementation`); None: this host's (`jina_jax.aot` passes a target's).
     """
 
     def __init__(self, model, objective, optimizer: optax.GradientTransformation, *, train=None,
                  remat: str | None = None, accumulate: int = 1, dropout: bool = True,
                  compute_dtype=None, mesh=None, shard_params: bool | None = None,
-                 donate_state: bool = False):
+                 donate_state: bool = False, backend: str | None = None):
         if remat is not None and remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected None or one of "
                              f"{sorted(REMAT_POLICIES)}")
         if not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
         self.model, self.objective, self.optimizer = model, objective, optimizer
+        self.backend = backend
         self.remat, self.accumulate, self.dropout = remat, accumulate, dropout
         self.dtype = as_dtype(compute_dtype) if compute_dtype is not None else model.dtype
         # The model's layout (its mesh and axes), or data parallelism over `mesh`.
@@ -295,8 +299,10 @@ class Trainer:
 
     def _loss(self, params, frozen, batch, rng):
         forward = Forward(self, combine(params, frozen), rng if self.dropout else None)
-        loss, metrics = self.objective(forward, batch)
-        return loss, metrics
+        if self.mesh is None:
+            return self.objective(forward, batch)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # Pallas kernels need it
+            return self.objective(forward, batch)
 
     def _grad_fn(self, params, frozen, batch, rng):
         grad = jax.value_and_grad(self._loss, has_aux=True)
@@ -465,7 +471,9 @@ def _qkv_masks(trainable: Mapping) -> dict:
     masks = {}
     for name, adapter in trainable.get("adapters", {}).items():
         qkv = adapter.get("layers", {}).get("attn", {}).get("qkv")
-        if qkv is not None:
+        # Shapes only (`jina_jax.aot`): no values to read the blocks from; a mask would only add
+        # one multiply to the compiled step.
+        if qkv is not None and not isinstance(qkv["b"], jax.ShapeDtypeStruct):
             mask = lora_lib.qkv_block_mask(qkv["b"])
             if not mask.all():
                 masks[("adapters", name, "layers", "attn", "qkv", "b")] = jnp.asarray(mask)

@@ -78,3 +78,84 @@ def test_model_object_takes_the_blockwise_path_for_long_inputs(transformers_dir,
     theirs = ref.run(ref.peft_reference(transformers_dir, "separation"), ids, mask)
     err = np.abs(np.asarray(out.last_hidden_state) - theirs[0])[mask.astype(bool)].max()
     assert err < 1e-4, err
+
+
+# --- the TPU kernel (Pallas splash attention), run on this CPU in interpret mode --------------
+
+def _splash_case(b, l, n, d, lengths, dtype, seed=0):
+    from jina_jax.attention import splash_attention
+
+    q, k, v = (x.astype(dtype) for x in _qkv(b, l, n, d, seed))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    real = np.arange(l)[None, :] < np.asarray(lengths)[:, None]
+    ours = splash_attention(q, k, v, lengths, interpret=True)
+    theirs = dot_product_attention(q, k, v, lengths=lengths, implementation="xla")
+    return q, k, v, lengths, real, ours, theirs
+
+
+def test_splash_fp32_equals_xla_on_padded_rows():
+    """fp32, right-padded rows of several lengths, a width that is no multiple of 128 (padded
+    inside the kernel wrapper): every real token within 1e-5 of XLA's attention."""
+    *_, real, ours, theirs = _splash_case(3, 200, 2, 64, [200, 130, 1], jnp.float32)
+    assert ours.shape == theirs.shape and ours.dtype == jnp.float32
+    err = np.abs(np.asarray(ours) - np.asarray(theirs))[real].max()
+    assert err <= 1e-5, err
+
+
+def test_splash_bf16_close_to_xla():
+    *_, real, ours, theirs = _splash_case(2, 256, 2, 64, [256, 77], jnp.bfloat16)
+    assert ours.dtype == jnp.bfloat16
+    a = np.asarray(ours, np.float32)[real].reshape(-1, 64)
+    b = np.asarray(theirs, np.float32)[real].reshape(-1, 64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() >= 0.9999, cos.min()
+
+
+def test_splash_backward_equals_xla():
+    """The gradients (the kernel's own backward: dq and dk/dv kernels) of a loss over the real
+    tokens match XLA's, padding keys included (zero on both)."""
+    from jina_jax.attention import splash_attention
+
+    q, k, v = _qkv(2, 128, 2, 64, seed=3)
+    lengths = jnp.asarray([128, 50], jnp.int32)
+    real = jnp.asarray(np.arange(128)[None, :] < np.asarray(lengths)[:, None])
+    w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+
+    def loss(attend):
+        return lambda q, k, v: (attend(q, k, v) * w * real[..., None, None]).sum()
+
+    ours = jax.grad(loss(lambda q, k, v: splash_attention(q, k, v, lengths, interpret=True)),
+                    argnums=(0, 1, 2))(q, k, v)
+    theirs = jax.grad(loss(lambda q, k, v: dot_product_attention(
+        q, k, v, lengths=lengths, implementation="xla")), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, theirs):
+        err = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        assert err <= 1e-5, (name, err)
+
+
+def test_splash_is_chosen_on_tpu_only():
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    assert choose_implementation(bf16, 64, True, 512, backend="tpu") == "splash"
+    assert choose_implementation(f32, 64, True, 8192, backend="tpu") == "splash"
+    assert choose_implementation(bf16, 64, True, 64, backend="tpu") == "xla"  # below 128
+    assert choose_implementation(bf16, 64, False, 512, backend="tpu") == "xla"  # a mask
+    assert choose_implementation(bf16, 64, True, 8192, backend="cpu") == "blockwise"
+    with pytest.raises(ValueError, match="right-padded"):
+        dot_product_attention(*_qkv(1, 8, 1, 8), mask=jnp.ones((1, 8), bool),
+                              implementation="splash")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,real", [(2048, 1500), (8192, 8000)])
+def test_splash_long_sequences(length, real):
+    """Long rows, as the 8192-token contexts run: fp32 within 1e-5 of the blockwise path (XLA's
+    [B, N, L, L] logits would need 4 GiB a head pair at 8192)."""
+    from jina_jax.attention import splash_attention
+
+    q, k, v = _qkv(1, length, 2, 64, seed=5)
+    lengths = jnp.asarray([real], jnp.int32)
+    ours = splash_attention(q, k, v, lengths, interpret=True)
+    mask = jnp.arange(length)[None, :] < lengths[:, None]
+    theirs = blockwise_attention(q, k, v, mask)
+    err = np.abs(np.asarray(ours) - np.asarray(theirs))[0, :real].max()
+    assert err <= 1e-5, err
