@@ -64,6 +64,7 @@ from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 log = logging.getLogger("jina_jax.serve")
 
 CLIENT_GONE = 499  # the nginx convention, for metrics only: no one reads the answer
+PARSE_INLINE_BYTES = 1 << 20  # larger bodies are parsed off the event loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +425,8 @@ class EmbeddingServer:
             body, taken = await read_body(request, s.max_body_bytes, self.body_budget,
                                           s.idle_timeout)
             try:
+                if len(body) < PARSE_INLINE_BYTES:  # a thread hop costs more than the parse
+                    return parse_json(body)
                 return await asyncio.to_thread(parse_json, body)
             finally:
                 self.body_budget.give(taken)
