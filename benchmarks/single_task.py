@@ -8,6 +8,11 @@
 - low_rank: the base weights and the task's factors, `x·W + (x·A)·(s·B)` (the model's default).
 
     python benchmarks/single_task.py [--layers 6] [--shapes 8x128,32x32,1x2048,1x32] [--rounds 5]
+    python benchmarks/single_task.py --memory --layers 24 --shapes 1x8192
+
+`--memory`: nothing runs and no weights are allocated; XLA's own accounting (`memory_analysis`
+of the compiled pooled forward, attention as the model picks it) of the base model (no adapter)
+and of one task through the low-rank path: argument and temporary bytes.
 
 Weights: a random release checkpoint (`jina-jax random-checkpoint`: released widths, five rank-4
 adapters on every Linear and Embedding, non-zero B), `--layers` deep, fp32. Each round times every
@@ -31,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.random_checkpoint import write_random_release
-from jina_jax import JinaEmbeddingsV3
+from jina_jax import JinaEmbeddingsV3, lora
+from jina_jax.attention import choose_implementation
 from jina_jax.config import JinaConfig
-from jina_jax.encoder import Linear, mean_pool
+from jina_jax.encoder import JinaEncoder, Linear, mean_pool
 
 TASK = "retrieval.passage"
 WAYS = ("merged", "in_scan", "low_rank")
@@ -67,14 +73,37 @@ def merge_in_scan(next_fun, args, kwargs, context):
     return jnp.einsum("bli,io->blo", x, merged) + params["bias"].astype(module.dtype)
 
 
+def memory(layers: int, shapes) -> None:
+    cfg = JinaConfig(num_hidden_layers=layers)
+    params = jax.eval_shape(lambda i: JinaEncoder(cfg).init(jax.random.PRNGKey(0), i),
+                            jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+    factors = jax.eval_shape(lambda p: lora.single_task(
+        {TASK: lora.init_adapter(p, cfg.lora_rank)}, {TASK: 0.25}, TASK), params)
+    for rows, length in shapes:
+        module = JinaEncoder(cfg, implementation=choose_implementation(
+            jnp.float32, cfg.head_dim, True, length))
+        f = jax.jit(lambda p, l, i, n: mean_pool(
+            module.apply({"params": p}, i, lengths=n, lora=l).last_hidden_state, n))
+        ids, n = (jax.ShapeDtypeStruct(s, jnp.int32) for s in ((rows, length), (rows,)))
+        record = {"layers": layers, "shape": f"{rows}x{length}"}
+        for way, l in (("base", None), ("low_rank", factors)):
+            mem = f.lower(params, l, ids, n).compile().memory_analysis()
+            record[f"{way}_argument_mb"] = round(mem.argument_size_in_bytes / 1e6, 1)
+            record[f"{way}_temp_mb"] = round(mem.temp_size_in_bytes / 1e6, 1)
+        print(json.dumps(record), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--shapes", default="8x128,32x32,1x2048,1x32")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--memory", action="store_true")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.memory:
+        return memory(args.layers, shapes)
 
     with tempfile.TemporaryDirectory(prefix="jina-single-task-") as tmp:
         folder = write_random_release(f"{tmp}/release", JinaConfig(num_hidden_layers=args.layers),

@@ -154,7 +154,7 @@ class JinaEmbeddingsV3:
 
     @property
     def cached_tasks(self) -> list:
-        """Tasks whose single-task factors are cached, least recently used first."""
+        """Tasks whose single-task factors are cached (None: no task), least recently used first."""
         return list(self.task_cache.single_tasks)
 
     def task_inputs(self, task, batch: int, merge: bool = True,
