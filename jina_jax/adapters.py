@@ -209,7 +209,15 @@ class AdapterSet:
         self.fixed = fixed  # the first `fixed` names stay; the rest are slots
         self.adapters, self.scales = dict(adapters), dict(scales)
         self.instructions = dict(instructions)
-        self.lora = lora if lora is not None else self._stack()
+        self._lora = lora
+
+    @property
+    def lora(self):
+        """The stacked factors, made on first use (a set built for its layout alone, as
+        `aot.server_set` builds one over weight shapes, never stacks)."""
+        if self._lora is None:
+            self._lora = self._stack()
+        return self._lora
 
     @classmethod
     def build(cls, model, users: Sequence[Adapter] = (), slots: int = 0,

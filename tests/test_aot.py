@@ -90,3 +90,10 @@ def test_plan_refuses_an_unknown_target():
     r = subprocess.run([sys.executable, "-m", "jina_jax.cli", "plan", "--target", "a100"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--target" in r.stderr and "v5e-4" in r.stderr
+
+
+def test_server_set_from_weight_shapes():
+    """`plan`'s server section: the warm-up set comes from weight shapes alone (a Batcher over
+    an abstract model never stacks its adapters)."""
+    shapes = aot.server_set(aot.abstract_model("cpu", config=TINY), 64)
+    assert shapes and max(w for _, w in shapes) == 64 and max(r for r, _ in shapes) == 64

@@ -277,7 +277,7 @@ def test_json_content_type_and_unique_keys(server):
         assert status == 200, out
     status, _, out = server.request("POST", "/v1/embeddings",
                                     raw=b'{"input": "x", "input": ["a", "b"]}')
-    assert status == 400 and "duplicate key 'input'" in out["error"]["message"], out
+    assert status == 400 and "key 'input' appears twice" in out["error"]["message"], out
 
 
 # --- full size: the measurements, on the released widths ------------------------------
