@@ -1,19 +1,13 @@
 """Train state through Orbax: resume gives the bit-identical next step; a folder of another
 trainer, or an existing folder without overwrite, is refused."""
 
-import jax
 import numpy as np
 import optax
 import pytest
 
 from jina_jax import JinaEmbeddingsV3, orbax_state
 from jina_jax.training import Contrastive, Trainer
-from tests.test_training import contrastive_arrays
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+from tests.test_training import contrastive_arrays, flat_state as _flat
 
 
 def test_orbax_resume_is_bit_identical(transformers_dir, hf_config, tmp_path):

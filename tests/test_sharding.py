@@ -5,6 +5,18 @@ import os
 import subprocess
 import sys
 
+
+def _run_on_devices(code: str, transformers_dir: str, devices: int, timeout: int):
+    """Runs `code` in a subprocess that sees `devices` simulated CPU devices (the count is fixed
+    at JAX start-up); it must exit 0 and print "ok" last."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code, transformers_dir], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
 CODE = r"""
 import sys
 import jax, numpy as np
@@ -34,13 +46,7 @@ print("ok")
 
 
 def test_sharded_encode_equals_single_device(transformers_dir):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", CODE, transformers_dir], capture_output=True,
-                         text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    _run_on_devices(CODE, transformers_dir, devices=4, timeout=600)
 
 
 TRAIN_CODE = r"""
@@ -90,13 +96,7 @@ print("ok")
 
 
 def test_sharded_train_step_equals_single_device(transformers_dir):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", TRAIN_CODE, transformers_dir],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    _run_on_devices(TRAIN_CODE, transformers_dir, devices=4, timeout=600)
 
 
 MESH_CODE = r"""
@@ -164,10 +164,4 @@ print("ok")
 def test_data_by_model_mesh_equals_single_device(transformers_dir):
     """A 2x4 (data x model) mesh of 8 simulated devices: tensor-parallel encode and train step
     equal one device, with the weights split as `sharding.py` documents."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", MESH_CODE, transformers_dir],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    _run_on_devices(MESH_CODE, transformers_dir, devices=8, timeout=900)

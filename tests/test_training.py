@@ -162,7 +162,7 @@ def synthetic_pairs(n: int, seed: int = 0):
     return pairs
 
 
-def _flat(tree):
+def flat_state(tree):
     return {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -171,7 +171,7 @@ def test_short_finetune_improves_recall_and_freezes_the_rest(transformers_dir):
     from jina_jax.training import contrastive_batch, recall_at_k
 
     model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
-    frozen_before = _flat({"params": model.params, **{t: model.adapters[t] for t in
+    frozen_before = flat_state({"params": model.params, **{t: model.adapters[t] for t in
                                                        ("separation", "classification")}})
     pairs = synthetic_pairs(96)
     train, held_out = pairs[:64], pairs[64:]
@@ -192,7 +192,7 @@ def test_short_finetune_improves_recall_and_freezes_the_rest(transformers_dir):
     after = recall_at_k(model, queries, passages, ks=(1,))["recall@1"]
     assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
     assert after >= before + 0.15, (before, after)
-    frozen_after = _flat({"params": model.params, **{t: model.adapters[t] for t in
+    frozen_after = flat_state({"params": model.params, **{t: model.adapters[t] for t in
                                                       ("separation", "classification")}})
     for key, value in frozen_before.items():
         np.testing.assert_array_equal(value, frozen_after[key], err_msg=key)
@@ -227,12 +227,12 @@ def test_resume_gives_the_identical_next_step(transformers_dir, hf_config, tmp_p
     again = Trainer(JinaEmbeddingsV3.from_pretrained(transformers_dir),
                     Contrastive(symmetric=True), optax.adamw(1e-3), dropout=True)
     restored = again.restore(path)
-    for key, value in _flat(state).items():
-        np.testing.assert_array_equal(value, _flat(restored)[key], err_msg=key)
+    for key, value in flat_state(state).items():
+        np.testing.assert_array_equal(value, flat_state(restored)[key], err_msg=key)
     resumed, m2 = again.step(restored, batch)
     assert float(m1["loss"]) == float(m2["loss"])
-    for key, value in _flat(straight).items():
-        np.testing.assert_array_equal(value, _flat(resumed)[key], err_msg=key)
+    for key, value in flat_state(straight).items():
+        np.testing.assert_array_equal(value, flat_state(resumed)[key], err_msg=key)
     # Dropout really is on: another step's key gives another loss.
     other, m3 = trainer.step(straight, batch)
     assert float(m3["loss"]) != float(m1["loss"])
