@@ -11,14 +11,25 @@ from jina_jax.commands import UsageError, check_output, run_guarded
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m convert")
-    parser.description = ("Convert a jina-embeddings-v3 checkpoint (hub id or folder, release or "
-                          "Transformers+PEFT format) into a jina-jax folder.")
+    parser.description = (
+        "Convert a jina-embeddings-v3 checkpoint (hub id or folder, release or "
+        "Transformers+PEFT format) into a jina-jax folder."
+    )
     parser.add_argument("src", help="hub id or local folder")
     parser.add_argument("dst", help="output folder (created whole, or not at all)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="storage dtype of the base weights (LoRA factors stay float32)")
-    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                        help="replace an existing DST")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="storage dtype of the base weights (LoRA factors stay float32)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        "--force",
+        dest="overwrite",
+        action="store_true",
+        help="replace an existing DST",
+    )
     return parser
 
 
@@ -31,8 +42,13 @@ def run(args) -> int:
 
     from .formats import detect_format, load, save_native
 
-    check_output(args.dst, "DST", overwrite=args.overwrite, folder=True,
-                 sources=[args.src] if os.path.exists(args.src) else [])
+    check_output(
+        args.dst,
+        "DST",
+        overwrite=args.overwrite,
+        folder=True,
+        sources=[args.src] if os.path.exists(args.src) else [],
+    )
     try:
         folder = resolve(args.src)
     except (FileNotFoundError, NotADirectoryError) as e:
@@ -41,8 +57,10 @@ def run(args) -> int:
     ckpt = load(folder, dtype=as_dtype(args.dtype))
     save_native(args.dst, ckpt)
     n = sum(int(np.prod(v.shape)) for v in flatten(ckpt.params).values())
-    print(f"converted {args.src} ({fmt} format): {n:,} base parameters as {args.dtype}, "
-          f"{len(ckpt.adapters)} task adapter(s) {list(ckpt.adapters)} -> {args.dst}")
+    print(
+        f"converted {args.src} ({fmt} format): {n:,} base parameters as {args.dtype}, "
+        f"{len(ckpt.adapters)} task adapter(s) {list(ckpt.adapters)} -> {args.dst}"
+    )
     return 0
 
 

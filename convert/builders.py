@@ -15,7 +15,6 @@ from jina_jax.tree import set_path
 from .names import Target
 from .safetensors_io import CheckpointError
 
-
 WHOLE = ("whole", None)  # in `filled`: the leaf came in one piece (our own format)
 
 
@@ -33,13 +32,17 @@ class ParamBuilder:
     def put(self, target: Target, value: np.ndarray, key: str, file: str):
         path = target.module + (target.param,)
         if path not in self.shapes:
-            raise CheckpointError(f"{file}: key {key!r} has no place in a model with this config "
-                                  f"(add_pooling_layer={self.cfg.add_pooling_layer})")
+            raise CheckpointError(
+                f"{file}: key {key!r} has no place in a model with this config "
+                f"(add_pooling_layer={self.cfg.add_pooling_layer})"
+            )
         full = self.shapes[path]
         layered = path[0] == "layers"
         if layered and not 0 <= target.layer < self.cfg.num_hidden_layers:
-            raise CheckpointError(f"{file}: key {key!r} is for layer {target.layer}, but the "
-                                  f"config has num_hidden_layers={self.cfg.num_hidden_layers}")
+            raise CheckpointError(
+                f"{file}: key {key!r} is for layer {target.layer}, but the "
+                f"config has num_hidden_layers={self.cfg.num_hidden_layers}"
+            )
         if target.kind == "linear" and target.leaf == "weight":
             value = value.T  # PyTorch [out, in] -> [in, out]
         want = full[1:] if layered else full
@@ -49,13 +52,22 @@ class ParamBuilder:
             want = want[:-1] + (third,)
             index = index + (Ellipsis, slice(target.slot * third, (target.slot + 1) * third))
         if tuple(value.shape) != tuple(want):
-            what = "(transposed from [out, in]) " if target.kind == "linear" and target.leaf == "weight" else ""
-            raise CheckpointError(f"{file}: key {key!r} has shape {list(value.shape)} {what}but "
-                                  f"the config implies {list(want)}")
+            what = (
+                "(transposed from [out, in]) "
+                if target.kind == "linear" and target.leaf == "weight"
+                else ""
+            )
+            raise CheckpointError(
+                f"{file}: key {key!r} has shape {list(value.shape)} {what}but "
+                f"the config implies {list(want)}"
+            )
         layer = target.layer if layered else None
         done = self.filled[path]
-        if (layer, target.slot) in done or (layer, None) in done or (
-                target.slot is None and any(m[0] == layer for m in done)):
+        if (
+            (layer, target.slot) in done
+            or (layer, None) in done
+            or (target.slot is None and any(m[0] == layer for m in done))
+        ):
             raise CheckpointError(f"{file}: key {key!r} sets {'/'.join(path)} a second time")
         if path not in self.arrays:
             self.arrays[path] = np.empty(full, self.dtype)
@@ -70,8 +82,10 @@ class ParamBuilder:
         if path not in self.shapes:
             raise CheckpointError(f"{file}: key {key!r} is not a parameter of this config")
         if tuple(value.shape) != self.shapes[path]:
-            raise CheckpointError(f"{file}: key {key!r} has shape {list(value.shape)} but the "
-                                  f"config implies {list(self.shapes[path])}")
+            raise CheckpointError(
+                f"{file}: key {key!r} has shape {list(value.shape)} but the "
+                f"config implies {list(self.shapes[path])}"
+            )
         value = value.astype(self.dtype)
         self.arrays[path] = self.place(value) if self.place is not None else value
         self.filled[path] = {WHOLE}
@@ -115,23 +129,33 @@ class AdapterBuilder:
         try:
             rows, cols = weight_shape(self.cfg, module)
         except KeyError:
-            raise CheckpointError(f"{file}: LoRA key {key!r} adapts {'/'.join(module)}, which "
-                                  "this model does not have") from None
+            raise CheckpointError(
+                f"{file}: LoRA key {key!r} adapts {'/'.join(module)}, which "
+                "this model does not have"
+            ) from None
         if module[0] == "layers" and not 0 <= target.layer < self.cfg.num_hidden_layers:
-            raise CheckpointError(f"{file}: LoRA key {key!r} is for layer {target.layer}, but the "
-                                  f"config has num_hidden_layers={self.cfg.num_hidden_layers}")
+            raise CheckpointError(
+                f"{file}: LoRA key {key!r} is for layer {target.layer}, but the "
+                f"config has num_hidden_layers={self.cfg.num_hidden_layers}"
+            )
         if target.slot is not None:
             cols //= 3
         value = np.asarray(value, np.float32)
-        if value.ndim != 2 or (factor == "a" and value.shape[0] != rows) or (
-                factor == "b" and value.shape[1] != cols):
-            raise CheckpointError(f"{file}: LoRA key {key!r} has shape {list(value.shape)} "
-                                  f"(as {factor} in [in, r] / [r, out] layout), which does not fit "
-                                  f"{'/'.join(module)} of shape [{rows}, {cols}]")
+        if (
+            value.ndim != 2
+            or (factor == "a" and value.shape[0] != rows)
+            or (factor == "b" and value.shape[1] != cols)
+        ):
+            raise CheckpointError(
+                f"{file}: LoRA key {key!r} has shape {list(value.shape)} "
+                f"(as {factor} in [in, r] / [r, out] layout), which does not fit "
+                f"{'/'.join(module)} of shape [{rows}, {cols}]"
+            )
         slot = self.parts[(task, module)][target.layer][target.slot]
         if factor in slot:
-            raise CheckpointError(f"{file}: LoRA key {key!r} sets task {task!r} "
-                                  f"{'/'.join(module)} a second time")
+            raise CheckpointError(
+                f"{file}: LoRA key {key!r} sets task {task!r} {'/'.join(module)} a second time"
+            )
         slot[factor] = value
         self.keys[(task, module, target.layer, target.slot, factor)] = (key, file)
 
@@ -141,12 +165,16 @@ class AdapterBuilder:
                 if need not in fac:
                     other = "b" if need == "a" else "a"
                     key, file = self.keys[(task, module, layer, slot, other)]
-                    raise CheckpointError(f"{file}: LoRA key {key!r} has no matching "
-                                          f"lora_{need.upper()} for task {task!r}")
+                    raise CheckpointError(
+                        f"{file}: LoRA key {key!r} has no matching "
+                        f"lora_{need.upper()} for task {task!r}"
+                    )
             if fac["a"].shape[1] != fac["b"].shape[0]:
                 key, file = self.keys[(task, module, layer, slot, "a")]
-                raise CheckpointError(f"{file}: LoRA factors of {key!r} disagree on the rank: "
-                                      f"{fac['a'].shape[1]} vs {fac['b'].shape[0]}")
+                raise CheckpointError(
+                    f"{file}: LoRA factors of {key!r} disagree on the rank: "
+                    f"{fac['a'].shape[1]} vs {fac['b'].shape[0]}"
+                )
         if set(slots) == {None}:
             return slots[None]["a"], slots[None]["b"]
         rows, cols = weight_shape(self.cfg, module)
@@ -156,14 +184,16 @@ class AdapterBuilder:
         b = np.zeros((a.shape[1], cols), np.float32)
         start = 0
         for s, r in ranks.items():
-            b[start:start + r, s * third:(s + 1) * third] = slots[s]["b"]
+            b[start : start + r, s * third : (s + 1) * third] = slots[s]["b"]
             start += r
         return a, b
 
     def finish(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for (task, module), layers in self.parts.items():
-            fused = {layer: self._fuse(task, module, layer, slots) for layer, slots in layers.items()}
+            fused = {
+                layer: self._fuse(task, module, layer, slots) for layer, slots in layers.items()
+            }
             if module[0] != "layers":
                 a, b = fused[None]
             else:

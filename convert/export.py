@@ -26,17 +26,31 @@ from .safetensors_io import Lazy, write
 
 def _architecture(cfg) -> dict:
     """The size, dropout and special-token fields both formats' `config.json` spell alike."""
-    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "intermediate_size", "hidden_act", "hidden_dropout_prob",
-             "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-             "layer_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id")
+    names = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    )
     return {name: getattr(cfg, name) for name in names}
 
 
 def _hf_config(cfg) -> dict:
     return {
-        "architectures": ["JinaEmbeddingsV3Model"], "model_type": "jina_embeddings_v3",
-        **_architecture(cfg), "tie_word_embeddings": True,
+        "architectures": ["JinaEmbeddingsV3Model"],
+        "model_type": "jina_embeddings_v3",
+        **_architecture(cfg),
+        "tie_word_embeddings": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
     }
 
@@ -71,7 +85,7 @@ def _adapter_tensors(adapter: dict, cfg, prefix: str = ""):
             cols = lb.shape[1] // len(runtime)
             for j, name in enumerate(runtime):
                 name = f"base_model.model.{prefix}{name.format(i)}"
-                block = lb[:, j * cols:(j + 1) * cols]
+                block = lb[:, j * cols : (j + 1) * cols]
                 if embedding:  # A [r, V], B [H, r]
                     tensors[f"{name}.lora_embedding_A"] = np.ascontiguousarray(la.T)
                     tensors[f"{name}.lora_embedding_B"] = np.ascontiguousarray(block.T)
@@ -95,10 +109,19 @@ def write_peft_adapter(sub: str, adapter: dict, cfg, scale: float, prefix: str =
     scale = float(scale)
     rank = max(ranks.values(), default=1)
     conf = {
-        "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": scale * rank,
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
         "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {m: scale * r for m, r in ranks.items() if r != rank},
         "base_model_name_or_path": None,
@@ -107,16 +130,25 @@ def write_peft_adapter(sub: str, adapter: dict, cfg, scale: float, prefix: str =
         json.dump(conf, f, indent=2)
 
 
-_HEAD_CLASSES = {"masked_lm": "JinaEmbeddingsV3ForMaskedLM",
-                 "sequence_classification": "JinaEmbeddingsV3ForSequenceClassification",
-                 "token_classification": "JinaEmbeddingsV3ForTokenClassification",
-                 "question_answering": "JinaEmbeddingsV3ForQuestionAnswering"}
+_HEAD_CLASSES = {
+    "masked_lm": "JinaEmbeddingsV3ForMaskedLM",
+    "sequence_classification": "JinaEmbeddingsV3ForSequenceClassification",
+    "token_classification": "JinaEmbeddingsV3ForTokenClassification",
+    "question_answering": "JinaEmbeddingsV3ForQuestionAnswering",
+}
 
 
 @writes_folder
-def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: dict,
-                      source_folder: str | None = None, heads: dict | None = None,
-                      head: tuple[str, int | None] | None = None) -> None:
+def save_transformers(
+    folder: str,
+    cfg,
+    params: dict,
+    adapters: dict,
+    scales: dict,
+    source_folder: str | None = None,
+    heads: dict | None = None,
+    head: tuple[str, int | None] | None = None,
+) -> None:
     """Writes `folder` in the Transformers format plus one PEFT LoRA folder per task.
 
     heads: head tensors (checkpoint names) to write beside the encoder, which then goes under
@@ -139,8 +171,9 @@ def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: di
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, "config_sentence_transformers.json"), "w") as f:
-        json.dump({"prompts": dict(cfg.task_instructions), "default_prompt_name": None}, f,
-                  indent=2)
+        json.dump(
+            {"prompts": dict(cfg.task_instructions), "default_prompt_name": None}, f, indent=2
+        )
     for task, adapter in adapters.items():
         sub = os.path.join(folder, peft_folder_name(task))
         os.makedirs(sub, exist_ok=True)
@@ -150,22 +183,37 @@ def save_transformers(folder: str, cfg, params: dict, adapters: dict, scales: di
 
 # --- the release's single-file format -------------------------------------------------------
 
+
 def release_config(cfg, **extra) -> dict:
     """The release's `config.json` (model_type "xlm-roberta", rotary, task fields) for `cfg`."""
     return {
-        "architectures": ["XLMRobertaLoRA"], "model_type": "xlm-roberta",
-        "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_theta,
-        **_architecture(cfg), "lora_adaptations": list(cfg.lora_adaptations),
-        "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout_p": 0.1,
+        "architectures": ["XLMRobertaLoRA"],
+        "model_type": "xlm-roberta",
+        "position_embedding_type": "rotary",
+        "rotary_emb_base": cfg.rope_theta,
+        **_architecture(cfg),
+        "lora_adaptations": list(cfg.lora_adaptations),
+        "lora_rank": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout_p": 0.1,
         "task_instructions": dict(cfg.task_instructions),
         "matryoshka_dimensions": list(cfg.matryoshka_dimensions),
-        "truncate_dim": cfg.truncate_dim, "use_flash_attn": True, **extra,
+        "truncate_dim": cfg.truncate_dim,
+        "use_flash_attn": True,
+        **extra,
     }
 
 
 @writes_folder
-def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
-                  source_folder: str | None = None, heads: dict | None = None) -> None:
+def save_original(
+    folder: str,
+    cfg,
+    params: dict,
+    adapters: dict,
+    scales: dict,
+    source_folder: str | None = None,
+    heads: dict | None = None,
+) -> None:
     """Writes the release layout: `roberta.`-prefixed keys, every Linear and Embedding
     parametrized with all tasks' factors stacked [T, ...] (fp32).
 
@@ -216,12 +264,16 @@ def save_original(folder: str, cfg, params: dict, adapters: dict, scales: dict,
             def base(value=value, layer=layer, leaf=leaf):
                 v = np.asarray(value[layer] if layer is not None else value, np.float32)
                 return v.T if leaf == "kernel" else v
+
             torch_shape = shape[::-1] if leaf == "kernel" else shape
             if leaf not in ("kernel", "embedding"):
-                tensors["roberta." + release_key(module, leaf, layer)] = Lazy(shape, np.float32,
-                                                                              base)
+                tensors["roberta." + release_key(module, leaf, layer)] = Lazy(
+                    shape, np.float32, base
+                )
                 continue
-            tensors[f"{name}.parametrizations.weight.original"] = Lazy(torch_shape, np.float32, base)
+            tensors[f"{name}.parametrizations.weight.original"] = Lazy(
+                torch_shape, np.float32, base
+            )
             for factor in ("lora_A", "lora_B"):
                 made = stacked(module, factor, shape, layer)
                 tensors[f"{name}.parametrizations.weight.0.{factor}"] = made

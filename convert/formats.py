@@ -39,17 +39,22 @@ FORMAT_VERSION = 1
 PARAMS_FILE = "params.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
 HEADS_FILE = "heads.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "sentencepiece.bpe.model", "config_sentence_transformers.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+    "config_sentence_transformers.json",
+)
 
 
 @dataclasses.dataclass
 class Checkpoint:
     config: JinaConfig
-    params: dict            # the nested parameter tree (numpy arrays, or whatever `place` made)
-    adapters: dict          # {task: adapter tree of np.float32 factors} (see jina_jax/lora.py)
-    scales: dict            # {task: float}
-    heads: dict             # {torch key: np.ndarray}: head tensors, untouched
+    params: dict  # the nested parameter tree (numpy arrays, or whatever `place` made)
+    adapters: dict  # {task: adapter tree of np.float32 factors} (see jina_jax/lora.py)
+    scales: dict  # {task: float}
+    heads: dict  # {torch key: np.ndarray}: head tensors, untouched
     format: str
     folder: str
     tokenizer: object = None  # the folder's tokenizer.json as read by `load`, or None
@@ -84,7 +89,7 @@ def _config(folder: str, raw: dict, **changes) -> JinaConfig:
 
 
 def detect_format(folder: str) -> str:
-    """"original", "transformers" or "jina_jax", from `config.json`; anything else is an error."""
+    """ "original", "transformers" or "jina_jax", from `config.json`; anything else is an error."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no config.json (not a checkpoint folder)")
@@ -95,11 +100,14 @@ def detect_format(folder: str) -> str:
     if model_type == "jina_embeddings_v3":
         return "transformers"
     if model_type in ("xlm-roberta", "bert") and (
-            cfg.get("position_embedding_type") == "rotary" or "lora_adaptations" in cfg):
+        cfg.get("position_embedding_type") == "rotary" or "lora_adaptations" in cfg
+    ):
         return "original"
-    raise CheckpointError(f"{path}: unknown checkpoint format (model_type={model_type!r}); "
-                          "expected the jina-embeddings-v3 release ('xlm-roberta' with rotary "
-                          "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (model_type={model_type!r}); "
+        "expected the jina-embeddings-v3 release ('xlm-roberta' with rotary "
+        "positions), Transformers' 'jina_embeddings_v3', or a jina-jax folder"
+    )
 
 
 def read_tokenizer_file(path: str):
@@ -110,16 +118,20 @@ def read_tokenizer_file(path: str):
     return Tokenizer.from_file(path)
 
 
-def load(folder: str, dtype=np.float32, place=None, read_tokenizer=read_tokenizer_file
-         ) -> Checkpoint:
+def load(
+    folder: str, dtype=np.float32, place=None, read_tokenizer=read_tokenizer_file
+) -> Checkpoint:
     """Reads any supported folder. Base parameters come back in `dtype`; `place`, if given, is
     applied to each parameter leaf as soon as it is complete (see `ParamBuilder`). The folder's
     `tokenizer.json`, if any, is read first with `read_tokenizer(path)` (a file it refuses fails
     before any weight is read) and comes back as `Checkpoint.tokenizer`."""
     fmt = detect_format(folder)
     tokenizer = check_tokenizer(folder, read_tokenizer)
-    reader = {"original": _load_original, "transformers": _load_transformers,
-              "jina_jax": _load_native}[fmt]
+    reader = {
+        "original": _load_original,
+        "transformers": _load_transformers,
+        "jina_jax": _load_native,
+    }[fmt]
     return dataclasses.replace(reader(folder, np.dtype(dtype), place), tokenizer=tokenizer)
 
 
@@ -132,8 +144,9 @@ def check_tokenizer(folder: str, read_tokenizer=read_tokenizer_file):
     try:
         return read_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception
-        raise CheckpointError(f"{path}: not a tokenizer that `tokenizers` can read "
-                              f"({str(e)[:300]})") from None
+        raise CheckpointError(
+            f"{path}: not a tokenizer that `tokenizers` can read ({str(e)[:300]})"
+        ) from None
 
 
 def _check_dtypes(files, fmt: str, allowed=FLOAT_CODES) -> None:
@@ -144,18 +157,23 @@ def _check_dtypes(files, fmt: str, allowed=FLOAT_CODES) -> None:
         codes = {key: f.dtype_code(key) for key in f.keys()}
         for key, code in codes.items():
             if code not in allowed:
-                raise CheckpointError(f"{f.path}: key {key!r} is stored as {code}; a {fmt}-format "
-                                      f"checkpoint stores it as {' or '.join(allowed)}")
+                raise CheckpointError(
+                    f"{f.path}: key {key!r} is stored as {code}; a {fmt}-format "
+                    f"checkpoint stores it as {' or '.join(allowed)}"
+                )
         counts = collections.Counter(c for c in codes.values() if c in HALF_CODES)
         halves = sorted(counts, key=lambda c: (-counts[c], c))  # the file's own type first
         if len(halves) > 1:
             key = next(k for k, c in codes.items() if c == halves[-1])
-            raise CheckpointError(f"{f.path}: key {key!r} is stored as {halves[-1]}, but the "
-                                  f"file's other weights are {halves[0]} (a {fmt}-format "
-                                  "checkpoint stores its weights in one 16-bit type)")
+            raise CheckpointError(
+                f"{f.path}: key {key!r} is stored as {halves[-1]}, but the "
+                f"file's other weights are {halves[0]} (a {fmt}-format "
+                "checkpoint stores its weights in one 16-bit type)"
+            )
 
 
 # --- shared by the two PyTorch formats ------------------------------------------------------
+
 
 def _scan_keys(src: TensorSource):
     """Splits keys into encoder targets and head tensors; an unknown key is an error."""
@@ -166,8 +184,10 @@ def _scan_keys(src: TensorSource):
             continue
         target = names.parse(key)
         if target is None:
-            raise CheckpointError(f"{src.file_of(key)}: key {key!r} is not part of "
-                                  "jina-embeddings-v3 (the mapping does not know it)")
+            raise CheckpointError(
+                f"{src.file_of(key)}: key {key!r} is not part of "
+                "jina-embeddings-v3 (the mapping does not know it)"
+            )
         targets[key] = target
     has_pooler = any(t.module[0] == "pooler" for t in targets.values())
     return targets, heads, has_pooler
@@ -177,9 +197,11 @@ def _check_layer_count(folder: str, source: str, cfg, have: int) -> None:
     """A config that promises more layers than the weights (`source`) have is refused before
     the layer stacks ([num_hidden_layers, ...] each) are allocated."""
     if cfg.num_hidden_layers > have:
-        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: num_hidden_layers="
-                              f"{cfg.num_hidden_layers}, but {source} holds weights for "
-                              f"{have} layer(s)")
+        raise CheckpointError(
+            f"{os.path.join(folder, 'config.json')}: num_hidden_layers="
+            f"{cfg.num_hidden_layers}, but {source} holds weights for "
+            f"{have} layer(s)"
+        )
 
 
 def _layers_of(targets) -> int:
@@ -190,13 +212,16 @@ def _layers_of(targets) -> int:
 def _read_base(src: TensorSource, cfg, targets, dtype, place) -> dict:
     builder = ParamBuilder(cfg, dtype, src.name, place)
     # Largest first, so tensors of one stacked leaf arrive together and it completes early.
-    for key in sorted((k for k, t in targets.items() if t.leaf in ("weight", "bias")),
-                      key=lambda k: -int(np.prod(src.shape(k)))):
+    for key in sorted(
+        (k for k, t in targets.items() if t.leaf in ("weight", "bias")),
+        key=lambda k: -int(np.prod(src.shape(k))),
+    ):
         builder.put(targets[key], src.read(key), key, src.file_of(key))
     return nest(builder.finish())
 
 
 # --- the release ---------------------------------------------------------------------------
+
 
 def _load_original(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
@@ -217,13 +242,21 @@ def _load_original(folder: str, dtype, place) -> Checkpoint:
             continue
         stacked = src.read(key).astype(np.float32)
         if stacked.ndim != 3 or stacked.shape[0] != len(tasks):
-            raise CheckpointError(f"{file}: key {key!r} has shape {list(stacked.shape)}; expected "
-                                  f"[{len(tasks)} tasks (lora_adaptations), ...]")
-        rank_axis = {("linear", "lora_A"): 1, ("linear", "lora_B"): 2,
-                     ("embed", "lora_A"): 2, ("embed", "lora_B"): 1}[(target.kind, target.leaf)]
+            raise CheckpointError(
+                f"{file}: key {key!r} has shape {list(stacked.shape)}; expected "
+                f"[{len(tasks)} tasks (lora_adaptations), ...]"
+            )
+        rank_axis = {
+            ("linear", "lora_A"): 1,
+            ("linear", "lora_B"): 2,
+            ("embed", "lora_A"): 2,
+            ("embed", "lora_B"): 1,
+        }[(target.kind, target.leaf)]
         if stacked.shape[rank_axis] != cfg.lora_rank:
-            raise CheckpointError(f"{file}: key {key!r} has rank {stacked.shape[rank_axis]}, but "
-                                  f"config.json says lora_rank={cfg.lora_rank}")
+            raise CheckpointError(
+                f"{file}: key {key!r} has rank {stacked.shape[rank_axis]}, but "
+                f"config.json says lora_rank={cfg.lora_rank}"
+            )
         for i, task in enumerate(tasks):
             # Linear: A [r, in], B [out, r]  ->  a [in, r], b [r, out].
             # Embedding: A [V, r], B [r, H] are already a and b.
@@ -233,15 +266,28 @@ def _load_original(folder: str, dtype, place) -> Checkpoint:
     scale = cfg.lora_alpha / cfg.lora_rank
     found = adapters.finish()
     found = {t: found[t] for t in tasks if t in found}  # in lora_adaptations order
-    return Checkpoint(cfg, params, found, {t: scale for t in found},
-                      {k: src.read(k) for k in head_keys}, "original", folder)
+    return Checkpoint(
+        cfg,
+        params,
+        found,
+        {t: scale for t in found},
+        {k: src.read(k) for k in head_keys},
+        "original",
+        folder,
+    )
 
 
 # --- Transformers + PEFT ------------------------------------------------------------------
 
-_REFUSED = {"use_dora": "DoRA", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
-            "lora_bias": "LoRA bias", "alora_invocation_tokens": "aLoRA",
-            "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens"}
+_REFUSED = {
+    "use_dora": "DoRA",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "BD-LoRA",
+    "lora_bias": "LoRA bias",
+    "alora_invocation_tokens": "aLoRA",
+    "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable tokens",
+}
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -266,8 +312,10 @@ def _adapter_folders(folder: str) -> list[str]:
         if not os.path.isdir(sub):
             continue
         has_config = os.path.isfile(os.path.join(sub, "adapter_config.json"))
-        has_weights = any(os.path.isfile(os.path.join(sub, f))
-                          for f in ("adapter_model.safetensors", "adapter_model.bin"))
+        has_weights = any(
+            os.path.isfile(os.path.join(sub, f))
+            for f in ("adapter_model.safetensors", "adapter_model.bin")
+        )
         if has_weights and not has_config:
             raise CheckpointError(f"{sub}: adapter weights without adapter_config.json")
         if has_config:
@@ -283,11 +331,14 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
         raise CheckpointError(f"{conf_path}: peft_type {conf.get('peft_type')!r} is not LoRA")
     for field, what in _REFUSED.items():
         if conf.get(field):
-            raise CheckpointError(f"{conf_path}: {what} ({field}={conf[field]!r}) is not plain "
-                                  "LoRA and is not supported")
+            raise CheckpointError(
+                f"{conf_path}: {what} ({field}={conf[field]!r}) is not plain "
+                "LoRA and is not supported"
+            )
     if conf.get("fan_in_fan_out"):
-        raise CheckpointError(f"{conf_path}: fan_in_fan_out=True does not fit this model's "
-                              "Linear layers")
+        raise CheckpointError(
+            f"{conf_path}: fan_in_fan_out=True does not fit this model's Linear layers"
+        )
     try:
         r, alpha = int(conf["r"]), float(conf["lora_alpha"])
     except (KeyError, TypeError, ValueError):
@@ -304,8 +355,9 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
     for key in f.keys():
         target = names.parse(key)
         if target is None or not target.leaf.startswith("peft"):
-            raise CheckpointError(f"{weights}: key {key!r} is not a LoRA factor of a "
-                                  "jina-embeddings-v3 module")
+            raise CheckpointError(
+                f"{weights}: key {key!r} is not a LoRA factor of a jina-embeddings-v3 module"
+            )
         value = f.read(key).astype(np.float32)
         module_name = names.strip_prefixes(key).rsplit(".lora_", 1)[0]
         if target.leaf in ("peft_A", "peft_emb_A"):
@@ -317,8 +369,9 @@ def _read_peft_adapter(sub: str, task: str, cfg, adapters: AdapterBuilder) -> fl
         rank = value.shape[1]
         mod_rank = _pattern_value(conf.get("rank_pattern"), module_name, r)
         if rank != mod_rank:
-            raise CheckpointError(f"{weights}: key {key!r} has rank {rank}, but "
-                                  f"{conf_path} implies r={mod_rank}")
+            raise CheckpointError(
+                f"{weights}: key {key!r} has rank {rank}, but {conf_path} implies r={mod_rank}"
+            )
         mod_alpha = _pattern_value(conf.get("alpha_pattern"), module_name, alpha)
         ratio = scale_of(rank, mod_alpha) / task_scale
         adapters.put(task, target, "b", value.T * ratio, key, weights)
@@ -340,8 +393,10 @@ def _load_transformers(folder: str, dtype, place) -> Checkpoint:
     targets, head_keys, has_pooler = _scan_keys(src)
     for key, target in targets.items():
         if target.leaf not in ("weight", "bias"):
-            raise CheckpointError(f"{src.file_of(key)}: LoRA key {key!r} in the base weights of "
-                                  "a Transformers-format checkpoint")
+            raise CheckpointError(
+                f"{src.file_of(key)}: LoRA key {key!r} in the base weights of "
+                "a Transformers-format checkpoint"
+            )
     subs = _adapter_folders(folder)
     declared = raw.get("lora_adaptations")
     tasks = [_task_display_name(os.path.basename(s), declared) for s in subs]
@@ -366,24 +421,38 @@ def _load_transformers(folder: str, dtype, place) -> Checkpoint:
     found = adapters.finish()
     # A folder with an empty adapter still names a valid task (its delta is zero).
     found.update({task: {} for task in scales if task not in found})
-    return Checkpoint(cfg, params, found, scales, {k: src.read(k) for k in head_keys},
-                      "transformers", folder)
+    return Checkpoint(
+        cfg, params, found, scales, {k: src.read(k) for k in head_keys}, "transformers", folder
+    )
 
 
 # --- our own format -----------------------------------------------------------------------
 
+
 def _load_native(folder: str, dtype, place) -> Checkpoint:
     raw = _read_json(os.path.join(folder, "config.json"))
     if raw[FORMAT_KEY] != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}/config.json: {FORMAT_KEY}={raw[FORMAT_KEY]!r} is not "
-                              f"supported (this version reads {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{folder}/config.json: {FORMAT_KEY}={raw[FORMAT_KEY]!r} is not "
+            f"supported (this version reads {FORMAT_VERSION})"
+        )
     cfg = _config(folder, raw)
     scales = {str(k): float(v) for k, v in raw.get("lora_scales", {}).items()}
     params_file = SafetensorsFile(os.path.join(folder, PARAMS_FILE))
     _check_dtypes([params_file], "jina-jax")
-    _check_layer_count(folder, params_file.path, cfg, max(
-        (params_file.shape(k)[0] for k in params_file.keys()
-         if k.startswith("layers/") and params_file.shape(k)), default=0))
+    _check_layer_count(
+        folder,
+        params_file.path,
+        cfg,
+        max(
+            (
+                params_file.shape(k)[0]
+                for k in params_file.keys()
+                if k.startswith("layers/") and params_file.shape(k)
+            ),
+            default=0,
+        ),
+    )
     builder = ParamBuilder(cfg, dtype, params_file.path, place)
     for key in params_file.keys():
         builder.put_path(tuple(key.split("/")), params_file.read(key), key, params_file.path)
@@ -398,20 +467,28 @@ def _load_native(folder: str, dtype, place) -> Checkpoint:
             task, *module, factor = key.split("/")
             module = tuple(module)
             if task not in scales:
-                raise CheckpointError(f"{path}: key {key!r} is for task {task!r}, which "
-                                      "config.json's lora_scales does not list")
+                raise CheckpointError(
+                    f"{path}: key {key!r} is for task {task!r}, which "
+                    "config.json's lora_scales does not list"
+                )
             value = f.read(key).astype(np.float32)
             try:
                 rows, cols = weight_shape(cfg, module)
             except KeyError:
-                raise CheckpointError(f"{path}: key {key!r} adapts no parameter of this "
-                                      "config") from None
+                raise CheckpointError(
+                    f"{path}: key {key!r} adapts no parameter of this config"
+                ) from None
             lead = (cfg.num_hidden_layers,) if module[0] == "layers" else ()
-            ok = factor in ("a", "b") and value.shape[:-2] == lead and (
-                value.shape[-2] == rows if factor == "a" else value.shape[-1] == cols)
+            ok = (
+                factor in ("a", "b")
+                and value.shape[:-2] == lead
+                and (value.shape[-2] == rows if factor == "a" else value.shape[-1] == cols)
+            )
             if not ok:
-                raise CheckpointError(f"{path}: key {key!r} has shape {list(value.shape)}, which "
-                                      f"does not fit {'/'.join(module)} [{rows}, {cols}]")
+                raise CheckpointError(
+                    f"{path}: key {key!r} has shape {list(value.shape)}, which "
+                    f"does not fit {'/'.join(module)} [{rows}, {cols}]"
+                )
             set_path(adapters[task], module + (factor,), value)
     heads_path = os.path.join(folder, HEADS_FILE)
     heads = {}
@@ -428,17 +505,29 @@ def save_native(folder: str, ckpt: Checkpoint, dtype=None):
     (default: as held) applies to the base parameters."""
     cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
     meta = {"format": "jina-jax"}
-    save_file({"/".join(p): cast(v) for p, v in flatten(ckpt.params).items()},
-              os.path.join(folder, PARAMS_FILE), metadata=meta)
-    factors = {f"{task}/" + "/".join(p): np.asarray(v, np.float32)
-               for task, tree in ckpt.adapters.items() for p, v in flatten(tree).items()}
+    save_file(
+        {"/".join(p): cast(v) for p, v in flatten(ckpt.params).items()},
+        os.path.join(folder, PARAMS_FILE),
+        metadata=meta,
+    )
+    factors = {
+        f"{task}/" + "/".join(p): np.asarray(v, np.float32)
+        for task, tree in ckpt.adapters.items()
+        for p, v in flatten(tree).items()
+    }
     if factors:
         save_file(factors, os.path.join(folder, ADAPTERS_FILE), metadata=meta)
     if ckpt.heads:
-        save_file({k: np.asarray(v) for k, v in ckpt.heads.items()},
-                  os.path.join(folder, HEADS_FILE), metadata=meta)
-    config = {FORMAT_KEY: FORMAT_VERSION, **ckpt.config.to_dict(),
-              "lora_scales": {t: float(s) for t, s in ckpt.scales.items()}}
+        save_file(
+            {k: np.asarray(v) for k, v in ckpt.heads.items()},
+            os.path.join(folder, HEADS_FILE),
+            metadata=meta,
+        )
+    config = {
+        FORMAT_KEY: FORMAT_VERSION,
+        **ckpt.config.to_dict(),
+        "lora_scales": {t: float(s) for t, s in ckpt.scales.items()},
+    }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     copy_tokenizer(ckpt.folder, folder)
@@ -454,5 +543,12 @@ def copy_tokenizer(source_folder: str | None, folder: str, skip=()) -> None:
             shutil.copyfile(path, os.path.join(folder, name))
 
 
-__all__ = ["Checkpoint", "CheckpointError", "copy_tokenizer", "detect_format", "load",
-           "read_peft_folder", "save_native"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "copy_tokenizer",
+    "detect_format",
+    "load",
+    "read_peft_folder",
+    "save_native",
+]

@@ -56,27 +56,37 @@ def read_head(kind: str, heads: dict, expected: dict, source: str):
     missing = sorted(set(layout) - set(present))
     if missing:
         raise CheckpointError(f"{source}: the {kind} head is incomplete: missing {missing}")
-    if kind == "masked_lm" and "lm_head.decoder.bias" in heads and not np.array_equal(
-            np.asarray(heads["lm_head.decoder.bias"]), np.asarray(heads["lm_head.bias"])):
-        raise CheckpointError(f"{source}: 'lm_head.decoder.bias' differs from 'lm_head.bias', "
-                              "which it is tied to")
+    if (
+        kind == "masked_lm"
+        and "lm_head.decoder.bias" in heads
+        and not np.array_equal(
+            np.asarray(heads["lm_head.decoder.bias"]), np.asarray(heads["lm_head.bias"])
+        )
+    ):
+        raise CheckpointError(
+            f"{source}: 'lm_head.decoder.bias' differs from 'lm_head.bias', which it is tied to"
+        )
     tree: dict = {}
     for key, (path, transpose) in layout.items():
         value = np.asarray(present[key], np.float32)
         value = value.T if transpose else value
         if tuple(value.shape) != tuple(expected[path]):
             hint = " (num_labels?)" if kind != "masked_lm" else ""
-            raise CheckpointError(f"{source}: head key {key!r} has shape {list(value.shape)} "
-                                  f"(in [in, out] layout) but the model expects "
-                                  f"{list(expected[path])}{hint}")
+            raise CheckpointError(
+                f"{source}: head key {key!r} has shape {list(value.shape)} "
+                f"(in [in, out] layout) but the model expects "
+                f"{list(expected[path])}{hint}"
+            )
         set_path(tree, path, value)
     return tree, unused
 
 
 def saved_num_labels(kind: str, heads: dict) -> int | None:
-    key = {"sequence_classification": "classifier.out_proj.bias",
-           "token_classification": "classifier.bias",
-           "question_answering": "qa_outputs.bias"}.get(kind)
+    key = {
+        "sequence_classification": "classifier.out_proj.bias",
+        "token_classification": "classifier.bias",
+        "question_answering": "qa_outputs.bias",
+    }.get(kind)
     return None if key is None or key not in heads else int(np.shape(heads[key])[0])
 
 

@@ -24,7 +24,7 @@ _PREFIXES = ("base_model.model.", "roberta.")
 def _pattern(name: str) -> str:
     """A module name as a regex: "{}" is the layer; layer names may carry "encoder." or not."""
     if name.startswith("encoder."):
-        name = name[len("encoder."):]
+        name = name[len("encoder.") :]
     pattern = re.escape(name).replace(r"\{\}", r"(?P<layer>\d+)")
     return r"(?:encoder\.)?" + pattern if "{}" in name else pattern
 
@@ -45,12 +45,12 @@ _PATTERNS = _patterns()
 
 # Leaf suffixes of the formats, longest first.
 _LEAVES = [
-    (".parametrizations.weight.original", "weight"),   # release: base weight under LoRA
-    (".parametrizations.weight.0.lora_A", "lora_A"),   # release: stacked task factors
+    (".parametrizations.weight.original", "weight"),  # release: base weight under LoRA
+    (".parametrizations.weight.0.lora_A", "lora_A"),  # release: stacked task factors
     (".parametrizations.weight.0.lora_B", "lora_B"),
-    (".lora_embedding_A", "peft_emb_A"),                # PEFT, Embedding
+    (".lora_embedding_A", "peft_emb_A"),  # PEFT, Embedding
     (".lora_embedding_B", "peft_emb_B"),
-    (".lora_A.weight", "peft_A"),                       # PEFT, Linear
+    (".lora_A.weight", "peft_A"),  # PEFT, Linear
     (".lora_B.weight", "peft_B"),
     (".weight", "weight"),
     (".bias", "bias"),
@@ -59,11 +59,11 @@ _LEAVES = [
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    module: tuple[str, ...]   # e.g. ("layers", "attn", "qkv")
-    kind: str                 # "linear" | "embed" | "norm"
-    leaf: str                 # "weight", "bias", "lora_A", "peft_A", ...
+    module: tuple[str, ...]  # e.g. ("layers", "attn", "qkv")
+    kind: str  # "linear" | "embed" | "norm"
+    leaf: str  # "weight", "bias", "lora_A", "peft_A", ...
     layer: int | None = None
-    slot: int | None = None   # 0/1/2 for a split q/k/v projection of the fused qkv
+    slot: int | None = None  # 0/1/2 for a split q/k/v projection of the fused qkv
 
     @property
     def param(self) -> str | None:
@@ -75,7 +75,7 @@ class Target:
 def strip_prefixes(key: str) -> str:
     for prefix in _PREFIXES:
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -86,7 +86,7 @@ def is_head_key(key: str) -> bool:
 def parse(key: str) -> Target | None:
     """Where a checkpoint key goes, or None when the mapping does not know it."""
     name = strip_prefixes(key)
-    for suffix, leaf in _LEAVES:
+    for suffix, leaf in _LEAVES:  # noqa: B007 (leaf is used after the loop)
         if name.endswith(suffix):
             module_name = name[: -len(suffix)]
             break

@@ -20,6 +20,7 @@ from jina_jax.files import atomic_file, writes_folder
 from .export import release_config
 from .safetensors_io import Lazy, write
 
+
 def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (shape, kind)} of a release checkpoint for `cfg` (from the architecture table);
     kind picks the initialisation. Every Linear and Embedding carries the stacked task factors,
@@ -49,8 +50,9 @@ def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 @writes_folder
-def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: int = 0,
-                         dtype: str = "bfloat16") -> str:
+def write_random_release(
+    folder: str, cfg: JinaConfig | None = None, *, seed: int = 0, dtype: str = "bfloat16"
+) -> str:
     """Writes the folder whole or not at all (an existing one is replaced)."""
     cfg = cfg or JinaConfig()
     np_dtype = as_dtype(dtype)
@@ -62,13 +64,20 @@ def write_random_release(folder: str, cfg: JinaConfig | None = None, *, seed: in
             rng = np.random.default_rng([seed, int.from_bytes(key.encode()[-8:], "little")])
             x = rng.standard_normal(shape, dtype=np.float32) * std[kind]
             return (x + 1.0 if kind == "norm" else x).astype(np_dtype)
+
         return make
 
-    tensors = {key: Lazy(shape, np_dtype, maker(key, shape, kind))
-               for key, (shape, kind) in release_layout(cfg).items()}
+    tensors = {
+        key: Lazy(shape, np_dtype, maker(key, shape, kind))
+        for key, (shape, kind) in release_layout(cfg).items()
+    }
     write(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    config = release_config(cfg, torch_dtype=dtype, truncate_dim=None, _comment=(
-        "random weights written by jina-jax: the embeddings are meaningless"))
+    config = release_config(
+        cfg,
+        torch_dtype=dtype,
+        truncate_dim=None,
+        _comment=("random weights written by jina-jax: the embeddings are meaningless"),
+    )
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_tokenizer(folder, cfg.vocab_size, seed)
@@ -117,8 +126,10 @@ def write_tokenizer(folder: str, vocab_size: int, seed: int = 0) -> str:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)])
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
     tok.add_special_tokens(specials + ["<mask>"])
     path = os.path.join(folder, "tokenizer.json")
     with atomic_file(path, "w", encoding="utf-8") as f:

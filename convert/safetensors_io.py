@@ -19,10 +19,18 @@ import numpy as np
 from jina_jax.files import atomic_file
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
     "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024
@@ -77,12 +85,15 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{self.path}: not a safetensors file (shorter than its "
-                                      "8-byte header length)")
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file (shorter than its 8-byte header length)"
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{self.path}: corrupt safetensors header (header length "
-                                      f"{n} for a file of {size} bytes)")
+                raise CheckpointError(
+                    f"{self.path}: corrupt safetensors header (header length "
+                    f"{n} for a file of {size} bytes)"
+                )
             raw = f.read(n)
         try:
             header = parse_json(raw, "header")
@@ -91,10 +102,11 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         metadata = header.pop("__metadata__", {})
-        if not isinstance(metadata, dict) or not all(
-                isinstance(v, str) for v in metadata.values()):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must "
-                                  "map strings to strings)")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors header (__metadata__ must "
+                "map strings to strings)"
+            )
         self.metadata = metadata
         self._data_start = 8 + n
         self._entries = {k: self._entry(k, e, size - self._data_start) for k, e in header.items()}
@@ -103,7 +115,8 @@ class SafetensorsFile:
     def _entry(self, key: str, entry, data_size: int):
         """(dtype, shape, begin, end) of one header entry, checked against the data region."""
         bad = lambda why: CheckpointError(  # noqa: E731
-            f"{self.path}: corrupt header entry for key {key!r}: {why}")
+            f"{self.path}: corrupt header entry for key {key!r}: {why}"
+        )
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise bad(f"{str(entry)[:200]} (needs dtype, shape and data_offsets)")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -113,8 +126,11 @@ class SafetensorsFile:
             raise bad(f"shape {str(shape)[:200]} is not a list of integers")
         if any(d < 0 for d in shape):
             raise bad(f"negative dimension in shape {shape}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(
-                _is_int(o) for o in offsets):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+        ):
             raise bad(f"data_offsets {str(offsets)[:200]} is not [begin, end]")
         begin, end = offsets
         if not 0 <= begin <= end:
@@ -123,30 +139,38 @@ class SafetensorsFile:
         # Python integers: exact for any shape (a numpy product would wrap past 2**63).
         nbytes = dtype.itemsize * math.prod(shape)
         if end - begin != nbytes:
-            raise CheckpointError(f"{self.path}: key {key!r}: {end - begin} bytes do not hold "
-                                  f"{code} {shape}")
+            raise CheckpointError(
+                f"{self.path}: key {key!r}: {end - begin} bytes do not hold {code} {shape}"
+            )
         if end > data_size:
-            raise CheckpointError(f"{self.path}: truncated file: key {key!r} ends at byte "
-                                  f"{self._data_start + end}, the file has "
-                                  f"{self._data_start + data_size} bytes")
+            raise CheckpointError(
+                f"{self.path}: truncated file: key {key!r} ends at byte "
+                f"{self._data_start + end}, the file has "
+                f"{self._data_start + data_size} bytes"
+            )
         return dtype, tuple(shape), begin, end, code
 
     def _check_tiling(self, data_size: int) -> None:
         """The tensors, ordered by offset, cover the data region exactly once."""
         position, previous = 0, None
-        for key, (_, _, begin, end, _) in sorted(self._entries.items(),
-                                                  key=lambda kv: kv[1][2:4]):
+        for key, (_, _, begin, end, _) in sorted(self._entries.items(), key=lambda kv: kv[1][2:4]):
             if begin < position:
-                raise CheckpointError(f"{self.path}: keys {previous!r} and {key!r} share bytes "
-                                      f"{begin}..{min(end, position)} of the data (overlapping "
-                                      "data_offsets)")
+                raise CheckpointError(
+                    f"{self.path}: keys {previous!r} and {key!r} share bytes "
+                    f"{begin}..{min(end, position)} of the data (overlapping "
+                    "data_offsets)"
+                )
             if begin > position:
-                raise CheckpointError(f"{self.path}: bytes {position}..{begin} of the data "
-                                      f"belong to no tensor (a gap before key {key!r})")
+                raise CheckpointError(
+                    f"{self.path}: bytes {position}..{begin} of the data "
+                    f"belong to no tensor (a gap before key {key!r})"
+                )
             position, previous = end, key
         if position != data_size:
-            raise CheckpointError(f"{self.path}: {data_size - position} byte(s) after the last "
-                                  "tensor belong to no tensor")
+            raise CheckpointError(
+                f"{self.path}: {data_size - position} byte(s) after the last "
+                "tensor belong to no tensor"
+            )
 
     def dtype_code(self, key: str) -> str:
         """The stored dtype's safetensors name ("BF16", "F32", ...)."""
@@ -185,12 +209,13 @@ class TensorSource:
         for f in files:
             for key in f.keys():
                 if key in self._where:
-                    raise CheckpointError(f"key {key!r} is in both {self._where[key].path} and "
-                                          f"{f.path}")
+                    raise CheckpointError(
+                        f"key {key!r} is in both {self._where[key].path} and {f.path}"
+                    )
                 self._where[key] = f
 
     @classmethod
-    def open(cls, folder: str, name: str = "model.safetensors") -> "TensorSource":
+    def open(cls, folder: str, name: str = "model.safetensors") -> TensorSource:
         single = os.path.join(folder, name)
         index = single + ".index.json"
         if os.path.isfile(single):
@@ -204,10 +229,15 @@ class TensorSource:
             shards = set()
             for key, shard in weight_map.items():
                 # A shard is a file of this folder: never a path that leads out of it.
-                if not isinstance(shard, str) or os.path.basename(shard) != shard \
-                        or shard in ("", ".", ".."):
-                    raise CheckpointError(f"{index}: key {key!r} maps to {str(shard)[:200]!r}, "
-                                          "which is not a file name in this folder")
+                if (
+                    not isinstance(shard, str)
+                    or os.path.basename(shard) != shard
+                    or shard in ("", ".", "..")
+                ):
+                    raise CheckpointError(
+                        f"{index}: key {key!r} maps to {str(shard)[:200]!r}, "
+                        "which is not a file name in this folder"
+                    )
                 shards.add(shard)
             return cls([SafetensorsFile(os.path.join(folder, s)) for s in sorted(shards)])
         raise CheckpointError(f"{folder}: no weights ({name} or {name}.index.json)")
@@ -258,8 +288,11 @@ def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) 
             value = tensors[key] = np.asarray(value)
         if value.dtype not in _CODES:
             raise TypeError(f"{path}: key {key!r}: dtype {value.dtype} cannot be stored")
-        header[key] = {"dtype": _CODES[value.dtype], "shape": list(value.shape),
-                       "data_offsets": [offset, offset + value.nbytes]}
+        header[key] = {
+            "dtype": _CODES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + value.nbytes],
+        }
         offset += value.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -270,6 +303,8 @@ def write(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) 
             value = tensors[key]
             arr = np.asarray(value.make() if isinstance(value, Lazy) else value, value.dtype)
             if arr.shape != tuple(value.shape):
-                raise ValueError(f"{path}: key {key!r}: made shape {arr.shape}, declared {value.shape}")
+                raise ValueError(
+                    f"{path}: key {key!r}: made shape {arr.shape}, declared {value.shape}"
+                )
             f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
             del arr

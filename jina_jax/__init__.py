@@ -13,23 +13,31 @@ from typing import TYPE_CHECKING
 # public name -> the module that defines it
 _EXPORTS = {
     "JinaConfig": "config",
-    "JinaEncoder": "encoder", "EncoderOutput": "encoder",
+    "JinaEncoder": "encoder",
+    "EncoderOutput": "encoder",
     "JinaEmbeddingsV3": "embedder",
     "JinaEncoderNNX": "nnx",
     "JinaEmbeddingsV3ForMaskedLM": "heads",
     "JinaEmbeddingsV3ForSequenceClassification": "heads",
     "JinaEmbeddingsV3ForTokenClassification": "heads",
     "JinaEmbeddingsV3ForQuestionAnswering": "heads",
-    "Trainer": "training", "TrainState": "training", "Contrastive": "training",
-    "CoSENT": "training", "HeadLoss": "training",
-    "Batcher": "batcher", "QueueFull": "batcher",
+    "Trainer": "training",
+    "TrainState": "training",
+    "Contrastive": "training",
+    "CoSENT": "training",
+    "HeadLoss": "training",
+    "Batcher": "batcher",
+    "QueueFull": "batcher",
     # needs the [serve] extra (Starlette, uvicorn)
     "EmbeddingServer": "serve",
     # need the [data] extra (pyarrow)
-    "open_dataset": "data.reader", "EmbeddingDataset": "data.reader",
-    "CorpusJob": "data.job", "embed_corpus": "data.job",
+    "open_dataset": "data.reader",
+    "EmbeddingDataset": "data.reader",
+    "CorpusJob": "data.job",
+    "embed_corpus": "data.job",
     # need the [ray] extra (ray[data])
-    "RayEmbedder": "data.ray_data", "embed_dataset": "data.ray_data",
+    "RayEmbedder": "data.ray_data",
+    "embed_dataset": "data.ray_data",
     "embed_corpus_ray": "data.ray_data",
 }
 # `aot`: compiling for a GPU/TPU target without it (jina_jax.aot.compile_forward, plan, ...)
@@ -63,9 +71,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data.reader import EmbeddingDataset, open_dataset
     from .embedder import JinaEmbeddingsV3
     from .encoder import EncoderOutput, JinaEncoder
+    from .heads import (
+        JinaEmbeddingsV3ForMaskedLM,
+        JinaEmbeddingsV3ForQuestionAnswering,
+        JinaEmbeddingsV3ForSequenceClassification,
+        JinaEmbeddingsV3ForTokenClassification,
+    )
     from .nnx import JinaEncoderNNX
     from .serve import EmbeddingServer
-    from .heads import (JinaEmbeddingsV3ForMaskedLM, JinaEmbeddingsV3ForQuestionAnswering,
-                        JinaEmbeddingsV3ForSequenceClassification,
-                        JinaEmbeddingsV3ForTokenClassification)
-    from .training import CoSENT, Contrastive, HeadLoss, Trainer, TrainState
+    from .training import Contrastive, CoSENT, HeadLoss, Trainer, TrainState

@@ -18,11 +18,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from convert.export import peft_folder_name, write_peft_adapter
-from convert.formats import CheckpointError, load as load_folder, read_peft_folder
-from convert.formats import detect_format
+from convert.formats import CheckpointError, detect_format, read_peft_folder
+from convert.formats import load as load_folder
 
 from . import lora as lora_lib
 from .architecture import DEFAULT_LORA_MODULES, LORA_MODULES
@@ -40,6 +38,7 @@ SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
 class Adapter:
     """One task adapter: factors in the layout of `lora.py` (np.float32), its scale, the
     instruction `encode` prepends for it, and where it was read from."""
+
     name: str
     factors: dict
     scale: float
@@ -52,7 +51,7 @@ class Adapter:
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """"PATH" or "PATH@TASK" -> (path, task or None)."""
+    """ "PATH" or "PATH@TASK" -> (path, task or None)."""
     path, at, task = spec.rpartition("@")
     if at and task and not os.path.exists(spec):
         return path, task
@@ -60,8 +59,11 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _peft_folders(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, e) for e in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, e, PEFT_CONFIG)))
+    return sorted(
+        os.path.join(folder, e)
+        for e in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, e, PEFT_CONFIG))
+    )
 
 
 def _task_file(sub: str) -> dict:
@@ -88,8 +90,9 @@ def _pick(found: Sequence[str], task: str | None, name: str, where: str) -> str:
         return found[0]
     if task is not None:
         raise CheckpointError(f"{where}: no adapter {task!r} here; it has {list(found)}")
-    raise CheckpointError(f"{where} holds {len(found)} adapters {list(found)}: pick one "
-                          "with PATH@TASK")
+    raise CheckpointError(
+        f"{where} holds {len(found)} adapters {list(found)}: pick one with PATH@TASK"
+    )
 
 
 def read_adapter(name: str, spec: str, cfg) -> Adapter:
@@ -97,8 +100,9 @@ def read_adapter(name: str, spec: str, cfg) -> Adapter:
     config `cfg`, served as `name`. CheckpointError names the file and key at fault; OSError
     for a path that is not there."""
     if not isinstance(name, str) or not name or any(c in name for c in ":/ "):
-        raise ValueError(f"adapter name must be a non-empty string without ':', '/' or spaces, "
-                         f"got {name!r}")
+        raise ValueError(
+            f"adapter name must be a non-empty string without ':', '/' or spaces, got {name!r}"
+        )
     path, task = split_spec(spec)
     if not os.path.isdir(path):
         raise FileNotFoundError(2, "no such folder", path)
@@ -110,8 +114,10 @@ def read_adapter(name: str, spec: str, cfg) -> Adapter:
         return _read_checkpoint(name, path, task, cfg)
     subs = _peft_folders(path)
     if not subs:
-        raise CheckpointError(f"{path}: neither a PEFT folder ({PEFT_CONFIG}), nor a folder of "
-                              "them, nor a checkpoint (config.json)")
+        raise CheckpointError(
+            f"{path}: neither a PEFT folder ({PEFT_CONFIG}), nor a folder of "
+            "them, nor a checkpoint (config.json)"
+        )
     tasks = {_task_file(s).get("task") or os.path.basename(s): s for s in subs}
     return _read_peft(name, tasks[_pick(list(tasks), task, name, path)], cfg)
 
@@ -127,8 +133,7 @@ def _read_checkpoint(name: str, folder: str, task: str | None, cfg) -> Adapter:
         if not subs:
             raise CheckpointError(f"{folder}: a checkpoint without adapters")
         new = [s for s in subs if canonical_task(s) not in map(canonical_task, RELEASE_TASKS)]
-        chosen = _pick(new if task is None and name not in subs else list(subs), task, name,
-                       folder)
+        chosen = _pick(new if task is None and name not in subs else list(subs), task, name, folder)
         adapter = _read_peft(name, subs[chosen], cfg)
         instruction = _checkpoint_instruction(folder, chosen)
         return dataclasses.replace(adapter, instruction=instruction or adapter.instruction)
@@ -136,15 +141,28 @@ def _read_checkpoint(name: str, folder: str, task: str | None, cfg) -> Adapter:
     ckpt_cfg = ckpt.config
     for size in SIZES:
         if getattr(ckpt_cfg, size) != getattr(cfg, size):
-            raise CheckpointError(f"{folder}/config.json: key {size!r} is "
-                                  f"{getattr(ckpt_cfg, size)}, the base model's is "
-                                  f"{getattr(cfg, size)}: not an adapter of this model")
+            raise CheckpointError(
+                f"{folder}/config.json: key {size!r} is "
+                f"{getattr(ckpt_cfg, size)}, the base model's is "
+                f"{getattr(cfg, size)}: not an adapter of this model"
+            )
     found = list(ckpt.adapters)
     new = [t for t in found if canonical_task(t) not in map(canonical_task, RELEASE_TASKS)]
-    chosen = _pick(new if task is None and not any(
-        canonical_task(t) == canonical_task(name) for t in found) else found, task, name, folder)
-    return Adapter(name, ckpt.adapters[chosen], float(ckpt.scales[chosen]),
-                   ckpt_cfg.instruction(chosen), f"{folder}@{chosen}")
+    chosen = _pick(
+        new
+        if task is None and not any(canonical_task(t) == canonical_task(name) for t in found)
+        else found,
+        task,
+        name,
+        folder,
+    )
+    return Adapter(
+        name,
+        ckpt.adapters[chosen],
+        float(ckpt.scales[chosen]),
+        ckpt_cfg.instruction(chosen),
+        f"{folder}@{chosen}",
+    )
 
 
 def _checkpoint_instruction(folder: str, task: str) -> str:
@@ -203,8 +221,17 @@ class AdapterSet:
     names: one adapter name per stacked task, None for an empty slot. `lora` is the stacked
     tree the forward takes (see `lora.py`), `rows(tasks)` the per-row task_index and mask."""
 
-    def __init__(self, names: tuple, adapters: Mapping, scales: Mapping, instructions: Mapping,
-                 shapes: Mapping, rank: int, fixed: int, lora=None):
+    def __init__(
+        self,
+        names: tuple,
+        adapters: Mapping,
+        scales: Mapping,
+        instructions: Mapping,
+        shapes: Mapping,
+        rank: int,
+        fixed: int,
+        lora=None,
+    ):
         self.names, self.rank, self.shapes = tuple(names), rank, dict(shapes)
         self.fixed = fixed  # the first `fixed` names stay; the rest are slots
         self.adapters, self.scales = dict(adapters), dict(scales)
@@ -220,8 +247,9 @@ class AdapterSet:
         return self._lora
 
     @classmethod
-    def build(cls, model, users: Sequence[Adapter] = (), slots: int = 0,
-              rank: int | None = None) -> "AdapterSet":
+    def build(
+        cls, model, users: Sequence[Adapter] = (), slots: int = 0, rank: int | None = None
+    ) -> AdapterSet:
         """The model's adapters (those of `users` already on it are not stacked twice), then
         `users`, then `slots` empty slots; the stacked rank is `rank` or the largest of these
         adapters', whichever is larger (a PEFT adapter of rank r on q, k and v has rank 3r
@@ -234,16 +262,27 @@ class AdapterSet:
             adapters[user.name], scales[user.name] = user.factors, user.scale
             instructions[user.name] = user.instruction
         names = tuple(adapters) + (None,) * slots
-        out = cls(names, adapters, scales, instructions, layout(model.params, adapters, rank),
-                  rank, len(adapters), lora=None)
+        out = cls(
+            names,
+            adapters,
+            scales,
+            instructions,
+            layout(model.params, adapters, rank),
+            rank,
+            len(adapters),
+            lora=None,
+        )
         for user in users:
             out.check(user)
         return out
 
     def _stack(self):
-        return lora_lib.stack([self.adapters.get(n, {}) for n in self.names],
-                              [self.scales.get(n, 0.0) for n in self.names],
-                              rank=self.rank, shapes=self.shapes)
+        return lora_lib.stack(
+            [self.adapters.get(n, {}) for n in self.names],
+            [self.scales.get(n, 0.0) for n in self.names],
+            rank=self.rank,
+            shapes=self.shapes,
+        )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -258,8 +297,9 @@ class AdapterSet:
         for name in self.tasks:
             if canonical_task(name) == canonical_task(task):
                 return name
-        raise ValueError(f"unknown task {task!r}; this server has {list(self.tasks)} (or None "
-                         "for no adapter)")
+        raise ValueError(
+            f"unknown task {task!r}; this server has {list(self.tasks)} (or None for no adapter)"
+        )
 
     def instruction(self, task: str | None) -> str:
         return "" if task is None else self.instructions[task]
@@ -269,8 +309,11 @@ class AdapterSet:
         chunking, use the model's own adapters), unless it is there already."""
         if task is None or model.adapters.get(task) is self.adapters[task]:
             return
-        model.attach_adapter(Adapter(task, self.adapters[task], self.scales[task],
-                                     self.instructions[task], "adapter set"))
+        model.attach_adapter(
+            Adapter(
+                task, self.adapters[task], self.scales[task], self.instructions[task], "adapter set"
+            )
+        )
 
     def rows(self, row_tasks: Sequence[str | None]):
         """(task_index int32[B], task_mask float32[B]) for one adapter name (or None) per row."""
@@ -280,53 +323,63 @@ class AdapterSet:
     def check(self, adapter: Adapter) -> None:
         """ValueError if `adapter` does not fit this set's layout (rank, modules)."""
         if adapter.rank > self.rank:
-            raise ValueError(f"{adapter.source}: adapter {adapter.name!r} has rank "
-                             f"{adapter.rank}, over this server's --max-adapter-rank {self.rank}")
+            raise ValueError(
+                f"{adapter.source}: adapter {adapter.name!r} has rank "
+                f"{adapter.rank}, over this server's --max-adapter-rank {self.rank}"
+            )
         for path, _ in lora_lib.adapted_modules(adapter.factors):
             if path not in self.shapes:
-                raise ValueError(f"{adapter.source}: adapter {adapter.name!r} adapts "
-                                 f"{'/'.join(path)}, which this server's layout does not stack")
+                raise ValueError(
+                    f"{adapter.source}: adapter {adapter.name!r} adapts "
+                    f"{'/'.join(path)}, which this server's layout does not stack"
+                )
 
-    def with_adapter(self, adapter: Adapter) -> "AdapterSet":
+    def with_adapter(self, adapter: Adapter) -> AdapterSet:
         """A new set with `adapter` in a free slot (or in the place of one of the same name
         that was loaded into a slot); ValueError if it does not fit or no slot is free."""
         self.check(adapter)
         names = list(self.names)
-        same = [i for i, n in enumerate(names) if n is not None
-                and canonical_task(n) == canonical_task(adapter.name)]
+        same = [
+            i
+            for i, n in enumerate(names)
+            if n is not None and canonical_task(n) == canonical_task(adapter.name)
+        ]
         if same and same[0] < self.fixed:
-            raise ValueError(f"{adapter.name!r} is an adapter the server started with; choose "
-                             "another name")
+            raise ValueError(
+                f"{adapter.name!r} is an adapter the server started with; choose another name"
+            )
         if same:
             names[same[0]] = adapter.name
         elif None in names:
             names[names.index(None)] = adapter.name
         else:
-            raise ValueError(f"every adapter slot is taken ({len(names) - self.fixed}, "
-                             "--adapter-slots); remove one first (DELETE /v1/adapters/NAME)")
+            raise ValueError(
+                f"every adapter slot is taken ({len(names) - self.fixed}, "
+                "--adapter-slots); remove one first (DELETE /v1/adapters/NAME)"
+            )
         return self._replace(names, {adapter.name: adapter})
 
-    def without(self, name: str) -> "AdapterSet":
+    def without(self, name: str) -> AdapterSet:
         """A new set with the loaded adapter `name` gone (its slot empty)."""
         task = self.resolve_task(name)
         index = self.names.index(task)
         if index < self.fixed:
-            raise ValueError(f"{task!r} is an adapter the server started with; only adapters "
-                             "loaded while it runs can be removed")
+            raise ValueError(
+                f"{task!r} is an adapter the server started with; only adapters "
+                "loaded while it runs can be removed"
+            )
         names = list(self.names)
         names[index] = None
         return self._replace(names, {})
 
-    def _replace(self, names, new: Mapping[str, Adapter]) -> "AdapterSet":
+    def _replace(self, names, new: Mapping[str, Adapter]) -> AdapterSet:
         adapters = {n: self.adapters[n] for n in names if n is not None and n not in new}
         scales = {n: self.scales[n] for n in adapters}
         instructions = {n: self.instructions[n] for n in adapters}
         for name, adapter in new.items():
             adapters[name], scales[name] = adapter.factors, adapter.scale
             instructions[name] = adapter.instruction
-        return AdapterSet(names, adapters, scales, instructions, self.shapes, self.rank,
-                          self.fixed)
+        return AdapterSet(names, adapters, scales, instructions, self.shapes, self.rank, self.fixed)
 
 
-__all__ = ["Adapter", "AdapterSet", "put_adapters", "read_adapter", "write_adapters",
-           "split_spec"]
+__all__ = ["Adapter", "AdapterSet", "put_adapters", "read_adapter", "write_adapters", "split_spec"]

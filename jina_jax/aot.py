@@ -40,7 +40,8 @@ from .attention import choose_implementation
 from .batcher import Batcher
 from .config import JinaConfig, as_dtype
 from .embedder import JinaEmbeddingsV3
-from .encode import DEFAULT_TOKEN_BUDGET, shapes as encode_shapes
+from .encode import DEFAULT_TOKEN_BUDGET
+from .encode import shapes as encode_shapes
 from .encoder import JinaEncoder
 from .lora import init_adapter
 from .tokenize import position_limit
@@ -101,6 +102,7 @@ class Target:
     """A device to compile for: `platform` ("cuda", "tpu" or "cpu"), the backend name the
     attention chooser takes (`backend`: "gpu", "tpu", "cpu"), the topology, and memory per device
     in bytes (`usable`: the share JAX can use)."""
+
     name: str
     platform: str
     topology: str
@@ -146,11 +148,13 @@ def target(spec: str | Target) -> Target:
     generation, _, shape = spec.lower().partition(":")
     if generation in TPU_MEMORY and shape and all(p.isdigit() for p in shape.split("x")):
         return Target(spec.lower(), "tpu", spec.lower(), TPU_MEMORY[generation])
-    raise ValueError(f"unknown target {spec!r}; expected one of {sorted(TARGETS)} or a TPU "
-                     f"topology such as 'v5e:2x4' (generations {sorted(TPU_MEMORY)})")
+    raise ValueError(
+        f"unknown target {spec!r}; expected one of {sorted(TARGETS)} or a TPU "
+        f"topology such as 'v5e:2x4' (generations {sorted(TPU_MEMORY)})"
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def devices(spec: str | Target) -> tuple:
     """The target's abstract devices (`jax.experimental.topologies`): compile for them, never
     run. Needs the target's plugin: the CUDA one for a GPU, libtpu for a TPU."""
@@ -159,28 +163,40 @@ def devices(spec: str | Target) -> tuple:
         return tuple(jax.devices("cpu"))[:1]
     try:
         if t.platform == "cuda":
-            config = GPU_CONFIG.format(memory=t.memory, bandwidth=GPU_BANDWIDTH[t.name],
-                                       name=t.description)
-            topo = topologies.get_topology_desc(platform="cuda", target_config=config,
-                                                topology=t.topology)
+            config = GPU_CONFIG.format(
+                memory=t.memory, bandwidth=GPU_BANDWIDTH[t.name], name=t.description
+            )
+            topo = topologies.get_topology_desc(
+                platform="cuda", target_config=config, topology=t.topology
+            )
         elif t.chips == 1:
             # One chip: the default bounds (2x2x1 chips a host) do not divide 1x1.
-            topo = topologies.get_topology_desc(t.topology, "tpu", chip_config_name="default",
-                                                chips_per_host_bounds=(1, 1, 1),
-                                                wrap=(False, False, False))
+            topo = topologies.get_topology_desc(
+                t.topology,
+                "tpu",
+                chip_config_name="default",
+                chips_per_host_bounds=(1, 1, 1),
+                wrap=(False, False, False),
+            )
         else:
             topo = topologies.get_topology_desc(t.topology, "tpu")
     except Exception as e:  # noqa: BLE001 - the plugin's own errors vary; say what is missing
-        need = ("the CUDA plugin (pip install 'jina-jax[cuda12]', then --no-deps "
-                "nvidia-cudnn-cu12 nvidia-cuda-nvcc-cu12; run with JAX_PLATFORMS=cpu)"
-                if t.platform == "cuda" else "libtpu (pip install 'jina-jax[tpu]'), used by no "
-                "other process at the same time (its /tmp/libtpu_lockfile)")
-        raise RuntimeError(f"cannot describe target {t.name} ({t.topology}): {type(e).__name__}: "
-                           f"{e}. Compiling for it needs {need}") from e
+        need = (
+            "the CUDA plugin (pip install 'jina-jax[cuda12]', then --no-deps "
+            "nvidia-cudnn-cu12 nvidia-cuda-nvcc-cu12; run with JAX_PLATFORMS=cpu)"
+            if t.platform == "cuda"
+            else "libtpu (pip install 'jina-jax[tpu]'), used by no "
+            "other process at the same time (its /tmp/libtpu_lockfile)"
+        )
+        raise RuntimeError(
+            f"cannot describe target {t.name} ({t.topology}): {type(e).__name__}: "
+            f"{e}. Compiling for it needs {need}"
+        ) from e
     return tuple(topo.devices)
 
 
 # --- the model as shapes -------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=8)
 def abstract_weights(config: JinaConfig, param_dtype: str):
@@ -188,17 +204,25 @@ def abstract_weights(config: JinaConfig, param_dtype: str):
     `config.lora_rank` on every Linear and Embedding); nothing allocated."""
     dtype = as_dtype(param_dtype)
     module = JinaEncoder(config, dtype=dtype, param_dtype=dtype)
-    params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
-                                                jnp.zeros((1, 8), jnp.int32))["params"])
-    adapter = jax.eval_shape(lambda p: init_adapter(p, config.lora_rank, DEFAULT_LORA_MODULES),
-                             params)
+    params = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
+    adapter = jax.eval_shape(
+        lambda p: init_adapter(p, config.lora_rank, DEFAULT_LORA_MODULES), params
+    )
     tasks = tuple(config.lora_adaptations)
     scale = config.lora_alpha / config.lora_rank
     return params, {t: adapter for t in tasks}, {t: scale for t in tasks}
 
 
-def abstract_model(spec, *, config: JinaConfig | None = None, dtype="bfloat16",
-                   param_dtype=None, shard_params: bool = False) -> JinaEmbeddingsV3:
+def abstract_model(
+    spec,
+    *,
+    config: JinaConfig | None = None,
+    dtype="bfloat16",
+    param_dtype=None,
+    shard_params: bool = False,
+) -> JinaEmbeddingsV3:
     """The model with shapes for weights, sharded over the target's devices (a one-device mesh
     for one device) and compiling for the target's backend."""
     t = target(spec)
@@ -206,16 +230,16 @@ def abstract_model(spec, *, config: JinaConfig | None = None, dtype="bfloat16",
     dtype = as_dtype(dtype)
     param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
     params, adapters, scales = abstract_weights(config, jnp.dtype(param_dtype).name)
-    model = JinaEmbeddingsV3(config, params, adapters, scales, dtype=dtype,
-                             param_dtype=param_dtype)
+    model = JinaEmbeddingsV3(config, params, adapters, scales, dtype=dtype, param_dtype=param_dtype)
     model.forward.backend = t.backend
     model.shard(devices(t), shard_params=shard_params)
     return model
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree))
+    return sum(
+        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def task_inputs(model: JinaEmbeddingsV3, task, rows: int, merge: bool):
@@ -225,13 +249,20 @@ def task_inputs(model: JinaEmbeddingsV3, task, rows: int, merge: bool):
     made = {}
 
     def inputs(params, adapters):
-        m = JinaEmbeddingsV3(model.config, params, adapters, model.scales, dtype=model.dtype,
-                             param_dtype=model.param_dtype)
+        m = JinaEmbeddingsV3(
+            model.config,
+            params,
+            adapters,
+            model.scales,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+        )
         spec = model.tasks[0] if task == "mixed" else task
         out = m.task_inputs(spec, rows, merge and task != "mixed")
         base = {id(x) for x in jax.tree_util.tree_leaves(params)}
-        made["bytes"] = nbytes([x for x in jax.tree_util.tree_leaves(out["params"])
-                                if id(x) not in base])
+        made["bytes"] = nbytes(
+            [x for x in jax.tree_util.tree_leaves(out["params"]) if id(x) not in base]
+        )
         return out
 
     out = jax.eval_shape(inputs, model.params, model.adapters)
@@ -240,12 +271,14 @@ def task_inputs(model: JinaEmbeddingsV3, task, rows: int, merge: bool):
 
 # --- compiling -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """One program compiled for a target. Bytes are per device (XLA's `memory_analysis`);
     `total_bytes` = arguments + outputs - aliased + temporaries + `resident_bytes`. A program the
     target's compiler refused as too large has no `executable`, only the temporaries it said
     it needed (`fits` is False)."""
+
     target: Target
     what: str
     shape: tuple
@@ -261,8 +294,13 @@ class Compiled:
 
     @property
     def total_bytes(self) -> int:
-        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-                + self.resident_bytes)
+        return (
+            self.argument_bytes
+            + self.output_bytes
+            - self.alias_bytes
+            + self.temp_bytes
+            + self.resident_bytes
+        )
 
     @property
     def fits(self) -> bool:
@@ -271,20 +309,27 @@ class Compiled:
     def summary(self) -> str:
         rows, width = self.shape[:2]
         if self.executable is None:
-            return (f"{self.what} {rows}x{width}: OVER, the compiler refused it (temporaries "
-                    f"{self.temp_bytes / GIB:.2f} GiB for a {self.target.usable / GIB:.1f} GiB "
-                    f"device), attention {self.attention}, in {self.seconds:.1f} s")
-        return (f"{self.what} {rows}x{width}: {self.total_bytes / GIB:.2f} GiB of "
-                f"{self.target.usable / GIB:.1f} GiB a device ({'fits' if self.fits else 'OVER'}; "
-                f"temporaries {self.temp_bytes / GIB:.2f}), attention {self.attention} "
-                f"[{', '.join(self.kernels) or 'no fused kernel'}], compiled in "
-                f"{self.seconds:.1f} s")
+            return (
+                f"{self.what} {rows}x{width}: OVER, the compiler refused it (temporaries "
+                f"{self.temp_bytes / GIB:.2f} GiB for a {self.target.usable / GIB:.1f} GiB "
+                f"device), attention {self.attention}, in {self.seconds:.1f} s"
+            )
+        return (
+            f"{self.what} {rows}x{width}: {self.total_bytes / GIB:.2f} GiB of "
+            f"{self.target.usable / GIB:.1f} GiB a device ({'fits' if self.fits else 'OVER'}; "
+            f"temporaries {self.temp_bytes / GIB:.2f}), attention {self.attention} "
+            f"[{', '.join(self.kernels) or 'no fused kernel'}], compiled in "
+            f"{self.seconds:.1f} s"
+        )
 
 
 # What a TPU compiler says when a program cannot fit (it refuses to compile it; a GPU compiler
 # compiles and plans the excess).
-OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*?memory required for HLO temporaries "
-                           r"\(([\d.]+)([KMGT])\)", re.S)
+OUT_OF_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED.*?memory required for HLO temporaries "
+    r"\(([\d.]+)([KMGT])\)",
+    re.S,
+)
 
 
 def _compiled(t: Target, what, shape, attention, lowered, resident, start) -> Compiled:
@@ -296,46 +341,89 @@ def _compiled(t: Target, what, shape, attention, lowered, resident, start) -> Co
             raise
         # Too large for the device: the temporaries the compiler needed, nothing else known.
         temp = int(float(over.group(1)) * (1 << (10 * "KMGT".index(over.group(2)) + 10)))
-        return Compiled(t, what, tuple(shape), attention, (), 0, 0, 0, temp, int(resident),
-                        time.perf_counter() - start, None)
+        return Compiled(
+            t,
+            what,
+            tuple(shape),
+            attention,
+            (),
+            0,
+            0,
+            0,
+            temp,
+            int(resident),
+            time.perf_counter() - start,
+            None,
+        )
     memory = executable.memory_analysis()
     text = executable.as_text()
     kernels = tuple(sorted(set(re.findall(KERNELS[t.backend], text))))
-    return Compiled(t, what, tuple(shape), attention, kernels,
-                    int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
-                    int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes),
-                    int(resident), time.perf_counter() - start, executable)
+    return Compiled(
+        t,
+        what,
+        tuple(shape),
+        attention,
+        kernels,
+        int(memory.argument_size_in_bytes),
+        int(memory.output_size_in_bytes),
+        int(memory.alias_size_in_bytes),
+        int(memory.temp_size_in_bytes),
+        int(resident),
+        time.perf_counter() - start,
+        executable,
+    )
 
 
-def compile_forward(spec, rows: int, width: int, *, task="retrieval.passage",
-                    output: str = "pooled", dtype="bfloat16", param_dtype=None,
-                    shard_params: bool = False, config: JinaConfig | None = None) -> Compiled:
+def compile_forward(
+    spec,
+    rows: int,
+    width: int,
+    *,
+    task="retrieval.passage",
+    output: str = "pooled",
+    dtype="bfloat16",
+    param_dtype=None,
+    shard_params: bool = False,
+    config: JinaConfig | None = None,
+) -> Compiled:
     """The embedding forward for `rows` right-padded texts of `width` tokens, compiled for the
     target. task: one task (merged, as `encode` runs a single task), None (no adapter) or
     "mixed" (every adapter stacked, a task per row: the server's path). output: "pooled" (what
     `encode` and the server return) or "hidden" (token states)."""
     start = time.perf_counter()
     t = target(spec)
-    model = abstract_model(t, config=config, dtype=dtype, param_dtype=param_dtype,
-                           shard_params=shard_params)
+    model = abstract_model(
+        t, config=config, dtype=dtype, param_dtype=param_dtype, shard_params=shard_params
+    )
     if rows % model.row_multiple:
-        raise ValueError(f"rows ({rows}) must be a multiple of the target's {model.row_multiple} "
-                         "devices")
+        raise ValueError(
+            f"rows ({rows}) must be a multiple of the target's {model.row_multiple} devices"
+        )
     inputs, resident = task_inputs(model, task, rows, merge=True)
     ids = jax.ShapeDtypeStruct((rows, width), jnp.int32)
     lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
     attention = model.forward.implementation(ids, lengths)
-    lowered = model.forward.lower(ids=ids, lengths=lengths, output=output,
-                                  **{k: v for k, v in inputs.items()})
+    lowered = model.forward.lower(
+        ids=ids, lengths=lengths, output=output, **{k: v for k, v in inputs.items()}
+    )
     label = "mixed-task" if task == "mixed" else "no-task" if task is None else "single-task"
-    return _compiled(t, f"forward {output} {label}", (rows, width), attention, lowered,
-                     resident, start)
+    return _compiled(
+        t, f"forward {output} {label}", (rows, width), attention, lowered, resident, start
+    )
 
 
-def compile_train_step(spec, rows: int, width: int, *, query_width: int | None = None,
-                       remat: str | None = "full", dtype="bfloat16", shard_params: bool = False,
-                       optimizer: optax.GradientTransformation | None = None,
-                       config: JinaConfig | None = None) -> Compiled:
+def compile_train_step(
+    spec,
+    rows: int,
+    width: int,
+    *,
+    query_width: int | None = None,
+    remat: str | None = "full",
+    dtype="bfloat16",
+    shard_params: bool = False,
+    optimizer: optax.GradientTransformation | None = None,
+    config: JinaConfig | None = None,
+) -> Compiled:
     """The LoRA train step (`Trainer.step`: contrastive, both retrieval adapters, AdamW) for
     `rows` query/passage pairs, passages `width` tokens, queries `query_width` (default
     `width`), compiled for the target. Dropout off: attention dropout would take the plain
@@ -343,24 +431,42 @@ def compile_train_step(spec, rows: int, width: int, *, query_width: int | None =
     start = time.perf_counter()
     t = target(spec)
     model = abstract_model(t, config=config, dtype="float32", shard_params=shard_params)
-    trainer = Trainer(model, Contrastive(), optimizer or optax.adamw(1e-4), remat=remat,
-                      compute_dtype=dtype, dropout=False, backend=t.backend)
+    trainer = Trainer(
+        model,
+        Contrastive(),
+        optimizer or optax.adamw(1e-4),
+        remat=remat,
+        compute_dtype=dtype,
+        dropout=False,
+        backend=t.backend,
+    )
     state = trainer.layout.place(jax.eval_shape(trainer.init_from, trainer.initial))
     qw = query_width or width
-    batch = {"query_ids": jax.ShapeDtypeStruct((rows, qw), jnp.int32),
-             "query_lengths": jax.ShapeDtypeStruct((rows,), jnp.int32),
-             "positive_ids": jax.ShapeDtypeStruct((rows, width), jnp.int32),
-             "positive_lengths": jax.ShapeDtypeStruct((rows,), jnp.int32)}
+    batch = {
+        "query_ids": jax.ShapeDtypeStruct((rows, qw), jnp.int32),
+        "query_lengths": jax.ShapeDtypeStruct((rows,), jnp.int32),
+        "positive_ids": jax.ShapeDtypeStruct((rows, width), jnp.int32),
+        "positive_lengths": jax.ShapeDtypeStruct((rows,), jnp.int32),
+    }
     batch = trainer.place_batch(batch)
-    attention = choose_implementation(trainer.dtype, model.config.head_dim, True, width,
-                                      backend=t.backend)
+    attention = choose_implementation(
+        trainer.dtype, model.config.head_dim, True, width, backend=t.backend
+    )
     lowered = trainer.lower_step(state, batch)
     return _compiled(t, f"train step remat={remat}", (rows, width), attention, lowered, 0, start)
 
 
-def largest_batch(spec, width: int, *, task="retrieval.passage", dtype="bfloat16",
-                  shard_params: bool = False, config: JinaConfig | None = None,
-                  limit: int = 1 << 16, log=None) -> tuple[int, Compiled | None]:
+def largest_batch(
+    spec,
+    width: int,
+    *,
+    task="retrieval.passage",
+    dtype="bfloat16",
+    shard_params: bool = False,
+    config: JinaConfig | None = None,
+    limit: int = 1 << 16,
+    log=None,
+) -> tuple[int, Compiled | None]:
     """The most rows of `width` tokens whose pooled forward fits a device of the target, and its
     compile. Memory grows linearly in rows: two compiles give the line, the rows it predicts are
     compiled, then one row more (a multiple of the device count) must not fit; a miss steps."""
@@ -392,7 +498,9 @@ def largest_batch(spec, width: int, *, task="retrieval.passage", dtype="bfloat16
         first, last = at(lo), at(hi if hi is not None else lo)
         base = at(step) if first is last else first
         base_rows = step if first is last else lo
-        per_row = max(1.0, (last.total_bytes - base.total_bytes) / max(1, last.shape[0] - base_rows))
+        per_row = max(
+            1.0, (last.total_bytes - base.total_bytes) / max(1, last.shape[0] - base_rows)
+        )
         guess = int(base_rows + (t.usable - base.total_bytes) / per_row) // step * step
         top = limit if hi is None else hi - step
         probe = min(max(guess, lo + step), top)
@@ -402,6 +510,7 @@ def largest_batch(spec, width: int, *, task="retrieval.passage", dtype="bfloat16
 
 
 # --- the plan ------------------------------------------------------------------------------
+
 
 def largest_shapes(shape_set: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """From a set of (rows, width): the widest (most rows among those) and the one with most
@@ -413,30 +522,51 @@ def largest_shapes(shape_set: Sequence[tuple[int, int]]) -> list[tuple[int, int]
 
 def encode_set(model: JinaEmbeddingsV3, max_length: int, batch_size: int):
     """Every (rows, width) `encode` can run for texts of at most `max_length` tokens."""
-    return encode_shapes(position_limit(model.config), max_length, batch_size,
-                         DEFAULT_TOKEN_BUDGET, model.row_multiple)
+    return encode_shapes(
+        position_limit(model.config),
+        max_length,
+        batch_size,
+        DEFAULT_TOKEN_BUDGET,
+        model.row_multiple,
+    )
 
 
-def server_set(model: JinaEmbeddingsV3, max_length: int, max_batch_size: int = 64,
-               max_batch_tokens: int = 8192):
+def server_set(
+    model: JinaEmbeddingsV3, max_length: int, max_batch_size: int = 64, max_batch_tokens: int = 8192
+):
     """The (rows, width) shapes the server's warm-up compiles (`Batcher.shapes`)."""
-    return Batcher(model, max_length=max_length, max_batch_size=max_batch_size,
-                   max_batch_tokens=max_batch_tokens).shapes()
+    return Batcher(
+        model,
+        max_length=max_length,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+    ).shapes()
 
 
-def plan(spec, *, dtype="bfloat16", max_length: int = 8192, batch_size: int = 32,
-         train_batch_size: int = 32, train_length: int = 512, shard_params: bool = False,
-         fit_widths: Sequence[int] = (512, 8192), config: JinaConfig | None = None,
-         log=print) -> dict:
+def plan(
+    spec,
+    *,
+    dtype="bfloat16",
+    max_length: int = 8192,
+    batch_size: int = 32,
+    train_batch_size: int = 32,
+    train_length: int = 512,
+    shard_params: bool = False,
+    fit_widths: Sequence[int] = (512, 8192),
+    config: JinaConfig | None = None,
+    log=print,
+) -> dict:
     """What `jina-jax plan` prints: for the target, whether encode's largest shapes, the server's
     largest warm-up shapes and a LoRA train step (remat "full" and none) fit a device, and the
     largest batch of each of `fit_widths` tokens. Returns the compiles by section."""
     t = target(spec)
     model = abstract_model(t, config=config, dtype=dtype, shard_params=shard_params)
     weights = nbytes(model.params)
-    log(f"target {t.name}: {len(devices(t))} device(s) ({t.platform}, {t.topology}), "
+    log(
+        f"target {t.name}: {len(devices(t))} device(s) ({t.platform}, {t.topology}), "
         f"{t.usable / GIB:.1f} GiB usable a device; weights {weights / GIB:.2f} GiB "
-        f"({jnp.dtype(model.param_dtype).name}{', sharded' if shard_params else ''})")
+        f"({jnp.dtype(model.param_dtype).name}{', sharded' if shard_params else ''})"
+    )
     out: dict = {"target": t, "weights_bytes": weights}
     kwargs = dict(dtype=dtype, shard_params=shard_params, config=config)
 
@@ -447,16 +577,22 @@ def plan(spec, *, dtype="bfloat16", max_length: int = 8192, batch_size: int = 32
             log(f"  {c.summary()}")
 
     shape_set = encode_set(model, max_length, batch_size)
-    log(f"encode (batch size {batch_size}): {len(shape_set)} shapes up to {max_length} tokens; "
-        "the largest, with a task (retrieval.passage) and without")
+    log(
+        f"encode (batch size {batch_size}): {len(shape_set)} shapes up to {max_length} tokens; "
+        "the largest, with a task (retrieval.passage) and without"
+    )
     run("encode", largest_shapes(shape_set), "retrieval.passage")
     run("encode without a task", largest_shapes(shape_set)[:1], None)
     shape_set = server_set(model, max_length)
-    log(f"server warm-up set (max batch size 64, 8192 tokens a round): {len(shape_set)} shapes "
-        f"up to {max_length} tokens; the largest, every task per row")
+    log(
+        f"server warm-up set (max batch size 64, 8192 tokens a round): {len(shape_set)} shapes "
+        f"up to {max_length} tokens; the largest, every task per row"
+    )
     run("server", largest_shapes(shape_set), "mixed")
-    log(f"LoRA train step ({train_batch_size} query/passage pairs of {train_length} tokens, "
-        "both retrieval adapters, AdamW, fp32 master weights)")
+    log(
+        f"LoRA train step ({train_batch_size} query/passage pairs of {train_length} tokens, "
+        "both retrieval adapters, AdamW, fp32 master weights)"
+    )
     out["train"] = []
     for remat in ("full", None):
         c = compile_train_step(t, train_batch_size, train_length, remat=remat, **kwargs)
@@ -468,10 +604,22 @@ def plan(spec, *, dtype="bfloat16", max_length: int = 8192, batch_size: int = 32
             continue
         rows, c = largest_batch(t, width, **kwargs)
         out["largest"][width] = (rows, c)
-        log(f"largest batch of {width}-token texts (single task, pooled): {rows} rows"
-            + (f" ({c.total_bytes / GIB:.2f} GiB)" if c is not None else ""))
+        log(
+            f"largest batch of {width}-token texts (single task, pooled): {rows} rows"
+            + (f" ({c.total_bytes / GIB:.2f} GiB)" if c is not None else "")
+        )
     return out
 
 
-__all__ = ["Target", "TARGETS", "Compiled", "target", "devices", "abstract_model",
-           "compile_forward", "compile_train_step", "largest_batch", "plan"]
+__all__ = [
+    "Target",
+    "TARGETS",
+    "Compiled",
+    "target",
+    "devices",
+    "abstract_model",
+    "compile_forward",
+    "compile_train_step",
+    "largest_batch",
+    "plan",
+]

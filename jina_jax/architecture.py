@@ -30,11 +30,11 @@ LEAVES = {
 
 @dataclasses.dataclass(frozen=True)
 class Module:
-    path: Path                          # in the parameter tree, e.g. ("layers", "attn", "qkv")
-    kind: str                           # "linear" | "embed" | "norm"
-    release: str                        # the release's (and Transformers' on-disk) module name
-    runtime: tuple[str, ...]            # Transformers' run-time name(s); q, k, v for the fused qkv
-    lora: str | None                    # short name for adapters (None: never adapted)
+    path: Path  # in the parameter tree, e.g. ("layers", "attn", "qkv")
+    kind: str  # "linear" | "embed" | "norm"
+    release: str  # the release's (and Transformers' on-disk) module name
+    runtime: tuple[str, ...]  # Transformers' run-time name(s); q, k, v for the fused qkv
+    lora: str | None  # short name for adapters (None: never adapted)
     shape: Callable[[JinaConfig], tuple[int, ...]]  # weight per layer: [in, out], [V, H] or [H]
     # Tensor parallelism over a mesh's model axis (Megatron's pairing): "out" splits the output
     # features (kernel's last axis and the bias: qkv, fc1), "in" the input features (out, fc2:
@@ -50,9 +50,11 @@ class Module:
     def leaf_shapes(self, cfg: JinaConfig) -> dict[str, tuple[int, ...]]:
         """{leaf: shape} of this module's parameters, with the [L] axis for layer modules."""
         weight = self.shape(cfg)
-        leaves = {"linear": {"kernel": weight, "bias": weight[-1:]},
-                  "embed": {"embedding": weight},
-                  "norm": {"scale": weight, "bias": weight}}[self.kind]
+        leaves = {
+            "linear": {"kernel": weight, "bias": weight[-1:]},
+            "embed": {"embedding": weight},
+            "norm": {"scale": weight, "bias": weight},
+        }[self.kind]
         lead = (cfg.num_hidden_layers,) if self.layered else ()
         return {leaf: lead + shape for leaf, shape in leaves.items()}
 
@@ -61,33 +63,91 @@ class Module:
 
 
 MODULES = (
-    Module(("embeddings", "word"), "embed", "embeddings.word_embeddings",
-           ("embeddings.word_embeddings",), "word", lambda c: (c.vocab_size, c.hidden_size),
-           "dim"),
-    Module(("embeddings", "token_type"), "embed", "embeddings.token_type_embeddings",
-           ("embeddings.token_type_embeddings",), "token_type",
-           lambda c: (c.type_vocab_size, c.hidden_size)),
-    Module(("embeddings", "norm"), "norm", "emb_ln", ("embeddings.LayerNorm",), None,
-           lambda c: (c.hidden_size,)),
-    Module(("layers", "attn", "qkv"), "linear", "encoder.layers.{}.mixer.Wqkv",
-           ("layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj",
-            "layers.{}.self_attn.v_proj"), "qkv", lambda c: (c.hidden_size, 3 * c.hidden_size),
-           "out"),
-    Module(("layers", "attn", "out"), "linear", "encoder.layers.{}.mixer.out_proj",
-           ("layers.{}.self_attn.o_proj",), "out", lambda c: (c.hidden_size, c.hidden_size),
-           "in"),
-    Module(("layers", "mlp", "fc1"), "linear", "encoder.layers.{}.mlp.fc1",
-           ("layers.{}.mlp.fc1",), "fc1", lambda c: (c.hidden_size, c.intermediate_size),
-           "out"),
-    Module(("layers", "mlp", "fc2"), "linear", "encoder.layers.{}.mlp.fc2",
-           ("layers.{}.mlp.fc2",), "fc2", lambda c: (c.intermediate_size, c.hidden_size),
-           "in"),
-    Module(("layers", "norm1"), "norm", "encoder.layers.{}.norm1",
-           ("layers.{}.post_attention_layernorm",), None, lambda c: (c.hidden_size,)),
-    Module(("layers", "norm2"), "norm", "encoder.layers.{}.norm2",
-           ("layers.{}.post_mlp_layernorm",), None, lambda c: (c.hidden_size,)),
-    Module(("pooler", "dense"), "linear", "pooler.dense", ("pooler.dense",), "pooler",
-           lambda c: (c.hidden_size, c.hidden_size)),
+    Module(
+        ("embeddings", "word"),
+        "embed",
+        "embeddings.word_embeddings",
+        ("embeddings.word_embeddings",),
+        "word",
+        lambda c: (c.vocab_size, c.hidden_size),
+        "dim",
+    ),
+    Module(
+        ("embeddings", "token_type"),
+        "embed",
+        "embeddings.token_type_embeddings",
+        ("embeddings.token_type_embeddings",),
+        "token_type",
+        lambda c: (c.type_vocab_size, c.hidden_size),
+    ),
+    Module(
+        ("embeddings", "norm"),
+        "norm",
+        "emb_ln",
+        ("embeddings.LayerNorm",),
+        None,
+        lambda c: (c.hidden_size,),
+    ),
+    Module(
+        ("layers", "attn", "qkv"),
+        "linear",
+        "encoder.layers.{}.mixer.Wqkv",
+        ("layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj", "layers.{}.self_attn.v_proj"),
+        "qkv",
+        lambda c: (c.hidden_size, 3 * c.hidden_size),
+        "out",
+    ),
+    Module(
+        ("layers", "attn", "out"),
+        "linear",
+        "encoder.layers.{}.mixer.out_proj",
+        ("layers.{}.self_attn.o_proj",),
+        "out",
+        lambda c: (c.hidden_size, c.hidden_size),
+        "in",
+    ),
+    Module(
+        ("layers", "mlp", "fc1"),
+        "linear",
+        "encoder.layers.{}.mlp.fc1",
+        ("layers.{}.mlp.fc1",),
+        "fc1",
+        lambda c: (c.hidden_size, c.intermediate_size),
+        "out",
+    ),
+    Module(
+        ("layers", "mlp", "fc2"),
+        "linear",
+        "encoder.layers.{}.mlp.fc2",
+        ("layers.{}.mlp.fc2",),
+        "fc2",
+        lambda c: (c.intermediate_size, c.hidden_size),
+        "in",
+    ),
+    Module(
+        ("layers", "norm1"),
+        "norm",
+        "encoder.layers.{}.norm1",
+        ("layers.{}.post_attention_layernorm",),
+        None,
+        lambda c: (c.hidden_size,),
+    ),
+    Module(
+        ("layers", "norm2"),
+        "norm",
+        "encoder.layers.{}.norm2",
+        ("layers.{}.post_mlp_layernorm",),
+        None,
+        lambda c: (c.hidden_size,),
+    ),
+    Module(
+        ("pooler", "dense"),
+        "linear",
+        "pooler.dense",
+        ("pooler.dense",),
+        "pooler",
+        lambda c: (c.hidden_size, c.hidden_size),
+    ),
 )
 BY_PATH = {m.path: m for m in MODULES}
 # Short adapter module names (what users pass to `add_adapter`) -> module paths.
@@ -103,8 +163,9 @@ def modules(cfg: JinaConfig) -> tuple[Module, ...]:
 
 def param_shapes(cfg: JinaConfig) -> dict[Path, tuple[int, ...]]:
     """Flat {path: shape} of the encoder's parameters (what `JinaEncoder.init` makes)."""
-    return {m.path + (leaf,): shape for m in modules(cfg)
-            for leaf, shape in m.leaf_shapes(cfg).items()}
+    return {
+        m.path + (leaf,): shape for m in modules(cfg) for leaf, shape in m.leaf_shapes(cfg).items()
+    }
 
 
 def weight_shape(cfg: JinaConfig, path: Path) -> tuple[int, int]:

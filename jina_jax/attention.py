@@ -37,8 +37,9 @@ SPLASH_LANES = 128
 DATA_AXIS = "data"
 
 
-def choose_implementation(dtype, head_dim: int, right_padded: bool, length: int = 0,
-                          backend: str | None = None) -> str:
+def choose_implementation(
+    dtype, head_dim: int, right_padded: bool, length: int = 0, backend: str | None = None
+) -> str:
     """cuDNN flash attention on GPU for half-precision right-padded batches; the splash kernel
     on TPU for right-padded batches of at least `SPLASH_MIN_LENGTH` tokens; elsewhere XLA, or
     the blockwise (online-softmax) path for long sequences.
@@ -50,7 +51,13 @@ def choose_implementation(dtype, head_dim: int, right_padded: bool, length: int 
     """
     backend = backend or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if backend in ("gpu", "cuda") and half and right_padded and head_dim % 8 == 0 and head_dim <= 128:
+    if (
+        backend in ("gpu", "cuda")
+        and half
+        and right_padded
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    ):
         return "cudnn"
     if backend == "tpu" and right_padded and length >= SPLASH_MIN_LENGTH:
         return "splash"
@@ -71,7 +78,7 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     nblocks = -(-s // block)
     # As many blocks as `block` implies, each just large enough (a multiple of 16): a length
     # that is no multiple of `block` pads a few keys, not up to a whole block.
-    block = -(-(-(-s // nblocks)) // 16) * 16
+    block = -(-(-(-s // nblocks)) // 16) * 16  # noqa: B002 (nested ceiling divisions)
     pad = nblocks * block - s
     valid = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     if pad:
@@ -79,7 +86,7 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
     # [B, N, L, D], scaled once here rather than per logit.
-    qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+    qt = (q * jnp.asarray(d**-0.5, q.dtype)).transpose(0, 2, 1, 3)
     # [K, B, N, block, D] and [K, B, block]: the scan runs over the leading block axis.
     kt = k.reshape(b, nblocks, block, n, d).transpose(1, 0, 3, 2, 4)
     vt = v.reshape(b, nblocks, block, n, d).transpose(1, 0, 3, 2, 4)
@@ -97,12 +104,16 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
         correction = jnp.exp(run_max - new_max)
         run_sum = run_sum * correction + probs.sum(-1)
         # [B, N, L, D]
-        update = jnp.einsum("bnlk,bnkd->bnld", probs.astype(v.dtype), v_blk,
-                            preferred_element_type=jnp.float32)
+        update = jnp.einsum(
+            "bnlk,bnkd->bnld", probs.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+        )
         return (new_max, run_sum, acc * correction[..., None] + update), None
 
-    init = (jnp.full((b, n, l), very_negative, jnp.float32), jnp.zeros((b, n, l), jnp.float32),
-            jnp.zeros((b, n, l, d), jnp.float32))
+    init = (
+        jnp.full((b, n, l), very_negative, jnp.float32),
+        jnp.zeros((b, n, l), jnp.float32),
+        jnp.zeros((b, n, l, d), jnp.float32),
+    )
     (_, run_sum, acc), _ = jax.lax.scan(step, init, (kt, vt, mt))
     # [B, L, N, D]
     return (acc / run_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
@@ -114,12 +125,20 @@ def splash_kernel(length: int, heads: int, interpret: bool):
     Made per trace, never cached: it holds arrays, which must not outlive the trace (a scan's
     body would leak them to the next)."""
     block = next(b for b in (512, 256, 128) if length % b == 0)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                              block_q_dq=block, block_kv_dq=block)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def splash_attention(q, k, v, lengths, *, interpret: bool = False):
@@ -139,17 +158,25 @@ def splash_attention(q, k, v, lengths, *, interpret: bool = False):
     def per_device(q, k, v, lengths):
         segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
         # [B, N, L', D]
-        qt, kt, vt = (jnp.pad(x, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-                      for x in (q * jnp.asarray(d ** -0.5, q.dtype), k, v))
-        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(
-            q=s1, kv=s1)))(qt, kt, vt, segments)
+        qt, kt, vt = (
+            jnp.pad(x, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+            for x in (q * jnp.asarray(d**-0.5, q.dtype), k, v)
+        )
+        out = jax.vmap(
+            lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1))
+        )(qt, kt, vt, segments)
         return out.transpose(0, 2, 1, 3)[:, :l].astype(q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and DATA_AXIS in mesh.axis_names and mesh.shape[DATA_AXIS] > 1:
         rows = PartitionSpec(DATA_AXIS)
-        per_device = jax.shard_map(per_device, in_specs=(rows,) * 4, out_specs=rows,
-                                   axis_names={DATA_AXIS}, check_vma=False)
+        per_device = jax.shard_map(
+            per_device,
+            in_specs=(rows,) * 4,
+            out_specs=rows,
+            axis_names={DATA_AXIS},
+            check_vma=False,
+        )
     return per_device(q, k, v, lengths)
 
 
@@ -158,7 +185,7 @@ def attention_with_dropout(q, k, v, mask, dropout):
     blockwise paths have no hook for it). q, k, v: [B, L, N, D]; mask: bool [B, S] or None."""
     d = q.shape[-1]
     # [B, N, L, S]
-    logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * d**-0.5
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(logits, axis=-1))
@@ -166,8 +193,9 @@ def attention_with_dropout(q, k, v, mask, dropout):
     return jnp.einsum("bnls,bsnd->blnd", probs.astype(v.dtype), v).astype(q.dtype)
 
 
-def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: str = "xla",
-                          dropout=None):
+def dot_product_attention(
+    q, k, v, *, lengths=None, mask=None, implementation: str = "xla", dropout=None
+):
     """Bidirectional attention with padded keys masked.
 
     q, k, v: [B, L, N, D]; lengths: int32[B] or None; mask: bool[B, L] or None.
@@ -177,8 +205,10 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
     attention dropout (a config with attention_probs_dropout_prob=0).
     """
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"expected one of {IMPLEMENTATIONS}")
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; "
+            f"expected one of {IMPLEMENTATIONS}"
+        )
     if dropout is not None:  # training with attention dropout: no fused path has the hook
         if mask is None and lengths is not None:
             mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
@@ -187,8 +217,13 @@ def dot_product_attention(q, k, v, *, lengths=None, mask=None, implementation: s
         if lengths is None:
             raise ValueError("the cuDNN attention path needs right-padded `lengths`, not a mask")
         return jax.nn.dot_product_attention(
-            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            implementation="cudnn")
+            q,
+            k,
+            v,
+            query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths,
+            implementation="cudnn",
+        )
     if implementation == "splash":
         if lengths is None:
             raise ValueError("the splash attention path needs right-padded `lengths`, not a mask")

@@ -46,14 +46,21 @@ from .adapters import AdapterSet
 from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
 from .late_chunking import prepare_document
 from .metrics import Counter, Gauge, Histogram, Registry
-from .tokenize import (BUCKETS, SERVE_WIDTHS, bucket_for, check_max_length, pad, position_limit,
-                       token_ids)
+from .tokenize import (
+    BUCKETS,
+    SERVE_WIDTHS,
+    bucket_for,
+    check_max_length,
+    pad,
+    position_limit,
+    token_ids,
+)
 
 LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 TOKENIZE_PIECE = 64  # texts tokenized at a time: a cancel is seen between pieces
 LATE_ROWS = 8  # late-chunking windows per forward, at most
-UNTRUNCATED = 2 ** 31 - 1
+UNTRUNCATED = 2**31 - 1
 # `ready_shapes`: shapes of at most this many padded positions compile before the server
 # answers (19 of the 134 for max_length 8192), the rest in the background.
 READY_TOKENS = 128
@@ -64,8 +71,9 @@ class QueueFull(Exception):
     when there will be room."""
 
     def __init__(self, waiting: int, limit: int, retry_after: int):
-        super().__init__(f"{waiting} texts are waiting, the queue holds {limit}; retry in "
-                         f"{retry_after} s")
+        super().__init__(
+            f"{waiting} texts are waiting, the queue holds {limit}; retry in {retry_after} s"
+        )
         self.retry_after = retry_after
 
 
@@ -81,9 +89,11 @@ class TooLong(ValueError):
     """A text of a request that asked not to be truncated has more tokens than `max_length`."""
 
     def __init__(self, index: int, tokens: int, limit: int):
-        super().__init__(f"input[{index}] has {tokens} tokens (instruction and <s>/</s> "
-                         f"included), over this server's limit of {limit}; send truncate true "
-                         "to cut it there, or split it")
+        super().__init__(
+            f"input[{index}] has {tokens} tokens (instruction and <s>/</s> "
+            f"included), over this server's limit of {limit}; send truncate true "
+            "to cut it there, or split it"
+        )
         self.index, self.tokens, self.limit = index, tokens, limit
 
 
@@ -124,13 +134,25 @@ class Row:
 
 
 class Batcher:
-    def __init__(self, model, *, max_batch_tokens: int = 8192, max_batch_size: int = 64,
-                 max_wait_ms: float = 2.0, max_queue: int = 4096,
-                 max_length: int | None = None, registry: Registry | None = None,
-                 max_late_chars: int = 65536, adapters: AdapterSet | None = None):
-        for name, value in (("max_batch_tokens", max_batch_tokens),
-                            ("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("max_late_chars", max_late_chars)):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 4096,
+        max_length: int | None = None,
+        registry: Registry | None = None,
+        max_late_chars: int = 65536,
+        adapters: AdapterSet | None = None,
+    ):
+        for name, value in (
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_batch_size", max_batch_size),
+            ("max_queue", max_queue),
+            ("max_late_chars", max_late_chars),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < math.inf:
@@ -144,8 +166,15 @@ class Batcher:
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.max_queue, self.max_late_chars = max_queue, max_late_chars
         self.limit = position_limit(model.config)
-        self.runner = Runner(model, max_batch_size, max_batch_tokens, hidden=False,
-                             bar=progress(None, 1, False), ladder=LADDER, mixed=True)
+        self.runner = Runner(
+            model,
+            max_batch_size,
+            max_batch_tokens,
+            hidden=False,
+            bar=progress(None, 1, False),
+            ladder=LADDER,
+            mixed=True,
+        )
         self.cond = threading.Condition()
         self.inbox: collections.deque[Job] = collections.deque()
         self.rows: collections.deque[Row] = collections.deque()
@@ -158,24 +187,52 @@ class Batcher:
         self.registry = registry if registry is not None else Registry()
         add = self.registry.add
         self.texts_total = add(Counter("jina_jax_texts_total", "Texts embedded."))
-        self.tokens_total = add(Counter("jina_jax_tokens_total",
-                                        "Real tokens embedded (instruction and specials included)."))
-        self.padded_total = add(Counter("jina_jax_padded_tokens_total",
-                                        "Positions computed, padding and filler rows included."))
+        self.tokens_total = add(
+            Counter(
+                "jina_jax_tokens_total", "Real tokens embedded (instruction and specials included)."
+            )
+        )
+        self.padded_total = add(
+            Counter(
+                "jina_jax_padded_tokens_total",
+                "Positions computed, padding and filler rows included.",
+            )
+        )
         self.batches_total = add(Counter("jina_jax_batches_total", "Forward batches run."))
-        self.cancelled_total = add(Counter("jina_jax_cancelled_texts_total",
-                                           "Texts dropped before running: their client left."))
-        self.batch_rows = add(Histogram("jina_jax_batch_rows", "Texts per forward batch.",
-                                        [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]))
-        self.batch_tokens = add(Histogram("jina_jax_batch_padded_tokens",
-                                          "Padded positions per forward batch.",
-                                          [2 ** k for k in range(4, 17)]))
-        self.round_tasks = add(Histogram("jina_jax_batch_tasks",
-                                         "Distinct tasks (no adapter counts as one) per batch.",
-                                         [1, 2, 3, 4, 5, 6]))
+        self.cancelled_total = add(
+            Counter(
+                "jina_jax_cancelled_texts_total", "Texts dropped before running: their client left."
+            )
+        )
+        self.batch_rows = add(
+            Histogram(
+                "jina_jax_batch_rows",
+                "Texts per forward batch.",
+                [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+            )
+        )
+        self.batch_tokens = add(
+            Histogram(
+                "jina_jax_batch_padded_tokens",
+                "Padded positions per forward batch.",
+                [2**k for k in range(4, 17)],
+            )
+        )
+        self.round_tasks = add(
+            Histogram(
+                "jina_jax_batch_tasks",
+                "Distinct tasks (no adapter counts as one) per batch.",
+                [1, 2, 3, 4, 5, 6],
+            )
+        )
         add(Gauge("jina_jax_queue_depth", "Texts waiting to run.", lambda: self.waiting))
-        add(Gauge("jina_jax_compiles", "Forward compilations since the start.",
-                  lambda: model.compile_count))
+        add(
+            Gauge(
+                "jina_jax_compiles",
+                "Forward compilations since the start.",
+                lambda: model.compile_count,
+            )
+        )
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -191,8 +248,13 @@ class Batcher:
         can compile in the background (`warm_up(shapes=...)`) while the server answers."""
         return [s for s in self.shapes() if s[0] * s[1] <= tokens]
 
-    def warm_up(self, on_shape: Callable[[int, int], None] | None = None,
-                stop: Callable[[], bool] | None = None, shapes=None, late: bool = True) -> int:
+    def warm_up(
+        self,
+        on_shape: Callable[[int, int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+        shapes=None,
+        late: bool = True,
+    ) -> int:
         """Compiles (or loads from the executable store) `shapes` (default: every shape) and,
         with `late`, the late-chunking forwards' `late_shapes`, without running them where the
         store is on; returns how many. `on_shape(done, total)` after each; `stop()` true ends
@@ -208,15 +270,18 @@ class Batcher:
                 return done - 1
             ids, lengths = pad([FILLER] * rows, width, pad_id)
             tasks = [None] * rows
-            prepare, run = ((model.prepare_hidden, model.hidden) if hidden else
-                            (model.prepare_pooled, model.pooled))
+            prepare, run = (
+                (model.prepare_hidden, model.hidden)
+                if hidden
+                else (model.prepare_pooled, model.pooled)
+            )
             if not prepare(ids, lengths, tasks, **inputs):
                 np.asarray(run(ids, lengths, tasks, **inputs))
             if on_shape is not None:
                 on_shape(done, len(work))
         return len(work)
 
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
         self.thread.start()
         return self
@@ -231,8 +296,15 @@ class Batcher:
 
     # --- callers ---------------------------------------------------------------------------
 
-    def submit(self, texts: list[str], tasks: list, dim: int, normalize: bool = True,
-               late: bool = False, truncate: bool = True) -> Job:
+    def submit(
+        self,
+        texts: list[str],
+        tasks: list,
+        dim: int,
+        normalize: bool = True,
+        late: bool = False,
+        truncate: bool = True,
+    ) -> Job:
         """Queues a request (texts checked by the caller; one adapter name or None per text,
         names of the current `adapters` set, which the job keeps). truncate=False: the job
         fails with `TooLong` if a text has over `max_length` tokens (late chunking never
@@ -242,9 +314,11 @@ class Batcher:
         if late:
             chars = sum(map(len, texts)) + len(LATE_SEPARATOR) * (len(texts) - 1)
             if chars > self.max_late_chars:
-                raise DocumentTooLong(f"the late-chunking document (the inputs joined) has "
-                                      f"{chars} characters, over this server's limit of "
-                                      f"{self.max_late_chars}")
+                raise DocumentTooLong(
+                    f"the late-chunking document (the inputs joined) has "
+                    f"{chars} characters, over this server's limit of "
+                    f"{self.max_late_chars}"
+                )
         job = Job(list(texts), list(tasks), dim, normalize, late, truncate, self.adapters)
         with self.cond:
             if self.closing:
@@ -332,8 +406,9 @@ class Batcher:
             job.tokens = sum(len(x) for x in ids)
             job.pooled = np.zeros((len(ids), cfg.hidden_size), np.float32)
             job.remaining = len(ids)
-            self.rows.extend(Row(job, i, x, bucket_for(len(x), self.limit, LADDER))
-                             for i, x in enumerate(ids))
+            self.rows.extend(
+                Row(job, i, x, bucket_for(len(x), self.limit, LADDER)) for i, x in enumerate(ids)
+            )
 
     def _tokenize(self, job: Job) -> list[np.ndarray] | None:
         """The job's token ids cut at `max_length`, `TOKENIZE_PIECE` texts at a time; None
@@ -351,8 +426,9 @@ class Batcher:
         if not job.truncate:
             for i, x in enumerate(ids):
                 if len(x) > limit:
-                    full = self._token_ids(job, job.texts[i:i + 1], job.tasks[i:i + 1],
-                                           UNTRUNCATED)[0]
+                    full = self._token_ids(
+                        job, job.texts[i : i + 1], job.tasks[i : i + 1], UNTRUNCATED
+                    )[0]
                     raise TooLong(i, len(full), limit)
         return ids
 
@@ -362,8 +438,14 @@ class Batcher:
         for task in dict.fromkeys(tasks):
             where = [i for i, t in enumerate(tasks) if t == task]
             prompt = job.adapters.instruction(task)
-            ids = token_ids(self.model.tokenizer, self.model.config, [texts[i] for i in where],
-                            [task] * len(where), max_length, prompt)
+            ids = token_ids(
+                self.model.tokenizer,
+                self.model.config,
+                [texts[i] for i in where],
+                [task] * len(where),
+                max_length,
+                prompt,
+            )
             for i, x in zip(where, ids):
                 out[i] = x
         return out
@@ -390,8 +472,11 @@ class Batcher:
         under one adapter set (the first's: a set replaced meanwhile waits its turn)."""
         taken, cost = [], 0
         adapters = self.rows[0].job.adapters
-        while self.rows and (not taken or cost + self.rows[0].width <= self.max_batch_tokens) \
-                and self.rows[0].job.adapters is adapters:
+        while (
+            self.rows
+            and (not taken or cost + self.rows[0].width <= self.max_batch_tokens)
+            and self.rows[0].job.adapters is adapters
+        ):
             row = self.rows.popleft()
             taken.append(row)
             cost += row.width
@@ -415,7 +500,7 @@ class Batcher:
             self.batches_total.inc()
             self.batch_rows.observe(len(batch.members))
             self.batch_tokens.observe(batch.rows * batch.width)
-            self.round_tasks.observe(len(set(batch.task[:len(batch.members)])))
+            self.round_tasks.observe(len(set(batch.task[: len(batch.members)])))
             self.padded_total.inc(batch.rows * batch.width)
         self.texts_total.inc(len(rows))
         self.tokens_total.inc(sum(len(x) for x in ids))
@@ -442,8 +527,9 @@ class Batcher:
                 # The document's instruction comes from the model's own adapters: one loaded
                 # into the server goes onto the model first (here, between forwards).
                 job.adapters.carry(self.model, job.tasks[0])
-                prepared = prepare_document(self.model, document, job.tasks[0], spans=spans,
-                                            max_length=self.max_length)
+                prepared = prepare_document(
+                    self.model, document, job.tasks[0], spans=spans, max_length=self.max_length
+                )
                 states = self._late_windows(job, prepared.rows)
             if states is None:  # its client left
                 self.cancelled_total.inc(len(job.texts))
@@ -465,7 +551,7 @@ class Batcher:
         tokens each) run up to `late_rows` at a time, rows rounded up to a power of two."""
         *short, top = self.late_widths
         multiple = self.model.row_multiple
-        rows = sorted({max(multiple, 2 ** k) for k in range(self.late_rows.bit_length())})
+        rows = sorted({max(multiple, 2**k) for k in range(self.late_rows.bit_length())})
         return [(multiple, w) for w in short] + [(r, top) for r in rows]
 
     @property
@@ -489,13 +575,16 @@ class Batcher:
         for first in range(0, len(windows), self.late_rows):
             if job.cancelled:
                 return None
-            group = windows[first:first + self.late_rows]
+            group = windows[first : first + self.late_rows]
             rows = max(multiple, 1 << (len(group) - 1).bit_length())
             width = bucket_for(max(map(len, group)), self.limit, self.late_widths)
             ids, lengths = pad(group + [FILLER] * (rows - len(group)), width, pad_id)
-            states = np.asarray(self.model.hidden(ids, lengths, job.tasks[:1] * rows,
-                                                  merge=False, adapters=job.adapters))
-            out += [states[k, :len(w)].astype(np.float32) for k, w in enumerate(group)]
+            states = np.asarray(
+                self.model.hidden(
+                    ids, lengths, job.tasks[:1] * rows, merge=False, adapters=job.adapters
+                )
+            )
+            out += [states[k, : len(w)].astype(np.float32) for k, w in enumerate(group)]
             self.batches_total.inc()
             self.padded_total.inc(ids.size)
         return out

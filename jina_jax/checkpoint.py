@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from convert.export import save_original, save_transformers
-from convert.formats import Checkpoint, load as load_folder, save_native
+from convert.formats import Checkpoint, save_native
+from convert.formats import load as load_folder
 
 from .config import as_dtype
 from .hub import resolve
@@ -26,8 +27,12 @@ def load(src, *, dtype="float32", revision: str | None = None) -> Checkpoint:
     its tokenizer (read first: a bad `tokenizer.json` fails before the weights load)."""
     folder = resolve(src, revision=revision)
     dtype = as_dtype(dtype)
-    return load_folder(folder, dtype=dtype, place=lambda x: jnp.asarray(x, dtype=dtype),
-                       read_tokenizer=lambda path: load_tokenizer(os.path.dirname(path)))
+    return load_folder(
+        folder,
+        dtype=dtype,
+        place=lambda x: jnp.asarray(x, dtype=dtype),
+        read_tokenizer=lambda path: load_tokenizer(os.path.dirname(path)),
+    )
 
 
 def save(folder: str, format: str, ckpt: Checkpoint, head: tuple[str, int | None] | None = None):
@@ -43,15 +48,35 @@ def save(folder: str, format: str, ckpt: Checkpoint, head: tuple[str, int | None
         raise ValueError(f"format {format!r} is not supported; use one of {FORMATS}")
     parent = os.path.dirname(os.path.abspath(os.fspath(folder)))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"{parent}: the parent folder of {os.fspath(folder)!r} does "
-                                "not exist")
+        raise FileNotFoundError(
+            f"{parent}: the parent folder of {os.fspath(folder)!r} does not exist"
+        )
     params, adapters = jax.device_get((ckpt.params, ckpt.adapters))
     if format == "transformers":
-        save_transformers(folder, ckpt.config, params, adapters, ckpt.scales, ckpt.folder,
-                          heads=ckpt.heads, head=head)
+        save_transformers(
+            folder,
+            ckpt.config,
+            params,
+            adapters,
+            ckpt.scales,
+            ckpt.folder,
+            heads=ckpt.heads,
+            head=head,
+        )
     elif format == "original":
-        save_original(folder, ckpt.config, params, adapters, ckpt.scales, ckpt.folder,
-                      heads=ckpt.heads)
+        save_original(
+            folder, ckpt.config, params, adapters, ckpt.scales, ckpt.folder, heads=ckpt.heads
+        )
     else:
-        save_native(folder, Checkpoint(ckpt.config, params, adapters, ckpt.scales, ckpt.heads,
-                                       "jina_jax", ckpt.folder or folder))
+        save_native(
+            folder,
+            Checkpoint(
+                ckpt.config,
+                params,
+                adapters,
+                ckpt.scales,
+                ckpt.heads,
+                "jina_jax",
+                ckpt.folder or folder,
+            ),
+        )

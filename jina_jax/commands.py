@@ -22,6 +22,7 @@ class UsageError(Exception):
 def _number(parse, ok, what: str):
     """An argparse type: `parse(text)`, refused unless `ok(value)`, with a message saying `what`
     the flag needs (argparse prefixes the flag)."""
+
     def convert(text: str):
         try:
             value = parse(text)
@@ -30,6 +31,7 @@ def _number(parse, ok, what: str):
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
+
     convert.__name__ = what
     return convert
 
@@ -45,8 +47,9 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_output(path: str, flag: str, *, overwrite: bool, sources=(), suffixes=None,
-                 folder: bool = False) -> str:
+def check_output(
+    path: str, flag: str, *, overwrite: bool, sources=(), suffixes=None, folder: bool = False
+) -> str:
     """Refuses, before any work, an output that cannot or may not be written: a wrong suffix, a
     missing or unwritable parent folder, the wrong kind of thing already there, an existing
     output without --overwrite, an output that is one of the inputs or inside a source folder.
@@ -65,8 +68,9 @@ def check_output(path: str, flag: str, *, overwrite: bool, sources=(), suffixes=
         if os.path.exists(absolute) and os.path.samefile(absolute, source):
             raise UsageError(f"{flag} {path} is also the input; write somewhere else")
         if os.path.isdir(source) and _inside(absolute, source):
-            raise UsageError(f"{flag} {path} is inside the source folder {source}; write "
-                             "somewhere else")
+            raise UsageError(
+                f"{flag} {path} is inside the source folder {source}; write somewhere else"
+            )
     if os.path.lexists(absolute):
         if folder and not os.path.isdir(absolute):
             raise UsageError(f"{flag} {path} exists and is not a folder")
@@ -91,8 +95,9 @@ def run_guarded(command, args, target: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f": {target} was not written (anything already there is unchanged)" if target \
-            else ""
+        where = (
+            f": {target} was not written (anything already there is unchanged)" if target else ""
+        )
         print(f"interrupted{where}", file=sys.stderr)
         return 130
     except BrokenPipeError:

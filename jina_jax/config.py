@@ -68,9 +68,16 @@ class JinaConfig:
     truncate_dim: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                     "lora_rank"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "lora_rank",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -87,12 +94,14 @@ class JinaConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}")
+                f"{self.num_attention_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; "
-                             f"expected one of {_ACTIVATIONS}")
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; expected one of {_ACTIVATIONS}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -105,7 +114,7 @@ class JinaConfig:
                 return text
         return ""
 
-    def replace(self, **changes) -> "JinaConfig":
+    def replace(self, **changes) -> JinaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +125,7 @@ class JinaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JinaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> JinaConfig:
         """Builds a config from any of the three `config.json` spellings; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
@@ -126,8 +135,10 @@ class JinaConfig:
         if isinstance(rope, dict) and "rope_theta" in rope:
             rope_type = rope.get("rope_type", "default")
             if rope_type != "default":
-                raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported "
-                                 "(jina-embeddings-v3 uses plain rotary embeddings)")
+                raise ValueError(
+                    f"rope_parameters.rope_type {rope_type!r} is not supported "
+                    "(jina-embeddings-v3 uses plain rotary embeddings)"
+                )
             kw["rope_theta"] = rope["rope_theta"]
         for key in ("lora_adaptations", "matryoshka_dimensions"):
             if kw.get(key) is not None:
@@ -144,7 +155,7 @@ class JinaConfig:
         return cls(**kw)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "JinaConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> JinaConfig:
         with open(path) as f:
             try:
                 raw = json.load(f)
@@ -154,8 +165,14 @@ class JinaConfig:
 
 
 # Dtype spellings accepted wherever a dtype is named (API, CLI, converter).
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def as_dtype(dtype) -> np.dtype:

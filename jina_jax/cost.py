@@ -54,8 +54,9 @@ class CostModel:
 
     def seconds(self, rows: int, width: int) -> float:
         tokens = rows * width
-        return (self.call_s + max(tokens, self.min_tokens) * self.token_s
-                + tokens * width * self.key_s)
+        return (
+            self.call_s + max(tokens, self.min_tokens) * self.token_s + tokens * width * self.key_s
+        )
 
 
 # Per platform: dense FLOP/s, attention FLOP/s, per-call seconds per layer, min_tokens and
@@ -89,8 +90,14 @@ def default(cfg, platform: str | None = None) -> CostModel:
     platform = platform or jax.default_backend()
     platform = platform if platform in DEVICE_DEFAULTS else "gpu"
     dense_rate, key_rate, call_per_layer, min_tokens, shape_s = DEVICE_DEFAULTS[platform]
-    return CostModel(call_per_layer * cfg.num_hidden_layers, dense_flops(cfg) / dense_rate,
-                     key_flops(cfg) / key_rate, min_tokens, shape_s, f"default:{platform}")
+    return CostModel(
+        call_per_layer * cfg.num_hidden_layers,
+        dense_flops(cfg) / dense_rate,
+        key_flops(cfg) / key_rate,
+        min_tokens,
+        shape_s,
+        f"default:{platform}",
+    )
 
 
 def fit(samples) -> tuple[float, float, float, int]:
@@ -112,16 +119,29 @@ def fit(samples) -> tuple[float, float, float, int]:
     # A small batch that took longer than its tokens predict ran at a floor: the tokens its
     # time is worth. The largest such floor is the model's.
     floors = [(s - call_s - r * w * w * key_s) / token_s for r, w, s in samples if r * w < 256]
-    floors = [f for f, (r, w, _) in zip(floors, [x for x in samples if x[0] * x[1] < 256])
-              if f > 1.05 * r * w]
+    floors = [
+        f
+        for f, (r, w, _) in zip(floors, [x for x in samples if x[0] * x[1] < 256])
+        if f > 1.05 * r * w
+    ]
     return call_s, token_s, key_s, max(1, round(max(floors, default=1)))
 
 
 # Timed by `calibrate`: small batches (the floor), then 256 to 2048 tokens at widths from 32 to
 # 1024 (the per-call cost, the slope and attention's share apart): about 7,600 tokens a round
 # plus a compile per shape.
-CALIBRATION_SHAPES = ((1, 32), (4, 32), (2, 128), (16, 32), (32, 32), (8, 128), (1, 512),
-                      (4, 256), (1, 1024), (2, 1024))
+CALIBRATION_SHAPES = (
+    (1, 32),
+    (4, 32),
+    (2, 128),
+    (16, 32),
+    (32, 32),
+    (8, 128),
+    (1, 512),
+    (4, 256),
+    (1, 1024),
+    (2, 1024),
+)
 
 
 def cache_path(model) -> str | None:
@@ -130,11 +150,20 @@ def cache_path(model) -> str | None:
     if not folder:
         return None
     device = jax.devices()[0]
-    key = json.dumps({"format": FORMAT, "platform": device.platform,
-                      "device": getattr(device, "device_kind", ""), "count": jax.device_count(),
-                      "config": dataclasses.asdict(model.config), "dtype": str(model.dtype),
-                      "param_dtype": str(model.param_dtype),
-                      "precision": model.forward.precision}, sort_keys=True, default=str)
+    key = json.dumps(
+        {
+            "format": FORMAT,
+            "platform": device.platform,
+            "device": getattr(device, "device_kind", ""),
+            "count": jax.device_count(),
+            "config": dataclasses.asdict(model.config),
+            "dtype": str(model.dtype),
+            "param_dtype": str(model.param_dtype),
+            "precision": model.forward.precision,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return os.path.join(folder, FOLDER, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
@@ -148,12 +177,15 @@ def for_model(model) -> CostModel:
                 record = json.load(f)
             return CostModel(**record["cost"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"{path}: unreadable cost calibration ({e}); using the default")
+            warnings.warn(
+                f"{path}: unreadable cost calibration ({e}); using the default", stacklevel=2
+            )
     return default(model.config)
 
 
-def calibrate(model, task=None, shapes=CALIBRATION_SHAPES, repeats: int = 3,
-              save: bool = True) -> CostModel:
+def calibrate(
+    model, task=None, shapes=CALIBRATION_SHAPES, repeats: int = 3, save: bool = True
+) -> CostModel:
     """Times `model.pooled` on `shapes` (after one untimed call each, which compiles; best of
     `repeats` calls, the shapes interleaved so a slow moment of a shared machine hits all of
     them), fits the cost model and, with `save`, caches it for `for_model`. The fitted model
@@ -175,13 +207,23 @@ def calibrate(model, task=None, shapes=CALIBRATION_SHAPES, repeats: int = 3,
     call_s, token_s, key_s, min_tokens = fit([(r, w, s) for (r, w), s in best.items()])
     # A compile is not timed here (the executable store or JAX's cache may have served it):
     # a new shape keeps the device default's price.
-    cost = CostModel(call_s, token_s, key_s, min_tokens,
-                     default(model.config, device.platform).shape_s,
-                     source=f"calibrated:{getattr(device, 'device_kind', device.platform)}")
+    cost = CostModel(
+        call_s,
+        token_s,
+        key_s,
+        min_tokens,
+        default(model.config, device.platform).shape_s,
+        source=f"calibrated:{getattr(device, 'device_kind', device.platform)}",
+    )
     path = cache_path(model) if save else None
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_file(path, "w") as f:
-            json.dump({"cost": dataclasses.asdict(cost),
-                       "timed": {f"{r}x{w}": s for (r, w), s in best.items()}}, f)
+            json.dump(
+                {
+                    "cost": dataclasses.asdict(cost),
+                    "timed": {f"{r}x{w}": s for (r, w), s in best.items()},
+                },
+                f,
+            )
     return cost

@@ -36,9 +36,20 @@ class JinaEmbeddingsV3:
     out.last_hidden_state  # [B, L, H];  out.pooler_output  # [B, H] or None
     """
 
-    def __init__(self, config: JinaConfig, params, adapters=None, scales=None, *,
-                 dtype="float32", param_dtype=None, heads=None, max_cached_tasks: int = 2,
-                 source: str | None = None, precision: str | None = None):
+    def __init__(
+        self,
+        config: JinaConfig,
+        params,
+        adapters=None,
+        scales=None,
+        *,
+        dtype="float32",
+        param_dtype=None,
+        heads=None,
+        max_cached_tasks: int = 2,
+        source: str | None = None,
+        precision: str | None = None,
+    ):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype) if param_dtype is not None else self.dtype
@@ -49,15 +60,24 @@ class JinaEmbeddingsV3:
         self.source = source
         self.head_params = None  # a head model's head parameters
         self.task_cache = lora_lib.TaskCache(max_cached_tasks)
-        self.forward = CompiledForward(config, self.dtype, self.param_dtype, self.head_outputs,
-                                       precision)
+        self.forward = CompiledForward(
+            config, self.dtype, self.param_dtype, self.head_outputs, precision
+        )
         self._tokenizer = None
 
     # --- loading and saving ----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, src, *, dtype="float32", param_dtype=None, revision=None,
-                        adapters: dict | None = None, **kwargs) -> "JinaEmbeddingsV3":
+    def from_pretrained(
+        cls,
+        src,
+        *,
+        dtype="float32",
+        param_dtype=None,
+        revision=None,
+        adapters: dict | None = None,
+        **kwargs,
+    ) -> JinaEmbeddingsV3:
         """Loads a hub id or a folder in any supported format (detected from its files).
 
         adapters: {task name: PATH or PATH@TASK} of user adapters to add (see `adapters.py`:
@@ -70,8 +90,17 @@ class JinaEmbeddingsV3:
         """
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
-        model = cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
-                    param_dtype=param_dtype, heads=ckpt.heads, source=ckpt.folder, **kwargs)
+        model = cls(
+            ckpt.config,
+            ckpt.params,
+            ckpt.adapters,
+            ckpt.scales,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            heads=ckpt.heads,
+            source=ckpt.folder,
+            **kwargs,
+        )
         model._tokenizer = ckpt.tokenizer  # read (and checked) before the weights
         for name, spec in (adapters or {}).items():
             model.attach_adapter(read_adapter(name, spec, model.config))
@@ -86,8 +115,15 @@ class JinaEmbeddingsV3:
         single `model.safetensors` with all adapters stacked; fp32). The parent folder must
         exist.
         """
-        ckpt = checkpoint.Checkpoint(self.config, self.params, self.adapters, self.scales,
-                                     self.head_tensors(), "jina_jax", self.source)
+        ckpt = checkpoint.Checkpoint(
+            self.config,
+            self.params,
+            self.adapters,
+            self.scales,
+            self.head_tensors(),
+            "jina_jax",
+            self.source,
+        )
         checkpoint.save(folder, format, ckpt, head=self.head_signature())
 
     def head_tensors(self) -> dict:
@@ -98,8 +134,9 @@ class JinaEmbeddingsV3:
         """(head kind, num_labels) of a head model; None for the embedding model."""
         return None
 
-    def head_outputs(self, encoded: EncoderOutput, params, head_params, lora, task_index,
-                     task_mask):
+    def head_outputs(
+        self, encoded: EncoderOutput, params, head_params, lora, task_index, task_mask
+    ):
         """What the compiled forward returns (traced): the encoder output here; a head model
         applies its head."""
         return encoded
@@ -117,16 +154,19 @@ class JinaEmbeddingsV3:
         for name in self.adapters:
             if canonical_task(name) == canonical_task(task):
                 return name
-        raise ValueError(f"unknown task {task!r}; this checkpoint has {list(self.adapters)} "
-                         "(or None for no adapter)")
+        raise ValueError(
+            f"unknown task {task!r}; this checkpoint has {list(self.adapters)} "
+            "(or None for no adapter)"
+        )
 
     def resolve_tasks(self, task, n: int, unit: str = "rows") -> list:
         """One adapter name (or None) per row, from None, one task, or a list of them."""
         if task is None or isinstance(task, str):
             return [None if task is None else self.resolve_task(task)] * n
         if not isinstance(task, Sequence):
-            raise TypeError(f"task must be None, a string or a list of them, got "
-                            f"{type(task).__name__}")
+            raise TypeError(
+                f"task must be None, a string or a list of them, got {type(task).__name__}"
+            )
         if len(task) != n:
             raise ValueError(f"task has {len(task)} entries but there are {n} {unit}")
         names = []
@@ -148,8 +188,9 @@ class JinaEmbeddingsV3:
         name = None if task is None else self.resolve_task(task)
         if merge:
             cfg = self.config
-            return lora_lib.merged_task(self.params, self.adapters, self.scales, name,
-                                        cfg.vocab_size, cfg.hidden_size)
+            return lora_lib.merged_task(
+                self.params, self.adapters, self.scales, name, cfg.vocab_size, cfg.hidden_size
+            )
         return self.params, self.task_cache.single(name, self.adapters, self.scales)
 
     @property
@@ -157,8 +198,9 @@ class JinaEmbeddingsV3:
         """Tasks whose single-task factors are cached (None: no task), least recently used first."""
         return list(self.task_cache.single_tasks)
 
-    def task_inputs(self, task, batch: int, merge: bool = True,
-                    adapters: AdapterSet | None = None) -> dict:
+    def task_inputs(
+        self, task, batch: int, merge: bool = True, adapters: AdapterSet | None = None
+    ) -> dict:
         """The forward's weight inputs for a task spec over `batch` rows: the base params plus,
         for one task (or none), that task's factors run for every row (`params_for(task,
         merge=False)`: no merged copy of the weights), else every adapter's factors stacked
@@ -170,8 +212,12 @@ class JinaEmbeddingsV3:
             if adapters is not None:
                 row_tasks = [task] * batch if task is None or isinstance(task, str) else list(task)
                 task_index, task_mask = adapters.rows(row_tasks)
-                return {"params": self.params, "lora": adapters.lora, "task_index": task_index,
-                        "task_mask": task_mask}
+                return {
+                    "params": self.params,
+                    "lora": adapters.lora,
+                    "task_index": task_index,
+                    "task_mask": task_mask,
+                }
             return self._task_inputs(self.resolve_tasks(task, batch), merge)
 
     def _task_inputs(self, row_tasks: list, merge: bool) -> dict:
@@ -180,11 +226,23 @@ class JinaEmbeddingsV3:
             return {"params": params, "lora": lora}
         names, task_index, task_mask = lora_lib.task_rows(row_tasks, sorted(self.adapters))
         lora = self.task_cache.mixed(tuple(names), self.adapters, self.scales)
-        return {"params": self.params, "lora": lora, "task_index": task_index,
-                "task_mask": task_mask}
+        return {
+            "params": self.params,
+            "lora": lora,
+            "task_index": task_index,
+            "task_mask": task_mask,
+        }
 
-    def add_adapter(self, name: str, rank: int = 4, alpha: float | None = None,
-                    modules=DEFAULT_LORA_MODULES, *, instruction: str = "", seed: int = 0):
+    def add_adapter(
+        self,
+        name: str,
+        rank: int = 4,
+        alpha: float | None = None,
+        modules=DEFAULT_LORA_MODULES,
+        *,
+        instruction: str = "",
+        seed: int = 0,
+    ):
         """A new task adapter whose delta starts at zero (PEFT's initialisation), ready to train.
         scale = alpha / rank (alpha defaults to rank); modules: short names from
         `architecture.LORA_MODULES` (default: every Linear and Embedding, as the release
@@ -210,7 +268,8 @@ class JinaEmbeddingsV3:
         cfg = self.config
         self.config = cfg.replace(
             lora_adaptations=tuple(cfg.lora_adaptations) + (name,),
-            task_instructions=tuple(cfg.task_instructions) + ((name, adapter.instruction),))
+            task_instructions=tuple(cfg.task_instructions) + ((name, adapter.instruction),),
+        )
         self.invalidate()
         return self
 
@@ -222,7 +281,8 @@ class JinaEmbeddingsV3:
         cfg = self.config
         self.config = cfg.replace(
             lora_adaptations=tuple(t for t in cfg.lora_adaptations if t != name),
-            task_instructions=tuple(kv for kv in cfg.task_instructions if kv[0] != name))
+            task_instructions=tuple(kv for kv in cfg.task_instructions if kv[0] != name),
+        )
         self.invalidate()
         return self
 
@@ -250,8 +310,15 @@ class JinaEmbeddingsV3:
 
     # --- devices ---------------------------------------------------------------------------
 
-    def shard(self, devices=None, *, shard_params: bool = False, mesh=None,
-              data_axis: str = "data", model_axis: str | None = None) -> "JinaEmbeddingsV3":
+    def shard(
+        self,
+        devices=None,
+        *,
+        shard_params: bool = False,
+        mesh=None,
+        data_axis: str = "data",
+        model_axis: str | None = None,
+    ) -> JinaEmbeddingsV3:
         """Runs on a device mesh (see `sharding.py`): batch rows split over `data_axis`;
         weights replicated, or split tensor-parallel over `model_axis` (heads and MLP units),
         and with `shard_params` each large weight split over the data axis too (less memory
@@ -259,8 +326,9 @@ class JinaEmbeddingsV3:
         `jax.set_mesh` in context, else a 1-D data mesh over `devices` (default: every device
         of the default backend). Batches must then have a multiple of the data axis's size
         rows; `encode` pads its batches to that. Returns self."""
-        self.forward.shard(devices, shard_params, mesh=mesh, data_axis=data_axis,
-                           model_axis=model_axis)
+        self.forward.shard(
+            devices, shard_params, mesh=mesh, data_axis=data_axis, model_axis=model_axis
+        )
         self.invalidate()
         return self
 
@@ -297,11 +365,26 @@ class JinaEmbeddingsV3:
         a submodule for users' NNX models, trainable with `nnx.Optimizer`. The weights are
         shared until either side updates them; `model.update(encoder.weights())` brings what
         was trained there back here."""
-        return JinaEncoderNNX(self.config, self.params, self.adapters, self.scales,
-                              dtype=self.dtype, param_dtype=self.param_dtype, remat=remat)
+        return JinaEncoderNNX(
+            self.config,
+            self.params,
+            self.adapters,
+            self.scales,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat=remat,
+        )
 
-    def forward_inputs(self, input_ids, attention_mask=None, task=None, *, lengths=None,
-                       merge: bool = True, adapters: AdapterSet | None = None) -> dict:
+    def forward_inputs(
+        self,
+        input_ids,
+        attention_mask=None,
+        task=None,
+        *,
+        lengths=None,
+        merge: bool = True,
+        adapters: AdapterSet | None = None,
+    ) -> dict:
         """Checked inputs of the compiled forward: ids, padding (`lengths` for right-padded
         rows, else a mask), the task's weights (see `task_inputs` for `merge`) and, for a head
         model, the head's."""
@@ -311,48 +394,96 @@ class JinaEmbeddingsV3:
         else:
             lengths = np.asarray(lengths, np.int32)
             if lengths.shape != (ids.shape[0],):
-                raise ValueError(f"lengths has shape {list(lengths.shape)}, expected "
-                                 f"[{ids.shape[0]}]")
+                raise ValueError(
+                    f"lengths has shape {list(lengths.shape)}, expected [{ids.shape[0]}]"
+                )
             mask = None
-        return {"ids": ids, "mask": mask, "lengths": lengths, "head_params": self.head_params,
-                **self.task_inputs(task, ids.shape[0], merge, adapters)}
+        return {
+            "ids": ids,
+            "mask": mask,
+            "lengths": lengths,
+            "head_params": self.head_params,
+            **self.task_inputs(task, ids.shape[0], merge, adapters),
+        }
 
-    def lower(self, input_ids, attention_mask=None, task=None, *, lengths=None,
-              output: str = "outputs"):
+    def lower(
+        self, input_ids, attention_mask=None, task=None, *, lengths=None, output: str = "outputs"
+    ):
         """The lowered forward for these inputs (`.as_text()`, `.compile()`): what runs, without
         running it. output: "outputs", "pooled" or "hidden" (see `CompiledForward.function`)."""
-        return self.forward.lower(**self.forward_inputs(input_ids, attention_mask, task,
-                                                        lengths=lengths), output=output)
+        return self.forward.lower(
+            **self.forward_inputs(input_ids, attention_mask, task, lengths=lengths), output=output
+        )
 
-    def pooled(self, input_ids, lengths, task=None, *, merge: bool = True,
-               adapters: AdapterSet | None = None):
+    def pooled(
+        self,
+        input_ids,
+        lengths,
+        task=None,
+        *,
+        merge: bool = True,
+        adapters: AdapterSet | None = None,
+    ):
         """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths (`adapters`: see
         `task_inputs`)."""
-        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                  merge=merge, adapters=adapters),
-                            output="pooled")
+        return self.forward(
+            **self.forward_inputs(
+                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
+            ),
+            output="pooled",
+        )
 
-    def prepare_pooled(self, input_ids, lengths, task=None, *, merge: bool = True,
-                       adapters: AdapterSet | None = None) -> bool:
+    def prepare_pooled(
+        self,
+        input_ids,
+        lengths,
+        task=None,
+        *,
+        merge: bool = True,
+        adapters: AdapterSet | None = None,
+    ) -> bool:
         """Readies `pooled`'s executable for these inputs' shapes without running it (see
         `CompiledForward.prepare`); False: only running it compiles it."""
-        return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                          merge=merge, adapters=adapters),
-                                    output="pooled")
+        return self.forward.prepare(
+            **self.forward_inputs(
+                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
+            ),
+            output="pooled",
+        )
 
-    def hidden(self, input_ids, lengths, task=None, *, merge: bool = True,
-               adapters: AdapterSet | None = None):
+    def hidden(
+        self,
+        input_ids,
+        lengths,
+        task=None,
+        *,
+        merge: bool = True,
+        adapters: AdapterSet | None = None,
+    ):
         """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
-        return self.forward(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                  merge=merge, adapters=adapters),
-                            output="hidden")
+        return self.forward(
+            **self.forward_inputs(
+                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
+            ),
+            output="hidden",
+        )
 
-    def prepare_hidden(self, input_ids, lengths, task=None, *, merge: bool = True,
-                       adapters: AdapterSet | None = None) -> bool:
+    def prepare_hidden(
+        self,
+        input_ids,
+        lengths,
+        task=None,
+        *,
+        merge: bool = True,
+        adapters: AdapterSet | None = None,
+    ) -> bool:
         """`prepare_pooled` for `hidden`."""
-        return self.forward.prepare(**self.forward_inputs(input_ids, None, task, lengths=lengths,
-                                                          merge=merge, adapters=adapters),
-                                    output="hidden")
+        return self.forward.prepare(
+            **self.forward_inputs(
+                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
+            ),
+            output="hidden",
+        )
 
     def run(self, input_ids, attention_mask=None, task=None):
         """The compiled forward's output (a head model's: its head's) for these inputs."""
@@ -370,12 +501,23 @@ class JinaEmbeddingsV3:
             self._tokenizer = load_tokenizer(self.source)
         return self._tokenizer
 
-    def encode(self, texts, task=None, *, prompt=None, batch_size: int = 32,
-               max_length: int | None = None, truncate_dim: int | None = None,
-               normalize: bool = True, show_progress_bar: bool | None = None,
-               max_tokens_per_batch: int = 16384, window: int = DEFAULT_WINDOW,
-               precision: str = "float32", ranges=None,
-               output_value: str = "sentence_embedding"):
+    def encode(
+        self,
+        texts,
+        task=None,
+        *,
+        prompt=None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        truncate_dim: int | None = None,
+        normalize: bool = True,
+        show_progress_bar: bool | None = None,
+        max_tokens_per_batch: int = 16384,
+        window: int = DEFAULT_WINDOW,
+        precision: str = "float32",
+        ranges=None,
+        output_value: str = "sentence_embedding",
+    ):
         """Sentence embeddings, as the release's `encode` computes them.
 
         texts: a string (returns [D]), or a list or any iterable of strings (returns [N, D]),
@@ -395,11 +537,22 @@ class JinaEmbeddingsV3:
           [n_tokens, hidden] array per text, the final hidden states of its real tokens
           (instruction and `<s>`/`</s>` included).
         """
-        return encode(self, texts, task=task, prompt=prompt, batch_size=batch_size,
-                      max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
-                      show_progress_bar=show_progress_bar,
-                      max_tokens_per_batch=max_tokens_per_batch, window=window,
-                      precision=precision, ranges=ranges, output_value=output_value)
+        return encode(
+            self,
+            texts,
+            task=task,
+            prompt=prompt,
+            batch_size=batch_size,
+            max_length=max_length,
+            truncate_dim=truncate_dim,
+            normalize=normalize,
+            show_progress_bar=show_progress_bar,
+            max_tokens_per_batch=max_tokens_per_batch,
+            window=window,
+            precision=precision,
+            ranges=ranges,
+            output_value=output_value,
+        )
 
     def encode_late_chunks(self, documents, task="retrieval.passage", **kwargs):
         """Late chunking: per document, (embeddings float32 [n_chunks, D], spans [(start, end),
@@ -424,8 +577,9 @@ class JinaEmbeddingsV3:
 
     def _encode_as(self, task, texts, kwargs):
         if "task" in kwargs:
-            raise TypeError(f"this method encodes with task {task!r}; call encode(task=...) "
-                            "for another task")
+            raise TypeError(
+                f"this method encodes with task {task!r}; call encode(task=...) for another task"
+            )
         return self.encode(texts, task=task, **kwargs)
 
     def iter_encode(self, texts, task=None, **kwargs):
@@ -433,6 +587,7 @@ class JinaEmbeddingsV3:
         of strings, e.g. a file read line by line), in input order, holding at most two windows
         of texts in memory. Same keyword arguments as `encode`."""
         return iter_encode(self, texts, task=task, **kwargs)
+
 
 def check_ids(input_ids, cfg: JinaConfig) -> np.ndarray:
     """input_ids as int32 [B, L], checked against the vocabulary and the position limit."""
@@ -442,13 +597,16 @@ def check_ids(input_ids, cfg: JinaConfig) -> np.ndarray:
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"input_ids must be integers, got {ids.dtype}")
     if ids.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
+        raise ValueError(
+            f"sequence length {ids.shape[1]} exceeds max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
     bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))
     if len(bad):
         r, c = bad[0]
-        raise ValueError(f"input_ids[{r}, {c}] = {ids[r, c]} is outside the vocabulary "
-                         f"[0, {cfg.vocab_size})")
+        raise ValueError(
+            f"input_ids[{r}, {c}] = {ids[r, c]} is outside the vocabulary [0, {cfg.vocab_size})"
+        )
     return ids.astype(np.int32)
 
 

@@ -40,8 +40,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .cost import CostModel, for_model
-from .tokenize import (WIDTHS, bucket_for, check_max_length, check_texts, pad, position_limit,
-                       token_ids)
+from .tokenize import (
+    WIDTHS,
+    bucket_for,
+    check_max_length,
+    check_texts,
+    pad,
+    position_limit,
+    token_ids,
+)
 
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_TOKEN_BUDGET = 16384
@@ -73,10 +80,19 @@ def rows_for(width: int, count: int, batch_size: int, token_budget: int) -> int:
     return min(row_cap(width, batch_size, token_budget), 1 << max(0, count - 1).bit_length())
 
 
-def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: int,
-         token_budget: int = DEFAULT_TOKEN_BUDGET, row_multiple: int = 1, *,
-         ladder: tuple[int, ...] = WIDTHS, mixed: bool = False,
-         cost: CostModel | None = None, known: frozenset = frozenset()) -> list[Batch]:
+def plan(
+    lengths: Sequence[int],
+    row_tasks: Sequence,
+    limit: int,
+    batch_size: int,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    row_multiple: int = 1,
+    *,
+    ladder: tuple[int, ...] = WIDTHS,
+    mixed: bool = False,
+    cost: CostModel | None = None,
+    known: frozenset = frozenset(),
+) -> list[Batch]:
     """The batches for texts of these token `lengths` and tasks (see the module docstring).
     cost: the price of a batch shape (`cost.CostModel`; what `Runner` and so `encode` pass):
     the plan is then the cheapest cut of each task's length-sorted texts into batches of shapes
@@ -92,8 +108,11 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
     for task, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
         members.sort(key=lambda i: -lengths[i])
         widths = [bucket_for(lengths[i], limit, ladder) for i in members]
-        cut = (padding_cut(widths, batch_size, token_budget, row_multiple) if cost is None else
-               priced_cut(widths, cost, batch_size, token_budget, row_multiple, known))
+        cut = (
+            padding_cut(widths, batch_size, token_budget, row_multiple)
+            if cost is None
+            else priced_cut(widths, cost, batch_size, token_budget, row_multiple, known)
+        )
         for start, end, rows in cut:
             width = widths[start]
             taken = tuple(members[start:end])
@@ -103,14 +122,16 @@ def plan(lengths: Sequence[int], row_tasks: Sequence, limit: int, batch_size: in
     return batches
 
 
-def batch_rows(width: int, count: int, batch_size: int, token_budget: int,
-               row_multiple: int = 1) -> int:
+def batch_rows(
+    width: int, count: int, batch_size: int, token_budget: int, row_multiple: int = 1
+) -> int:
     """`rows_for`, rounded up to a multiple of `row_multiple` (so every device gets rows)."""
     return -(-rows_for(width, count, batch_size, token_budget) // row_multiple) * row_multiple
 
 
-def padding_cut(widths: Sequence[int], batch_size: int, token_budget: int,
-                row_multiple: int = 1) -> list[tuple[int, int, int]]:
+def padding_cut(
+    widths: Sequence[int], batch_size: int, token_budget: int, row_multiple: int = 1
+) -> list[tuple[int, int, int]]:
     """[(start, end, rows)] batches of the descending `widths` by padding alone: a batch takes the
     texts up to a sixth of an octave (two rungs) shorter than its first, then, where fewer are
     left than a full batch, the next shorter texts fill the rows that would be filler."""
@@ -131,8 +152,14 @@ def padding_cut(widths: Sequence[int], batch_size: int, token_budget: int,
     return cut
 
 
-def priced_cut(widths: Sequence[int], cost: CostModel, batch_size: int, token_budget: int,
-               row_multiple: int = 1, known: frozenset = frozenset()) -> list[tuple[int, int, int]]:
+def priced_cut(
+    widths: Sequence[int],
+    cost: CostModel,
+    batch_size: int,
+    token_budget: int,
+    row_multiple: int = 1,
+    known: frozenset = frozenset(),
+) -> list[tuple[int, int, int]]:
     """[(start, end, rows)] batches of the descending `widths` with the least predicted time:
     a batch from text i holds texts i.. at the width of text i, in the rows `batch_rows` gives
     (so every shape is one of `shapes`'). Dynamic programming over the cut points, O(texts x
@@ -149,8 +176,9 @@ def priced_cut(widths: Sequence[int], cost: CostModel, batch_size: int, token_bu
     return cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free, price)
 
 
-def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free,
-                 shape_price: float) -> list[tuple]:
+def cheapest_cut(
+    widths, cost, batch_size, token_budget, row_multiple, free, shape_price: float
+) -> list[tuple]:
     """`priced_cut`'s dynamic programme: each batch costs `cost.seconds`, plus `shape_price`
     unless its shape is in `free` (None: none is)."""
     n = len(widths)
@@ -163,29 +191,45 @@ def cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free,
         price = prices.get(width)
         if price is None:
             cap = row_cap(width, batch_size, token_budget)
-            rows = [batch_rows(width, k, batch_size, token_budget, row_multiple)
-                    for k in range(1, cap + 1)]
-            price = prices[width] = np.array([
-                cost.seconds(r, width)
-                + (0.0 if free is not None and (r, width) in free else shape_price)
-                for r in rows])
+            rows = [
+                batch_rows(width, k, batch_size, token_budget, row_multiple)
+                for k in range(1, cap + 1)
+            ]
+            price = prices[width] = np.array(
+                [
+                    cost.seconds(r, width)
+                    + (0.0 if free is not None and (r, width) in free else shape_price)
+                    for r in rows
+                ]
+            )
         m = min(len(price), n - i)
         candidate = best[i] + price[:m]
-        ends = best[i + 1:i + 1 + m]  # a view: updated in place
+        ends = best[i + 1 : i + 1 + m]  # a view: updated in place
         better = candidate < ends  # ties keep the earlier start: fewer, fuller batches
         ends[better] = candidate[better]
-        prev[i + 1:i + 1 + m][better] = i
+        prev[i + 1 : i + 1 + m][better] = i
     cut, end = [], n
     while end > 0:
         start = int(prev[end])
-        cut.append((start, end, batch_rows(widths[start], end - start, batch_size, token_budget,
-                                           row_multiple)))
+        cut.append(
+            (
+                start,
+                end,
+                batch_rows(widths[start], end - start, batch_size, token_budget, row_multiple),
+            )
+        )
         end = start
     return cut[::-1]
 
 
-def shapes(limit: int, max_length: int, batch_size: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
-           row_multiple: int = 1, ladder: tuple[int, ...] = WIDTHS) -> list[tuple[int, int]]:
+def shapes(
+    limit: int,
+    max_length: int,
+    batch_size: int,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    row_multiple: int = 1,
+    ladder: tuple[int, ...] = WIDTHS,
+) -> list[tuple[int, int]]:
     """Every (rows, width) that `plan` can give texts of at most `max_length` tokens: what to
     compile ahead to never compile later."""
     top = bucket_for(max_length, limit, ladder)
@@ -223,13 +267,17 @@ def quantize(embeddings, precision: str, ranges=None) -> np.ndarray:
         return bits if precision == "ubinary" else (bits - 128).astype(np.int8)
     if ranges is None:
         if emb.ndim == 1 or emb.shape[0] < 2:
-            raise ValueError(f"{precision} needs `ranges` (per-dimension [min, max], shape "
-                             f"[2, D]) to quantize a single embedding")
+            raise ValueError(
+                f"{precision} needs `ranges` (per-dimension [min, max], shape "
+                f"[2, D]) to quantize a single embedding"
+            )
         ranges = np.vstack((emb.min(axis=0), emb.max(axis=0)))
     ranges = np.asarray(ranges, np.float32)
     if ranges.shape != (2, emb.shape[-1]):
-        raise ValueError(f"ranges must have shape [2, {emb.shape[-1]}] (min and max per "
-                         f"dimension), got {list(ranges.shape)}")
+        raise ValueError(
+            f"ranges must have shape [2, {emb.shape[-1]}] (min and max per "
+            f"dimension), got {list(ranges.shape)}"
+        )
     starts = ranges[0]
     steps = (ranges[1] - starts) / 255
     steps = np.where(steps == 0, 1, steps)
@@ -237,9 +285,19 @@ def quantize(embeddings, precision: str, ranges=None) -> np.ndarray:
     return buckets.astype(np.uint8) if precision == "uint8" else (buckets - 128).astype(np.int8)
 
 
-def check_options(model, *, batch_size, max_length, truncate_dim, max_tokens_per_batch,
-                  window, precision="float32", ranges=None,
-                  output_value="sentence_embedding", streaming=False) -> tuple[int, int]:
+def check_options(
+    model,
+    *,
+    batch_size,
+    max_length,
+    truncate_dim,
+    max_tokens_per_batch,
+    window,
+    precision="float32",
+    ranges=None,
+    output_value="sentence_embedding",
+    streaming=False,
+) -> tuple[int, int]:
     """Checks encode's options; returns (max_length, output dimension)."""
     cfg = model.config
     if output_value not in OUTPUT_VALUES:
@@ -247,44 +305,84 @@ def check_options(model, *, batch_size, max_length, truncate_dim, max_tokens_per
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if output_value == "token_embeddings" and precision != "float32":
-        raise ValueError("token embeddings come as float32: precision applies to sentence "
-                         "embeddings only")
+        raise ValueError(
+            "token embeddings come as float32: precision applies to sentence embeddings only"
+        )
     if streaming and precision.endswith("int8") and ranges is None:
-        raise ValueError(f"a stream of {precision} embeddings needs `ranges` (per-dimension "
-                         "[min, max], shape [2, D]): calibrating on the embeddings themselves "
-                         "needs all of them (use encode)")
+        raise ValueError(
+            f"a stream of {precision} embeddings needs `ranges` (per-dimension "
+            "[min, max], shape [2, D]): calibrating on the embeddings themselves "
+            "needs all of them (use encode)"
+        )
     max_length = check_max_length(max_length, cfg, DEFAULT_MAX_LENGTH)
-    for name, value in (("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch),
-                        ("window", window)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("max_tokens_per_batch", max_tokens_per_batch),
+        ("window", window),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if truncate_dim is not None:
         if not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= cfg.hidden_size:
             raise ValueError(f"truncate_dim must be in 1..{cfg.hidden_size}, got {truncate_dim!r}")
         if truncate_dim not in cfg.matryoshka_dimensions:
-            warnings.warn(f"truncate_dim={truncate_dim} is not one of the dimensions the model was "
-                          f"trained for {list(cfg.matryoshka_dimensions)}")
+            warnings.warn(
+                f"truncate_dim={truncate_dim} is not one of the dimensions the model was "
+                f"trained for {list(cfg.matryoshka_dimensions)}",
+                stacklevel=2,
+            )
     return max_length, truncate_dim or cfg.hidden_size
 
 
-def encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
-           truncate_dim=None, normalize=True, show_progress_bar=None,
-           max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW,
-           precision="float32", ranges=None, output_value="sentence_embedding"):
+def encode(
+    model,
+    texts,
+    *,
+    task=None,
+    prompt=None,
+    batch_size=32,
+    max_length=None,
+    truncate_dim=None,
+    normalize=True,
+    show_progress_bar=None,
+    max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
+    window=DEFAULT_WINDOW,
+    precision="float32",
+    ranges=None,
+    output_value="sentence_embedding",
+):
     """See `JinaEmbeddingsV3.encode`."""
     single = isinstance(texts, str)
     if single:
         texts = [texts]
     truncate_dim = model.config.truncate_dim if truncate_dim is None else truncate_dim
-    _, dim = check_options(model, batch_size=batch_size, max_length=max_length,
-                           truncate_dim=truncate_dim, max_tokens_per_batch=max_tokens_per_batch,
-                           window=window, precision=precision, ranges=ranges,
-                           output_value=output_value)
-    rows = list(iter_encode(model, texts, task=task, prompt=prompt, batch_size=batch_size,
-                            max_length=max_length, truncate_dim=truncate_dim, normalize=normalize,
-                            show_progress_bar=show_progress_bar,
-                            max_tokens_per_batch=max_tokens_per_batch, window=window,
-                            output_value=output_value))
+    _, dim = check_options(
+        model,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncate_dim=truncate_dim,
+        max_tokens_per_batch=max_tokens_per_batch,
+        window=window,
+        precision=precision,
+        ranges=ranges,
+        output_value=output_value,
+    )
+    rows = list(
+        iter_encode(
+            model,
+            texts,
+            task=task,
+            prompt=prompt,
+            batch_size=batch_size,
+            max_length=max_length,
+            truncate_dim=truncate_dim,
+            normalize=normalize,
+            show_progress_bar=show_progress_bar,
+            max_tokens_per_batch=max_tokens_per_batch,
+            window=window,
+            output_value=output_value,
+        )
+    )
     if output_value == "token_embeddings":
         return rows[0] if single else rows
     emb = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
@@ -300,8 +398,10 @@ def _texts_and_tasks(model, texts, task) -> tuple[Iterator, Iterator, int | None
         check_texts(texts)
         return iter(texts), iter(model.resolve_tasks(task, len(texts), "texts")), len(texts)
     if task is not None and not isinstance(task, str):
-        raise TypeError("with an iterator of texts, task must be one task name or None "
-                        "(per-text tasks need a list of texts)")
+        raise TypeError(
+            "with an iterator of texts, task must be one task name or None "
+            "(per-text tasks need a list of texts)"
+        )
     name = None if task is None else model.resolve_task(task)
 
     def checked():
@@ -309,6 +409,7 @@ def _texts_and_tasks(model, texts, task) -> tuple[Iterator, Iterator, int | None
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not a string")
             yield t
+
     return checked(), itertools.repeat(name), None
 
 
@@ -322,9 +423,19 @@ class Runner:
     (batch, dispatch start, dispatch end, wait start, result ready) in `time.perf_counter`
     seconds (what `benchmarks/encode_throughput.py --profile` prints)."""
 
-    def __init__(self, model, batch_size: int, token_budget: int, hidden: bool, bar, *,
-                 ladder: tuple[int, ...] = WIDTHS, mixed: bool = False, cost="device",
-                 stats=None):
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        token_budget: int,
+        hidden: bool,
+        bar,
+        *,
+        ladder: tuple[int, ...] = WIDTHS,
+        mixed: bool = False,
+        cost="device",
+        stats=None,
+    ):
         self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
         self.hidden, self.bar, self.ladder, self.mixed = hidden, bar, ladder, mixed
         self.cost = for_model(model) if cost == "device" else cost
@@ -335,21 +446,37 @@ class Runner:
         self.seen: set = set()  # shapes run so far: a later window's plan reuses them first
 
     def plan(self, ids: Sequence[np.ndarray], tasks: Sequence) -> list[Batch]:
-        return plan([len(x) for x in ids], tasks, self.limit, self.batch_size, self.token_budget,
-                    self.model.row_multiple, ladder=self.ladder, mixed=self.mixed,
-                    cost=self.cost, known=frozenset(self.seen))
+        return plan(
+            [len(x) for x in ids],
+            tasks,
+            self.limit,
+            self.batch_size,
+            self.token_budget,
+            self.model.row_multiple,
+            ladder=self.ladder,
+            mixed=self.mixed,
+            cost=self.cost,
+            known=frozenset(self.seen),
+        )
 
     def shapes(self, max_length: int) -> list[tuple[int, int]]:
         """Every (rows, width) this runner can run for texts of at most `max_length` tokens."""
-        return shapes(self.limit, max_length, self.batch_size, self.token_budget,
-                      self.model.row_multiple, self.ladder)
+        return shapes(
+            self.limit,
+            max_length,
+            self.batch_size,
+            self.token_budget,
+            self.model.row_multiple,
+            self.ladder,
+        )
 
     def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None, adapters=None):
         """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`;
         `adapters`: an `adapters.AdapterSet` whose fixed layout the mixed path runs on)."""
         model, cfg = self.model, self.model.config
-        out = [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size),
-                                                             np.float32)
+        out = (
+            [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size), np.float32)
+        )
         run = model.hidden if self.hidden else model.pooled
         for batch in self.plan(ids, tasks) if batches is None else batches:
             started = time.perf_counter()
@@ -390,6 +517,7 @@ class Stats:
     """What a run's batches held, counted as they are dispatched (`iter_encode(stats=...)`):
     texts, real tokens (instruction and `<s>`/`</s>` included), padded positions (filler rows
     included) and batches."""
+
     texts: int = 0
     tokens: int = 0
     padded: int = 0
@@ -422,22 +550,42 @@ def progress(count: int | None, batch_size: int, show: bool | None, desc: str = 
     return tqdm(total=count, disable=not show, file=sys.stderr, desc=desc, unit="text")
 
 
-def iter_encode(model, texts, *, task=None, prompt=None, batch_size=32, max_length=None,
-                truncate_dim=None, normalize=True, show_progress_bar=None,
-                max_tokens_per_batch=DEFAULT_TOKEN_BUDGET, window=DEFAULT_WINDOW,
-                precision="float32", ranges=None,
-                output_value="sentence_embedding", stats=None) -> Iterator[np.ndarray]:
+def iter_encode(
+    model,
+    texts,
+    *,
+    task=None,
+    prompt=None,
+    batch_size=32,
+    max_length=None,
+    truncate_dim=None,
+    normalize=True,
+    show_progress_bar=None,
+    max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
+    window=DEFAULT_WINDOW,
+    precision="float32",
+    ranges=None,
+    output_value="sentence_embedding",
+    stats=None,
+) -> Iterator[np.ndarray]:
     """One embedding per text of `texts` (any iterable of strings), in input order, holding at
     most two windows of `window` texts: [D] in `precision` ([D / 8] bytes for the binary ones;
     int8/uint8 need `ranges` here), or for output_value="token_embeddings" float32 [n_tokens, H].
     Same arguments as `encode`; `stats`: a `Stats` that counts the batches as they run."""
     cfg = model.config
     truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
-    max_length, dim = check_options(model, batch_size=batch_size, max_length=max_length,
-                                    truncate_dim=truncate_dim,
-                                    max_tokens_per_batch=max_tokens_per_batch, window=window,
-                                    precision=precision, ranges=ranges,
-                                    output_value=output_value, streaming=True)
+    max_length, dim = check_options(
+        model,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncate_dim=truncate_dim,
+        max_tokens_per_batch=max_tokens_per_batch,
+        window=window,
+        precision=precision,
+        ranges=ranges,
+        output_value=output_value,
+        streaming=True,
+    )
     tokens_out = output_value == "token_embeddings"
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")

@@ -52,6 +52,7 @@ def _sub(lora, name):
 
 class Linear(nn.Module):
     """y = x @ kernel + bias (+ per-row low-rank delta). kernel [I, O]."""
+
     features: int
     dtype: Dtype
     param_dtype: Dtype
@@ -70,6 +71,7 @@ class Linear(nn.Module):
 
 class Embed(nn.Module):
     """Table lookup (+ per-row low-rank delta on the gathered rows). embedding [V, H]."""
+
     num_embeddings: int
     features: int
     dtype: Dtype
@@ -77,7 +79,9 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, ids, lora=None, task_index=None, task_mask=None):
-        table = self.param("embedding", _init, (self.num_embeddings, self.features), self.param_dtype)
+        table = self.param(
+            "embedding", _init, (self.num_embeddings, self.features), self.param_dtype
+        )
         # [B, L, H]
         x = jnp.take(table, ids, axis=0).astype(self.dtype)
         if lora is not None:
@@ -88,6 +92,7 @@ class Embed(nn.Module):
 class LayerNorm(nn.Module):
     """Two-pass LayerNorm (mean, then variance of the centred values) with fp32 statistics,
     output in the compute dtype. The one-pass E[x^2] - E[x]^2 form loses parity on large means."""
+
     eps: float
     dtype: Dtype
     param_dtype: Dtype
@@ -125,15 +130,22 @@ def apply_rope(x, cos, sin):
 
 class Block(nn.Module):
     """The fields every part of the encoder shares (the parts pass them down unchanged)."""
+
     config: JinaConfig
     dtype: Dtype
     param_dtype: Dtype
-    implementation: str = "xla"   # attention implementation (see `attention.py`)
-    deterministic: bool = True    # False: dropout on (needs a "dropout" rng)
+    implementation: str = "xla"  # attention implementation (see `attention.py`)
+    deterministic: bool = True  # False: dropout on (needs a "dropout" rng)
 
     def part(self, cls, name: str):
-        return cls(self.config, self.dtype, self.param_dtype, self.implementation,
-                   self.deterministic, name=name)
+        return cls(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.implementation,
+            self.deterministic,
+            name=name,
+        )
 
 
 class Attention(Block):
@@ -151,8 +163,15 @@ class Attention(Block):
         if not self.deterministic and cfg.attention_probs_dropout_prob > 0:
             dropout = nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=False)
         # [B, L, N, D]
-        o = dot_product_attention(q, k, qkv[:, :, 2], lengths=lengths, mask=mask,
-                                  implementation=self.implementation, dropout=dropout)
+        o = dot_product_attention(
+            q,
+            k,
+            qkv[:, :, 2],
+            lengths=lengths,
+            mask=mask,
+            implementation=self.implementation,
+            dropout=dropout,
+        )
         return dense(h, "out")(o.reshape(b, l, h), _sub(lora, "out"), task_index, task_mask)
 
 
@@ -161,10 +180,12 @@ class MLP(Block):
     def __call__(self, x, lora, task_index, task_mask):
         cfg = self.config
         y = Linear(cfg.intermediate_size, self.dtype, self.param_dtype, name="fc1")(
-            x, _sub(lora, "fc1"), task_index, task_mask)
+            x, _sub(lora, "fc1"), task_index, task_mask
+        )
         y = jax.nn.gelu(y, approximate=cfg.hidden_act != "gelu")
         return Linear(cfg.hidden_size, self.dtype, self.param_dtype, name="fc2")(
-            y, _sub(lora, "fc2"), task_index, task_mask)
+            y, _sub(lora, "fc2"), task_index, task_mask
+        )
 
 
 class Layer(Block):
@@ -176,7 +197,8 @@ class Layer(Block):
         drop = nn.Dropout(cfg.hidden_dropout_prob, deterministic=self.deterministic)
         norm = lambda name: LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name=name)
         h = self.part(Attention, "attn")(
-            x, cos, sin, lengths, mask, _sub(lora, "attn"), task_index, task_mask)
+            x, cos, sin, lengths, mask, _sub(lora, "attn"), task_index, task_mask
+        )
         x = norm("norm1")(x + drop(h))
         h = self.part(MLP, "mlp")(x, _sub(lora, "mlp"), task_index, task_mask)
         x = norm("norm2")(x + drop(h))
@@ -190,7 +212,8 @@ class Embeddings(Block):
         embed = lambda n, name: Embed(n, cfg.hidden_size, self.dtype, self.param_dtype, name=name)
         x = embed(cfg.vocab_size, "word")(ids, _sub(lora, "word"), task_index, task_mask)
         x = x + embed(cfg.type_vocab_size, "token_type")(
-            type_ids, _sub(lora, "token_type"), task_index, task_mask)
+            type_ids, _sub(lora, "token_type"), task_index, task_mask
+        )
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob, deterministic=self.deterministic)(x)
 
@@ -216,6 +239,7 @@ class JinaEncoder(Block):
         "full" (keep only the layer inputs), "dots" (keep matmul outputs) or "dots_no_batch"
         (keep matmuls without batch dimensions: the Linear outputs, not attention's).
     """
+
     config: JinaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -223,8 +247,16 @@ class JinaEncoder(Block):
     remat: str | None = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, lengths=None, lora=None, task_index=None,
-                 task_mask=None, token_type_ids=None) -> EncoderOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        lengths=None,
+        lora=None,
+        task_index=None,
+        task_mask=None,
+        token_type_ids=None,
+    ) -> EncoderOutput:
         """input_ids: int[B, L]. Padding as `lengths` int32[B] (right-padded rows) or
         `attention_mask` [B, L] (any pattern); neither means no padding. `lora`: stacked adapter
         tree or None; `task_index` int32[B] picks each row's task in it, `task_mask` [B] turns it
@@ -235,12 +267,14 @@ class JinaEncoder(Block):
         if task_index is None and task_mask is not None:
             raise ValueError("task_mask needs task_index: without it every row uses task 0")
         if lora is not None and task_index is not None:
-            task_mask = (jnp.ones((b,), self.dtype) if task_mask is None
-                         else task_mask.astype(self.dtype))
+            task_mask = (
+                jnp.ones((b,), self.dtype) if task_mask is None else task_mask.astype(self.dtype)
+            )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.part(Embeddings, "embeddings")(
-            input_ids, token_type_ids, _sub(lora, "embeddings"), task_index, task_mask)
+            input_ids, token_type_ids, _sub(lora, "embeddings"), task_index, task_mask
+        )
 
         cos, sin = rope_tables(l, cfg.head_dim, cfg.rope_theta, self.dtype)
         layer_lora = _sub(lora, "layers")
@@ -249,11 +283,14 @@ class JinaEncoder(Block):
         layer_cls = Layer
         if self.remat is not None:
             if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"unknown remat policy {self.remat!r}; expected None or one of "
-                                 f"{sorted(REMAT_POLICIES)}")
+                raise ValueError(
+                    f"unknown remat policy {self.remat!r}; expected None or one of "
+                    f"{sorted(REMAT_POLICIES)}"
+                )
             # Under scan, CSE cannot undo the rematerialisation, so it need not be prevented.
-            layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[self.remat],
-                                 prevent_cse=not self.scan_layers)
+            layer_cls = nn.remat(
+                Layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers
+            )
         if self.scan_layers:
             stack = nn.scan(
                 layer_cls,
@@ -265,11 +302,10 @@ class JinaEncoder(Block):
             x, _ = stack(*layer_fields, name="layers")(x, layer_lora, *args)
         else:
             for i in range(cfg.num_hidden_layers):
-                li = jax.tree_util.tree_map(lambda t: t[i], layer_lora)
+                li = jax.tree_util.tree_map(lambda t: t[i], layer_lora)  # noqa: B023 (called here)
                 x, _ = layer_cls(*layer_fields, name=f"layers_{i}")(x, li, *args)
 
         pooled = None
         if cfg.add_pooling_layer:
-            pooled = self.part(Pooler, "pooler")(
-                x, _sub(lora, "pooler"), task_index, task_mask)
+            pooled = self.part(Pooler, "pooler")(x, _sub(lora, "pooler"), task_index, task_mask)
         return EncoderOutput(last_hidden_state=x, pooler_output=pooled)

@@ -105,22 +105,26 @@ class ExecutableStore:
         dtypes, settings) at one abstract signature."""
         tree, avals = signature
         device = jax.devices()[0]
-        text = json.dumps({
-            "format": FORMAT,
-            "source": source_fingerprint(),
-            "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__,
-            "platform": device.platform,
-            "platform_version": device.client.platform_version,
-            "device_kind": device.device_kind,
-            "devices": jax.device_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "x64": bool(jax.config.jax_enable_x64),
-            "matmul_precision": str(jax.config.jax_default_matmul_precision),
-            "function": function,
-            "tree": str(tree),
-            "avals": avals,
-        }, sort_keys=True, default=str)
+        text = json.dumps(
+            {
+                "format": FORMAT,
+                "source": source_fingerprint(),
+                "jax": jax.__version__,
+                "jaxlib": jax.lib.__version__,
+                "platform": device.platform,
+                "platform_version": device.client.platform_version,
+                "device_kind": device.device_kind,
+                "devices": jax.device_count(),
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "x64": bool(jax.config.jax_enable_x64),
+                "matmul_precision": str(jax.config.jax_default_matmul_precision),
+                "function": function,
+                "tree": str(tree),
+                "avals": avals,
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def compile(self, function, args) -> tuple:
@@ -147,7 +151,8 @@ class ExecutableStore:
             with open(self.path(key), "rb") as f:
                 blob, in_tree, out_tree = pickle.load(f)
             compiled = serialize_executable.deserialize_and_load(
-                blob, in_tree, out_tree, execution_devices=[jax.devices()[0]])
+                blob, in_tree, out_tree, execution_devices=[jax.devices()[0]]
+            )
         except FileNotFoundError:
             return None
         except Exception:  # noqa: BLE001 - a bad entry is a miss: it is compiled and rewritten
@@ -172,7 +177,10 @@ class ExecutableStore:
         except Exception as e:  # noqa: BLE001 - the store is an optimisation, never a failure
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"compiled executables are not kept in {self.folder} "
-                              f"({type(e).__name__}: {e}); each process traces them again")
+                warnings.warn(
+                    f"compiled executables are not kept in {self.folder} "
+                    f"({type(e).__name__}: {e}); each process traces them again",
+                    stacklevel=2,
+                )
             return False
         return True

@@ -53,7 +53,7 @@ def _start_time(pid: int | str) -> str | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
         # The command name (field 2) may hold spaces and parentheses: count from its end.
-        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+        return stat[stat.rindex(b")") + 2 :].split()[19].decode()
     except (OSError, ValueError, IndexError):
         return None
 
@@ -97,9 +97,11 @@ def remove_stale_temporaries(path: str) -> list[str]:
             continue
         removed.append(entry.path)
     if removed:
-        print(f"removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} of "
-              f"{path} left by killed runs: {', '.join(os.path.basename(r) for r in removed)}",
-              file=sys.stderr)
+        print(
+            f"removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} of "
+            f"{path} left by killed runs: {', '.join(os.path.basename(r) for r in removed)}",
+            file=sys.stderr,
+        )
     return removed
 
 
@@ -111,7 +113,7 @@ def _named(error: OSError, tmp: str, path: str) -> OSError:
         return error
     if name is None and error.errno not in _STORAGE_ERRORS:
         return error
-    shown = path if name is None or name == tmp else path + name[len(tmp):]
+    shown = path if name is None or name == tmp else path + name[len(tmp) :]
     return OSError(error.errno, error.strerror, shown)
 
 
@@ -235,9 +237,11 @@ def replace_folder(new: str, path: str) -> None:
 def writes_folder(write):
     """Decorates `write(folder, ...)` so that it builds a temporary sibling folder which then
     replaces `folder` whole (see `atomic_folder`); the decorated function returns `folder`."""
+
     @functools.wraps(write)
     def whole(folder, *args, **kwargs):
         with atomic_folder(folder) as tmp:
             write(tmp, *args, **kwargs)
         return os.fspath(folder)
+
     return whole

@@ -28,7 +28,6 @@ from .encoder import EncoderOutput, JinaEncoder, mean_pool
 from .executables import ExecutableStore, abstract_signature
 from .sharding import Layout, mesh_layout, on_mesh
 
-
 # "0" / "off" / "false" turns the persistent compilation cache off; any other value is its folder.
 CACHE_ENV = "JINA_JAX_COMPILATION_CACHE"
 
@@ -54,7 +53,9 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        warnings.warn(f"compilation cache off: cannot create {folder} ({e.strerror or e})")
+        warnings.warn(
+            f"compilation cache off: cannot create {folder} ({e.strerror or e})", stacklevel=2
+        )
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
     # Cache every compiled forward, however quick: the point is a second process compiling none.
@@ -79,11 +80,22 @@ class CompiledForward:
     """`precision`: the matmul precision the forward is compiled with (`jax.default_matmul_
     precision`); None leaves JAX's default, which on GPU runs fp32 matmuls in TF32."""
 
-    def __init__(self, config, dtype, param_dtype, outputs: Callable = encoder_output,
-                 precision: str | None = None):
+    def __init__(
+        self,
+        config,
+        dtype,
+        param_dtype,
+        outputs: Callable = encoder_output,
+        precision: str | None = None,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.config, self.dtype, self.param_dtype, self.outputs = config, dtype, param_dtype, outputs
+        self.config, self.dtype, self.param_dtype, self.outputs = (
+            config,
+            dtype,
+            param_dtype,
+            outputs,
+        )
         self.precision = precision
         self.functions: dict = {}
         self.cudnn_failed = False
@@ -96,18 +108,31 @@ class CompiledForward:
         # this host's. `jina_jax.aot` sets it to a target's ("gpu", "tpu") to compile without it.
         self.backend: str | None = None
         self.cache_dir = enable_compilation_cache()
-        self.store = (ExecutableStore(os.path.join(self.cache_dir, "jina-jax-executables"))
-                      if self.cache_dir else None)
+        self.store = (
+            ExecutableStore(os.path.join(self.cache_dir, "jina-jax-executables"))
+            if self.cache_dir
+            else None
+        )
         self.executables: dict = {}
 
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
-        return JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                           implementation=implementation, deterministic=deterministic)
+        return JinaEncoder(
+            self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=implementation,
+            deterministic=deterministic,
+        )
 
     def implementation(self, ids, lengths=None) -> str:
         """The attention implementation for a batch: cuDNN needs right-padded `lengths`."""
-        impl = choose_implementation(self.dtype, self.config.head_dim, lengths is not None,
-                                     ids.shape[1], backend=self.backend)
+        impl = choose_implementation(
+            self.dtype,
+            self.config.head_dim,
+            lengths is not None,
+            ids.shape[1],
+            backend=self.backend,
+        )
         return "xla" if impl == "cudnn" and self.cudnn_failed else impl
 
     def function(self, implementation: str, output: str = "outputs"):
@@ -128,9 +153,15 @@ class CompiledForward:
                         scope.enter_context(jax.default_matmul_precision(self.precision))
                     if self.mesh is not None:  # a Pallas kernel runs per device under it
                         scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
-                    out = module.apply({"params": params}, ids, attention_mask=mask,
-                                       lengths=lengths, lora=lora, task_index=task_index,
-                                       task_mask=task_mask)
+                    out = module.apply(
+                        {"params": params},
+                        ids,
+                        attention_mask=mask,
+                        lengths=lengths,
+                        lora=lora,
+                        task_index=task_index,
+                        task_mask=task_mask,
+                    )
                 if output == "pooled":
                     return mean_pool(out.last_hidden_state, lengths)
                 if output == "hidden":
@@ -167,9 +198,15 @@ class CompiledForward:
 
     def description(self, implementation: str, output: str) -> dict:
         """What determines the traced function besides the arguments' shapes."""
-        return {"function": "CompiledForward", "implementation": implementation,
-                "output": output, "precision": self.precision, "dtype": str(self.dtype),
-                "param_dtype": str(self.param_dtype), "config": dataclasses.asdict(self.config)}
+        return {
+            "function": "CompiledForward",
+            "implementation": implementation,
+            "output": output,
+            "precision": self.precision,
+            "dtype": str(self.dtype),
+            "param_dtype": str(self.param_dtype),
+            "config": dataclasses.asdict(self.config),
+        }
 
     @property
     def implementations(self) -> list[str]:
@@ -192,14 +229,25 @@ class CompiledForward:
         """Parameters onto the mesh (as they are without one)."""
         return params if self.layout is None else self.layout.place(params)
 
-    def arguments(self, params, ids, *, mask=None, lengths=None, lora=None, task_index=None,
-                  task_mask=None, head_params=None) -> tuple:
+    def arguments(
+        self,
+        params,
+        ids,
+        *,
+        mask=None,
+        lengths=None,
+        lora=None,
+        task_index=None,
+        task_mask=None,
+        head_params=None,
+    ) -> tuple:
         """The compiled function's positional arguments, placed on the mesh if any."""
         if self.layout is not None:
             params = self.place(params)
             head_params, lora = self.layout.replicate((head_params, lora))
             ids, mask, lengths, task_index, task_mask = (
-                self.layout.rows(x) for x in (ids, mask, lengths, task_index, task_mask))
+                self.layout.rows(x) for x in (ids, mask, lengths, task_index, task_mask)
+            )
         return params, head_params, ids, mask, lengths, lora, task_index, task_mask
 
     def lower(self, params, ids, *, output: str = "outputs", **inputs):
@@ -213,13 +261,18 @@ class CompiledForward:
         """ids: int32 [B, L]; inputs: mask or lengths, lora, task_index, task_mask, head_params
         (see `arguments`)."""
         with on_mesh(self.layout):
-            return self._with_fallback(ids, inputs, lambda impl, args: self.runner(
-                impl, output, args)(*args), self.arguments(params, ids, **inputs))
+            return self._with_fallback(
+                ids,
+                inputs,
+                lambda impl, args: self.runner(impl, output, args)(*args),
+                self.arguments(params, ids, **inputs),
+            )
 
     def prepare(self, params, ids, *, output: str = "outputs", **inputs) -> bool:
         """Makes the executable for these inputs ready (compiled, or loaded from the store)
         without running it. False where the store does not apply (see `runner`): there only a
         call compiles."""
+
         def ready(impl, args):
             return self.runner(impl, output, args) is not self.function(impl, output)
 
@@ -236,6 +289,9 @@ class CompiledForward:
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back to XLA
                 self.cudnn_failed = True
                 impl = "xla"
-                warnings.warn(f"cuDNN attention failed ({type(e).__name__}: {e}); "
-                              "using the XLA implementation from now on")
+                warnings.warn(
+                    f"cuDNN attention failed ({type(e).__name__}: {e}); "
+                    "using the XLA implementation from now on",
+                    stacklevel=2,
+                )
         return step(impl, args)

@@ -33,13 +33,14 @@ MaskedLMOutput = SequenceClassifierOutput = TokenClassifierOutput = LogitsOutput
 
 @flax.struct.dataclass
 class QuestionAnsweringOutput:
-    start_logits: jax.Array           # [B, L]
-    end_logits: jax.Array             # [B, L]
+    start_logits: jax.Array  # [B, L]
+    end_logits: jax.Array  # [B, L]
     loss: jax.Array | None = None
 
 
 class MaskedLMHead(nn.Module):
     """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings (+ its own bias)."""
+
     vocab_size: int
     hidden_size: int
     eps: float
@@ -47,8 +48,9 @@ class MaskedLMHead(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, h, table, table_lora=None, task_index=None, task_mask=None,
-                 deterministic=True):
+    def __call__(
+        self, h, table, table_lora=None, task_index=None, task_mask=None, deterministic=True
+    ):
         """h: [B, L, H]; table: [V, H]; table_lora: a [T, V, R], b [T, R, H] (scale in b)."""
         x = Linear(self.hidden_size, self.dtype, self.param_dtype, name="dense")(h)
         x = jax.nn.gelu(x, approximate=False)
@@ -69,6 +71,7 @@ class MaskedLMHead(nn.Module):
 
 class SequenceClassificationHead(nn.Module):
     """The `<s>` token -> dropout -> dense -> tanh -> dropout -> out_proj."""
+
     num_labels: int
     hidden_size: int
     dropout: float
@@ -110,34 +113,53 @@ class QuestionAnsweringHead(nn.Module):
 
 class HeadModel(JinaEmbeddingsV3):
     """The encoder object plus one head; subclasses name the head kind and build the module."""
+
     kind: str = ""
     default_num_labels: int | None = 2
 
-    def __init__(self, *args, num_labels: int | None = None, seed: int = 0,
-                 classifier_dropout: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        num_labels: int | None = None,
+        seed: int = 0,
+        classifier_dropout: float | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         saved = saved_num_labels(self.kind, self.heads)
         if num_labels is not None and saved is not None and num_labels != saved:
-            raise ValueError(f"num_labels={num_labels}, but the checkpoint's {self.kind} head has "
-                             f"{saved} labels ({self.source})")
+            raise ValueError(
+                f"num_labels={num_labels}, but the checkpoint's {self.kind} head has "
+                f"{saved} labels ({self.source})"
+            )
         self.num_labels = num_labels or saved or self.default_num_labels
-        self.classifier_dropout = (classifier_dropout if classifier_dropout is not None
-                                   else self.config.hidden_dropout_prob)
+        self.classifier_dropout = (
+            classifier_dropout
+            if classifier_dropout is not None
+            else self.config.hidden_dropout_prob
+        )
         fresh = self._init_head(jax.random.PRNGKey(seed))
         expected = {p: v.shape for p, v in flatten(fresh).items()}
         loaded, unused = read_head(self.kind, self.heads, expected, self.source or "checkpoint")
         if unused:
-            warnings.warn(f"{self.source}: head weights not used by {type(self).__name__}: {unused}")
+            warnings.warn(
+                f"{self.source}: head weights not used by {type(self).__name__}: {unused}",
+                stacklevel=2,
+            )
         if loaded is None:
             self.newly_initialized = sorted("/".join(p) for p in expected)
-            warnings.warn(f"{type(self).__name__}: the checkpoint has no {self.kind} head; newly "
-                          f"initialised (seed {seed}): {self.newly_initialized}. Train it before "
-                          "use.")
+            warnings.warn(
+                f"{type(self).__name__}: the checkpoint has no {self.kind} head; newly "
+                f"initialised (seed {seed}): {self.newly_initialized}. Train it before "
+                "use.",
+                stacklevel=2,
+            )
             self.head_params = fresh
         else:
             self.newly_initialized = []
             self.head_params = jax.tree_util.tree_map(
-                lambda x: jnp.asarray(x, self.param_dtype), loaded)
+                lambda x: jnp.asarray(x, self.param_dtype), loaded
+            )
 
     def head_module(self) -> nn.Module:
         raise NotImplementedError
@@ -164,8 +186,9 @@ class HeadModel(JinaEmbeddingsV3):
     def head_outputs(self, encoded, params, head_params, lora, task_index, task_mask):
         return self.apply_head(encoded, params, head_params, lora, task_index, task_mask)
 
-    def apply_head(self, encoded, params, head_params, lora=None, task_index=None,
-                   task_mask=None, rng=None):
+    def apply_head(
+        self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
+    ):
         """The head on an encoder output, as a pure function of the weights: `params` the
         encoder's, `lora`/`task_index`/`task_mask` the adapter inputs the encoder ran with (the
         MLM decoder may need them). `rng` (training) turns the head's dropout on."""
@@ -178,6 +201,7 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
     a task adapter's word-embedding delta also reaches the decoder: False (default) matches
     `PeftModel` (the adapter wraps the embedding lookup only), True matches the adapter merged
     into the tied table (`merge_and_unload`)."""
+
     kind = "masked_lm"
     default_num_labels = None
 
@@ -187,11 +211,13 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
 
     def head_module(self):
         cfg = self.config
-        return MaskedLMHead(cfg.vocab_size, cfg.hidden_size, cfg.layer_norm_eps, self.dtype,
-                            self.param_dtype)
+        return MaskedLMHead(
+            cfg.vocab_size, cfg.hidden_size, cfg.layer_norm_eps, self.dtype, self.param_dtype
+        )
 
-    def apply_head(self, encoded, params, head_params, lora=None, task_index=None,
-                   task_mask=None, rng=None):
+    def apply_head(
+        self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
+    ):
         table = params["embeddings"]["word"]["embedding"]
         table_lora = None
         if self.adapt_decoder and lora is not None:
@@ -199,8 +225,14 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
         if table_lora is not None and task_index is None:
             b = encoded.last_hidden_state.shape[0]
             task_index, task_mask = jnp.zeros((b,), jnp.int32), jnp.ones((b,), self.dtype)
-        return self.head_module().apply({"params": head_params}, encoded.last_hidden_state, table,
-                                        table_lora, task_index, task_mask)
+        return self.head_module().apply(
+            {"params": head_params},
+            encoded.last_hidden_state,
+            table,
+            table_lora,
+            task_index,
+            task_mask,
+        )
 
     def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> MaskedLMOutput:
         logits = self.run(input_ids, attention_mask, task)
@@ -212,14 +244,28 @@ class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
     kind = "sequence_classification"
 
     def head_module(self):
-        return SequenceClassificationHead(self.num_labels, self.config.hidden_size,
-                                          self.classifier_dropout, self.dtype, self.param_dtype)
+        return SequenceClassificationHead(
+            self.num_labels,
+            self.config.hidden_size,
+            self.classifier_dropout,
+            self.dtype,
+            self.param_dtype,
+        )
 
-    def __call__(self, input_ids, attention_mask=None, task=None, labels=None,
-                 problem_type: str | None = None) -> SequenceClassifierOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        task=None,
+        labels=None,
+        problem_type: str | None = None,
+    ) -> SequenceClassifierOutput:
         logits = self.run(input_ids, attention_mask, task)
-        loss = None if labels is None else losses.sequence_classification_loss(
-            logits, jnp.asarray(labels), problem_type)
+        loss = (
+            None
+            if labels is None
+            else losses.sequence_classification_loss(logits, jnp.asarray(labels), problem_type)
+        )
         return SequenceClassifierOutput(logits=logits, loss=loss)
 
 
@@ -227,13 +273,19 @@ class JinaEmbeddingsV3ForTokenClassification(HeadModel):
     kind = "token_classification"
 
     def head_module(self):
-        return TokenClassificationHead(self.num_labels, self.classifier_dropout, self.dtype,
-                                       self.param_dtype)
+        return TokenClassificationHead(
+            self.num_labels, self.classifier_dropout, self.dtype, self.param_dtype
+        )
 
-    def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> TokenClassifierOutput:
+    def __call__(
+        self, input_ids, attention_mask=None, task=None, labels=None
+    ) -> TokenClassifierOutput:
         logits = self.run(input_ids, attention_mask, task)
-        loss = None if labels is None else losses.token_classification_loss(
-            logits, jnp.asarray(labels))
+        loss = (
+            None
+            if labels is None
+            else losses.token_classification_loss(logits, jnp.asarray(labels))
+        )
         return TokenClassifierOutput(logits=logits, loss=loss)
 
 
@@ -243,14 +295,17 @@ class JinaEmbeddingsV3ForQuestionAnswering(HeadModel):
     def head_module(self):
         return QuestionAnsweringHead(self.num_labels, self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, task=None, start_positions=None,
-                 end_positions=None) -> QuestionAnsweringOutput:
+    def __call__(
+        self, input_ids, attention_mask=None, task=None, start_positions=None, end_positions=None
+    ) -> QuestionAnsweringOutput:
         if self.num_labels != 2:
-            raise ValueError(f"question answering needs num_labels=2 (start, end), got "
-                             f"{self.num_labels}")
+            raise ValueError(
+                f"question answering needs num_labels=2 (start, end), got {self.num_labels}"
+            )
         start, end = self.run(input_ids, attention_mask, task)
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = losses.span_loss(start, end, jnp.asarray(start_positions),
-                                    jnp.asarray(end_positions))
+            loss = losses.span_loss(
+                start, end, jnp.asarray(start_positions), jnp.asarray(end_positions)
+            )
         return QuestionAnsweringOutput(start_logits=start, end_logits=end, loss=loss)

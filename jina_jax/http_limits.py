@@ -57,12 +57,16 @@ def check_json_type(request: Request):
     kind = (given or "").split(";", 1)[0].strip().lower()
     if kind not in JSON_TYPES and not (kind.startswith("application/") and kind.endswith("+json")):
         what = f"Content-Type {given!r}" if given else "no Content-Type"
-        raise Refused(415, f"the body must be JSON, sent as Content-Type: application/json "
-                      f"(got {what})", "unsupported_media_type")
+        raise Refused(
+            415,
+            f"the body must be JSON, sent as Content-Type: application/json (got {what})",
+            "unsupported_media_type",
+        )
 
 
-async def read_body(request: Request, max_bytes: int, budget: BodyBudget,
-                    idle_timeout: float) -> tuple[bytearray, int]:
+async def read_body(
+    request: Request, max_bytes: int, budget: BodyBudget, idle_timeout: float
+) -> tuple[bytearray, int]:
     """(the body, the bytes taken from `budget`: give them back once it is parsed). Refused:
     413 for a declared or streamed size over `max_bytes` (before reading a declared one), 503
     when every body in flight together would pass the budget, 408 after `idle_timeout` seconds
@@ -70,16 +74,25 @@ async def read_body(request: Request, max_bytes: int, budget: BodyBudget,
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise Refused(400, f"Content-Length {declared!r} is not a byte count",
-                          "invalid_content_length")
+            raise Refused(
+                400, f"Content-Length {declared!r} is not a byte count", "invalid_content_length"
+            )
         if int(declared) > max_bytes:
-            raise Refused(413, f"the request body ({declared} bytes) is over this server's "
-                          f"limit of {max_bytes} bytes", "body_too_large")
+            raise Refused(
+                413,
+                f"the request body ({declared} bytes) is over this server's "
+                f"limit of {max_bytes} bytes",
+                "body_too_large",
+            )
     taken = int(declared) if declared is not None else 0
     if not budget.take(taken):
-        raise Refused(503, f"request bodies of {budget.used} bytes are being received; this "
-                      f"server holds at most {budget.limit} at once: retry", "busy",
-                      {"Retry-After": "1"})
+        raise Refused(
+            503,
+            f"request bodies of {budget.used} bytes are being received; this "
+            f"server holds at most {budget.limit} at once: retry",
+            "busy",
+            {"Retry-After": "1"},
+        )
     try:
         body = bytearray()
         chunks = request.stream().__aiter__()
@@ -89,17 +102,24 @@ async def read_body(request: Request, max_bytes: int, budget: BodyBudget,
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise Refused(408, f"no body byte for {idle_timeout:g} s", "body_timeout") \
-                    from None
+                raise Refused(408, f"no body byte for {idle_timeout:g} s", "body_timeout") from None
             if len(body) + len(chunk) > max_bytes:  # a chunked body has no declared size
-                raise Refused(413, f"the request body is over this server's limit of "
-                              f"{max_bytes} bytes", "body_too_large")
+                raise Refused(
+                    413,
+                    f"the request body is over this server's limit of {max_bytes} bytes",
+                    "body_too_large",
+                )
             grow = len(body) + len(chunk) - taken
             if grow > 0:
                 if not budget.take(grow):
-                    raise Refused(503, f"request bodies of {budget.used} bytes are being "
-                                  f"received; this server holds at most {budget.limit} at "
-                                  "once: retry", "busy", {"Retry-After": "1"})
+                    raise Refused(
+                        503,
+                        f"request bodies of {budget.used} bytes are being "
+                        f"received; this server holds at most {budget.limit} at "
+                        "once: retry",
+                        "busy",
+                        {"Retry-After": "1"},
+                    )
                 taken += grow
             body += chunk
     except ClientDisconnect:
@@ -118,32 +138,44 @@ def parse_json(body: bytearray):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Refused(400, f"the body is not valid JSON: not UTF-8 ({e})", "invalid_json") \
-            from None
+        raise Refused(400, f"the body is not valid JSON: not UTF-8 ({e})", "invalid_json") from None
     del body[:]
     try:
         return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except RecursionError:
-        raise Refused(400, "the body is not valid JSON here: nested too deeply",
-                      "invalid_json") from None
+        raise Refused(
+            400, "the body is not valid JSON here: nested too deeply", "invalid_json"
+        ) from None
     except ValueError as e:
         raise Refused(400, f"the body is not valid JSON: {e}", "invalid_json") from None
 
 
 def _error_bytes(status: int, reason: str, message: str, code: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _base_protocol() -> type:
     """The protocol uvicorn's http="auto" picks: httptools where installed, else h11."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
         return HttpToolsProtocol
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol
+
         return H11Protocol
 
 
@@ -160,9 +192,12 @@ class _Deadlines:
         super().connection_made(transport)
         self._deadline, self._waiting = None, None
         if len(self.connections) > self.max_connections:
-            self._close_with(503, "Service Unavailable", f"this server has "
-                             f"{self.max_connections} connections open, its limit: retry",
-                             "too_many_connections")
+            self._close_with(
+                503,
+                "Service Unavailable",
+                f"this server has {self.max_connections} connections open, its limit: retry",
+                "too_many_connections",
+            )
             return
         self._arm(self.cycle)
 
@@ -195,8 +230,12 @@ class _Deadlines:
     def _expired(self):
         self._deadline = None
         if not self.transport.is_closing() and self.cycle is self._waiting:
-            self._close_with(408, "Request Timeout", f"the request headers did not arrive "
-                             f"within {self.header_timeout:g} s", "header_timeout")
+            self._close_with(
+                408,
+                "Request Timeout",
+                f"the request headers did not arrive within {self.header_timeout:g} s",
+                "header_timeout",
+            )
 
     def _close_with(self, status, reason, message, code):
         self.transport.write(_error_bytes(status, reason, message, code))
@@ -206,5 +245,8 @@ class _Deadlines:
 def protocol_class(header_timeout: float, max_connections: int) -> type:
     """uvicorn's HTTP protocol with `_Deadlines`' rules (pass as `uvicorn.Config(http=...)`)."""
     base = _base_protocol()
-    return type(f"Bounded{base.__name__}", (_Deadlines, base),
-                {"header_timeout": header_timeout, "max_connections": max_connections})
+    return type(
+        f"Bounded{base.__name__}",
+        (_Deadlines, base),
+        {"header_timeout": header_timeout, "max_connections": max_connections},
+    )

@@ -7,11 +7,20 @@ import re
 
 # What any of the three formats needs; the release repo also carries ONNX files we never read.
 ALLOW_PATTERNS = [
-    "config.json", "model.safetensors", "model*.safetensors", "model.safetensors.index.json",
-    "params.safetensors", "adapters.safetensors", "heads.safetensors",
-    "*/adapter_config.json", "*/adapter_model.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "sentencepiece.bpe.model", "config_sentence_transformers.json",
+    "config.json",
+    "model.safetensors",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "params.safetensors",
+    "adapters.safetensors",
+    "heads.safetensors",
+    "*/adapter_config.json",
+    "*/adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+    "config_sentence_transformers.json",
 ]
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
@@ -33,6 +42,11 @@ def resolve(src: str | os.PathLike, revision: str | None = None) -> str:
         return snapshot_download(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     except (HfHubHTTPError, OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        where = "the local hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or the local cache"
-        raise FileNotFoundError(f"{src}: not a local folder, and not found in {where}: "
-                                f"{type(e).__name__}: {e}") from e
+        where = (
+            "the local hub cache (HF_HUB_OFFLINE is set)"
+            if offline
+            else "the hub or the local cache"
+        )
+        raise FileNotFoundError(
+            f"{src}: not a local folder, and not found in {where}: {type(e).__name__}: {e}"
+        ) from e

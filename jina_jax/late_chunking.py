@@ -28,8 +28,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .encode import (DEFAULT_MAX_LENGTH, DEFAULT_TOKEN_BUDGET, Runner, check_options, finish,
-                     progress)
+from .encode import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TOKEN_BUDGET,
+    Runner,
+    check_options,
+    finish,
+    progress,
+)
 from .tokenize import check_max_length, check_texts, without_lone_surrogates
 
 DEFAULT_OVERLAP = 512
@@ -54,17 +60,24 @@ def check_spans(spans, text: str, where: str) -> list[tuple[int, int]]:
         raise ValueError(f"{where}: spans must be a non-empty list of (start, end) pairs")
     out, previous_end = [], 0
     for j, span in enumerate(spans):
-        ok = (isinstance(span, Sequence) and len(span) == 2
-              and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in span))
+        ok = (
+            isinstance(span, Sequence)
+            and len(span) == 2
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in span)
+        )
         if not ok:
             raise ValueError(f"{where}: span {j} is {span!r}, not a (start, end) pair of ints")
         start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= len(text):
-            raise ValueError(f"{where}: span {j} ({start}, {end}) is empty or outside the "
-                             f"document's {len(text)} characters")
+            raise ValueError(
+                f"{where}: span {j} ({start}, {end}) is empty or outside the "
+                f"document's {len(text)} characters"
+            )
         if start < previous_end:
-            raise ValueError(f"{where}: span {j} ({start}, {end}) starts before span {j - 1} "
-                             f"ends ({previous_end}); spans must be in order and disjoint")
+            raise ValueError(
+                f"{where}: span {j} ({start}, {end}) starts before span {j - 1} "
+                f"ends ({previous_end}); spans must be in order and disjoint"
+            )
         out.append((start, end))
         previous_end = end
     return out
@@ -73,8 +86,9 @@ def check_spans(spans, text: str, where: str) -> list[tuple[int, int]]:
 def _first_chars(encoding, text: str) -> np.ndarray:
     """Per token, the index of its first non-space character in `text` (-1 for specials)."""
     out = np.full(len(encoding.ids), -1, np.int64)
-    for t, ((start, end), special) in enumerate(zip(encoding.offsets,
-                                                   encoding.special_tokens_mask)):
+    for t, ((start, end), special) in enumerate(
+        zip(encoding.offsets, encoding.special_tokens_mask)
+    ):
         if special or start >= end:
             continue
         while start < end - 1 and text[start].isspace():
@@ -104,9 +118,14 @@ def windows(n_doc: int, capacity: int, overlap: int) -> list[tuple[int, int]]:
 def best_window(n_doc: int, ranges: list[tuple[int, int]]) -> np.ndarray:
     """Per document token, the window where its smaller distance to an edge is largest."""
     position = np.arange(n_doc)
-    margins = np.stack([np.where((position >= a) & (position < b),
-                                 np.minimum(position - a, b - 1 - position), -1)
-                        for a, b in ranges])
+    margins = np.stack(
+        [
+            np.where(
+                (position >= a) & (position < b), np.minimum(position - a, b - 1 - position), -1
+            )
+            for a, b in ranges
+        ]
+    )
     return margins.argmax(0)  # argmax takes the first (earlier) window on ties
 
 
@@ -115,6 +134,7 @@ class Prepared:
     """One document cut into model rows: window ids, their ranges of document tokens, each
     document token's first character (document offsets), the instruction's length in tokens
     (with `<s>`), and the chunk spans."""
+
     rows: list
     ranges: list
     first: np.ndarray
@@ -125,14 +145,21 @@ class Prepared:
         """Chunk means [n_chunks, H] from the windows' token states [n_tokens, H] each."""
         best = best_window(len(self.first), self.ranges)
         # [T, H]: each document token's state from its best window.
-        hidden = np.stack([window_states[w][self.n_head + t - self.ranges[w][0]]
-                           for t, w in enumerate(best)]) if len(self.first) else None
+        hidden = (
+            np.stack(
+                [window_states[w][self.n_head + t - self.ranges[w][0]] for t, w in enumerate(best)]
+            )
+            if len(self.first)
+            else None
+        )
         pooled = np.zeros((len(self.spans), window_states[0].shape[-1]), np.float32)
         for j, (start, end) in enumerate(self.spans):
             inside = (self.first >= start) & (self.first < end)
             if not inside.any():
-                raise ValueError(f"documents[{index}]: chunk {j} (characters {start}..{end}) "
-                                 "has no token of its own")
+                raise ValueError(
+                    f"documents[{index}]: chunk {j} (characters {start}..{end}) "
+                    "has no token of its own"
+                )
             pooled[j] = hidden[inside].mean(0)
         return pooled
 
@@ -151,13 +178,17 @@ def _prepare(model, doc, task, index, prompt, max_length, overlap, spans, chunk_
     head, body, tail = ids[:n_head], ids[n_head:-1], ids[-1:]
     capacity = max_length - len(head) - len(tail)
     if capacity < 1:
-        raise ValueError(f"documents[{index}]: the instruction alone takes {len(head)} of "
-                         f"max_length={max_length} tokens")
+        raise ValueError(
+            f"documents[{index}]: the instruction alone takes {len(head)} of "
+            f"max_length={max_length} tokens"
+        )
     if overlap is None:
         overlap = min(DEFAULT_OVERLAP, capacity // 4)
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < capacity:
-        raise ValueError(f"overlap must be in 0..{capacity - 1} (max_length {max_length} less "
-                         f"the instruction and special tokens), got {overlap!r}")
+        raise ValueError(
+            f"overlap must be in 0..{capacity - 1} (max_length {max_length} less "
+            f"the instruction and special tokens), got {overlap!r}"
+        )
     ranges = windows(len(body), capacity, overlap)
     doc_first = np.where(first[n_head:-1] >= 0, first[n_head:-1] - len(prefix), -1)
     if spans is not None:
@@ -170,20 +201,31 @@ def _prepare(model, doc, task, index, prompt, max_length, overlap, spans, chunk_
     return Prepared(rows, ranges, doc_first, len(head), doc_spans)
 
 
-def prepare_document(model, document: str, task, *, max_length: int, spans=None,
-                     overlap: int | None = None) -> Prepared:
+def prepare_document(
+    model, document: str, task, *, max_length: int, spans=None, overlap: int | None = None
+) -> Prepared:
     """One document's windows (`rows`) and chunks as `encode_late_chunks` cuts them, for a
     caller that runs the windows itself (the server: one at a time, so that it can stop between
     them); `Prepared.pool` of their states gives the chunk means."""
     return _prepare(model, document, task, 0, None, max_length, overlap, spans, None)
 
 
-def encode_late_chunks(model, documents, task="retrieval.passage", *, spans=None,
-                       chunk_tokens: int | None = None, max_length: int | None = None,
-                       overlap: int | None = None, truncate_dim: int | None = None,
-                       normalize: bool = True, batch_size: int = 32, prompt: str | None = None,
-                       max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
-                       show_progress_bar: bool | None = None):
+def encode_late_chunks(
+    model,
+    documents,
+    task="retrieval.passage",
+    *,
+    spans=None,
+    chunk_tokens: int | None = None,
+    max_length: int | None = None,
+    overlap: int | None = None,
+    truncate_dim: int | None = None,
+    normalize: bool = True,
+    batch_size: int = 32,
+    prompt: str | None = None,
+    max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+    show_progress_bar: bool | None = None,
+):
     """See `JinaEmbeddingsV3.encode_late_chunks`."""
     cfg = model.config
     single = isinstance(documents, str)
@@ -200,9 +242,14 @@ def encode_late_chunks(model, documents, task="retrieval.passage", *, spans=None
         raise ValueError("give spans or chunk_tokens, not both")
     truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
     max_length = check_max_length(max_length, cfg, DEFAULT_MAX_LENGTH)
-    _, dim = check_options(model, batch_size=batch_size, max_length=max_length,
-                           truncate_dim=truncate_dim, max_tokens_per_batch=max_tokens_per_batch,
-                           window=1)
+    _, dim = check_options(
+        model,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncate_dim=truncate_dim,
+        max_tokens_per_batch=max_tokens_per_batch,
+        window=1,
+    )
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     row_tasks = model.resolve_tasks(task, len(documents), "documents")
@@ -214,16 +261,29 @@ def encode_late_chunks(model, documents, task="retrieval.passage", *, spans=None
         runner = Runner(model, batch_size, max_tokens_per_batch, hidden=True, bar=bar)
         for first_doc in range(0, len(documents), group):
             picked = range(first_doc, min(first_doc + group, len(documents)))
-            prepared = [_prepare(model, documents[i], row_tasks[i], i, prompt, max_length,
-                                 overlap, None if spans is None else spans[i], chunk_tokens)
-                        for i in picked]
-            states = runner.submit([r for p in prepared for r in p.rows],
-                                   [row_tasks[i] for i, p in zip(picked, prepared)
-                                    for _ in p.rows])
+            prepared = [
+                _prepare(
+                    model,
+                    documents[i],
+                    row_tasks[i],
+                    i,
+                    prompt,
+                    max_length,
+                    overlap,
+                    None if spans is None else spans[i],
+                    chunk_tokens,
+                )
+                for i in picked
+            ]
+            states = runner.submit(
+                [r for p in prepared for r in p.rows],
+                [row_tasks[i] for i, p in zip(picked, prepared) for _ in p.rows],
+            )
             runner.drain()
             k = 0
             for i, doc in zip(picked, prepared):
-                results.append((finish(doc.pool(states[k:k + len(doc.rows)], i), dim,
-                                       normalize), doc.spans))
+                results.append(
+                    (finish(doc.pool(states[k : k + len(doc.rows)], i), dim, normalize), doc.spans)
+                )
                 k += len(doc.rows)
     return results[0] if single else results

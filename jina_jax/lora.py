@@ -131,8 +131,13 @@ def merge(params: Mapping, adapter: Mapping, scale: float, *, keep_word_embeddin
     return merged, forward_lora
 
 
-def stack(adapters: Sequence[Mapping], scales: Sequence[float], *, rank: int | None = None,
-          shapes: Mapping | None = None):
+def stack(
+    adapters: Sequence[Mapping],
+    scales: Sequence[float],
+    *,
+    rank: int | None = None,
+    shapes: Mapping | None = None,
+):
     """One stacked tree for several tasks (the mixed-batch path).
 
     Modules missing from some adapters get zero factors there; different ranks are zero-padded to
@@ -153,11 +158,14 @@ def stack(adapters: Sequence[Mapping], scales: Sequence[float], *, rank: int | N
         for i, adapter in enumerate(adapters):
             for path, fac in adapted_modules(adapter):
                 if path not in shapes:
-                    raise ValueError(f"adapter {i} adapts {'/'.join(path)}, which the layout "
-                                     "does not stack")
+                    raise ValueError(
+                        f"adapter {i} adapts {'/'.join(path)}, which the layout does not stack"
+                    )
                 if np.shape(fac["a"])[-1] > shapes[path][0][-1]:
-                    raise ValueError(f"adapter {i} has rank {np.shape(fac['a'])[-1]} at "
-                                     f"{'/'.join(path)}, over the layout's {shapes[path][0][-1]}")
+                    raise ValueError(
+                        f"adapter {i} has rank {np.shape(fac['a'])[-1]} at "
+                        f"{'/'.join(path)}, over the layout's {shapes[path][0][-1]}"
+                    )
     out: dict = {}
     for path, (a_shape, b_shape) in shapes.items():
         layered = BY_PATH[path].layered
@@ -187,8 +195,9 @@ def max_rank(adapter: Mapping) -> int:
     return max((int(np.shape(f["a"])[-1]) for _, f in adapted_modules(adapter)), default=0)
 
 
-def init_adapter(params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_LORA_MODULES, *,
-                 seed: int = 0):
+def init_adapter(
+    params: Mapping, rank: int, modules: Sequence[str] = DEFAULT_LORA_MODULES, *, seed: int = 0
+):
     """A fresh adapter whose delta is zero, initialised as PEFT does: a Linear gets a uniform in
     ±1/sqrt(in) and b = 0; an Embedding gets a = 0 and b ~ N(0, 1). Shapes come from `params`."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -272,12 +281,20 @@ def single_task(adapters: Mapping, scales: Mapping, name: str | None):
     for path, fac in adapted_modules(stacked):
         axis = 1 if BY_PATH[path].layered else 0
         one = {k: jax.lax.slice_in_dim(v, t, t + 1, axis=axis) for k, v in fac.items()}
-        set_path(out, path, one if name is not None else jax.tree_util.tree_map(jnp.zeros_like, one))
+        set_path(
+            out, path, one if name is not None else jax.tree_util.tree_map(jnp.zeros_like, one)
+        )
     return out
 
 
-def merged_task(params: Mapping, adapters: Mapping, scales: Mapping, name: str | None,
-                vocab_size: int, hidden_size: int):
+def merged_task(
+    params: Mapping,
+    adapters: Mapping,
+    scales: Mapping,
+    name: str | None,
+    vocab_size: int,
+    hidden_size: int,
+):
     """(merged params, word-embedding factors) for one task (None: the base params), every
     task's factors in one shape (`word_factors`): a full copy of the adapted weights, for users
     of the pure function who want merged parameters; the model's own forward never builds it."""
@@ -316,6 +333,5 @@ class TaskCache:
     def mixed(self, names: tuple, adapters: Mapping, scales: Mapping):
         """The stacked factors of `names` (the mixed-batch path)."""
         if names not in self.stacked:
-            self.stacked = {names: stack([adapters[n] for n in names],
-                                         [scales[n] for n in names])}
+            self.stacked = {names: stack([adapters[n] for n in names], [scales[n] for n in names])}
         return self.stacked[names]

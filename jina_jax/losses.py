@@ -57,8 +57,10 @@ def sequence_classification_loss(logits, labels, problem_type: str | None = None
         # log(sigmoid(x)) and log(1 - sigmoid(x)) in their stable forms.
         loss = -(labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
         return jnp.mean(loss)
-    raise ValueError(f"unknown problem_type {problem_type!r}; expected 'regression', "
-                     "'single_label_classification' or 'multi_label_classification'")
+    raise ValueError(
+        f"unknown problem_type {problem_type!r}; expected 'regression', "
+        "'single_label_classification' or 'multi_label_classification'"
+    )
 
 
 def span_loss(start_logits, end_logits, start_positions, end_positions):
@@ -67,8 +69,10 @@ def span_loss(start_logits, end_logits, start_positions, end_positions):
     length = start_logits.shape[1]
     start = jnp.clip(start_positions.reshape(-1), 0, length)
     end = jnp.clip(end_positions.reshape(-1), 0, length)
-    return (cross_entropy(start_logits, start, ignore_index=length)
-            + cross_entropy(end_logits, end, ignore_index=length)) / 2
+    return (
+        cross_entropy(start_logits, start, ignore_index=length)
+        + cross_entropy(end_logits, end, ignore_index=length)
+    ) / 2
 
 
 def _unit(x):
@@ -76,8 +80,9 @@ def _unit(x):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def info_nce(queries, positives, negatives=None, temperature: float = 0.05,
-             symmetric: bool = False):
+def info_nce(
+    queries, positives, negatives=None, temperature: float = 0.05, symmetric: bool = False
+):
     """In-batch-negatives contrastive loss (InfoNCE) on cosine similarities.
 
     queries, positives: [B, H], row i of each a pair; negatives: [N, H] hard negatives shared by

@@ -38,8 +38,9 @@ class Metric:
 
     def key(self, labels: dict) -> tuple:
         if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {list(self.label_names)}, got "
-                             f"{sorted(labels)}")
+            raise ValueError(
+                f"{self.name} takes labels {list(self.label_names)}, got {sorted(labels)}"
+            )
         return tuple(str(labels[n]) for n in self.label_names)
 
     def lines(self) -> list[str]:
@@ -74,6 +75,7 @@ class Counter(Metric):
 
 class Gauge(Metric):
     """A value read when rendered (`function`), or set."""
+
     kind = "gauge"
 
     def __init__(self, name, help, function: Callable[[], float] | None = None):

@@ -42,9 +42,15 @@ class MTEBEncoder(AbsEncoder):
     of the task's type (None when MTEB's prompt lookup finds none: no adapter, no instruction).
     Extra keyword arguments (batch_size, truncate_dim, max_length, ...) go to `encode`."""
 
-    def __init__(self, model, *, name: str = "jinaai/jina-embeddings-v3",
-                 revision: str | None = None, task_adapters: dict | None = None,
-                 **encode_kwargs: Any):
+    def __init__(
+        self,
+        model,
+        *,
+        name: str = "jinaai/jina-embeddings-v3",
+        revision: str | None = None,
+        task_adapters: dict | None = None,
+        **encode_kwargs: Any,
+    ):
         self.model = model
         self.model_prompts = dict(TASK_ADAPTERS if task_adapters is None else task_adapters)
         for adapter in self.model_prompts.values():
@@ -52,19 +58,40 @@ class MTEBEncoder(AbsEncoder):
         self.encode_kwargs = {"show_progress_bar": False, **encode_kwargs}
         dim = encode_kwargs.get("truncate_dim") or model.config.hidden_size
         self.mteb_model_meta = ModelMeta(
-            loader=None, name=name, revision=revision, release_date=None, languages=None,
-            n_parameters=None, memory_usage_mb=None, max_tokens=model.config.max_position_embeddings - 2,
-            embed_dim=dim, license=None, open_weights=True, public_training_code=None,
-            public_training_data=None, framework=["JAX"], similarity_fn_name="cosine",
-            use_instructions=True, training_datasets=None)
+            loader=None,
+            name=name,
+            revision=revision,
+            release_date=None,
+            languages=None,
+            n_parameters=None,
+            memory_usage_mb=None,
+            max_tokens=model.config.max_position_embeddings - 2,
+            embed_dim=dim,
+            license=None,
+            open_weights=True,
+            public_training_code=None,
+            public_training_data=None,
+            framework=["JAX"],
+            similarity_fn_name="cosine",
+            use_instructions=True,
+            training_datasets=None,
+        )
 
     def adapter_for(self, task_metadata, prompt_type=None) -> str | None:
         """The adapter for a task (and query/document side), by MTEB's own prompt lookup."""
         prompt_name = self.get_prompt_name(task_metadata, prompt_type)
         return None if prompt_name is None else self.model_prompts[prompt_name]
 
-    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
-               prompt_type=None, **kwargs: Any) -> np.ndarray:
+    def encode(
+        self,
+        inputs,
+        *,
+        task_metadata,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type=None,
+        **kwargs: Any,
+    ) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
         task = self.adapter_for(task_metadata, prompt_type)
         return self.model.encode(texts, task=task, **{**self.encode_kwargs, **kwargs})

@@ -48,9 +48,17 @@ class JinaEncoderNNX(nnx.Module):
     remat: per-layer rematerialisation in training (see `JinaEncoder`).
     """
 
-    def __init__(self, config: JinaConfig, params: Mapping, adapters: Mapping | None = None,
-                 scales: Mapping | None = None, *, dtype="float32", param_dtype=None,
-                 remat: str | None = None):
+    def __init__(
+        self,
+        config: JinaConfig,
+        params: Mapping,
+        adapters: Mapping | None = None,
+        scales: Mapping | None = None,
+        *,
+        dtype="float32",
+        param_dtype=None,
+        remat: str | None = None,
+    ):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype) if param_dtype is not None else self.dtype
@@ -58,8 +66,12 @@ class JinaEncoderNNX(nnx.Module):
         cast = lambda x: nnx.Param(jnp.asarray(x, self.param_dtype))
         self.params = nnx.data(jax.tree_util.tree_map(cast, dict(params)))
         adapters = dict(adapters or {})
-        self.adapters = nnx.data({name: jax.tree_util.tree_map(
-            lambda x: nnx.LoRAParam(jnp.asarray(x)), dict(tree)) for name, tree in adapters.items()})
+        self.adapters = nnx.data(
+            {
+                name: jax.tree_util.tree_map(lambda x: nnx.LoRAParam(jnp.asarray(x)), dict(tree))
+                for name, tree in adapters.items()
+            }
+        )
         scales = dict(scales or {})
         missing = set(adapters).difference(scales)
         if missing:
@@ -68,13 +80,21 @@ class JinaEncoderNNX(nnx.Module):
         self.scales = tuple((name, float(scales[name])) for name in adapters)
 
     @classmethod
-    def from_pretrained(cls, src, *, dtype="float32", param_dtype=None, revision=None,
-                        remat: str | None = None) -> "JinaEncoderNNX":
+    def from_pretrained(
+        cls, src, *, dtype="float32", param_dtype=None, revision=None, remat: str | None = None
+    ) -> JinaEncoderNNX:
         """Loads a hub id or a folder in any supported format, as `JinaEmbeddingsV3` does."""
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
-        return cls(ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales, dtype=dtype,
-                   param_dtype=param_dtype, remat=remat)
+        return cls(
+            ckpt.config,
+            ckpt.params,
+            ckpt.adapters,
+            ckpt.scales,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+        )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -82,20 +102,25 @@ class JinaEncoderNNX(nnx.Module):
 
     def resolve_tasks(self, task, rows: int) -> list:
         """One adapter name (or None) per row, from None, one task (any spelling) or a list."""
+
         def one(t, where: str):
             if t is None:
                 return None
             for name in self.tasks:
                 if isinstance(t, str) and canonical_task(name) == canonical_task(t):
                     return name
-            raise ValueError(f"{where}unknown task {t!r}; this encoder has {list(self.tasks)} "
-                             "(or None for no adapter)")
+            raise ValueError(
+                f"{where}unknown task {t!r}; this encoder has {list(self.tasks)} "
+                "(or None for no adapter)"
+            )
 
         if task is None or isinstance(task, str):
             return [one(task, "")] * rows
         if not isinstance(task, Sequence) or len(task) != rows:
-            raise ValueError(f"task must be None, a task name or a list of {rows} of them (one "
-                             f"per row), got {task!r}")
+            raise ValueError(
+                f"task must be None, a task name or a list of {rows} of them (one "
+                f"per row), got {task!r}"
+            )
         return [one(t, f"task[{i}]: ") for i, t in enumerate(task)]
 
     def lora_inputs(self, task, rows: int) -> dict:
@@ -106,30 +131,53 @@ class JinaEncoderNNX(nnx.Module):
         if not names:
             return {"lora": None, "task_index": None, "task_mask": None}
         scales = dict(self.scales)
-        lora = lora_lib.stack([_values(self.adapters[n]) for n in names],
-                              [scales[n] for n in names])
-        return {"lora": lora, "task_index": jnp.asarray(task_index),
-                "task_mask": jnp.asarray(task_mask)}
+        lora = lora_lib.stack(
+            [_values(self.adapters[n]) for n in names], [scales[n] for n in names]
+        )
+        return {
+            "lora": lora,
+            "task_index": jnp.asarray(task_index),
+            "task_mask": jnp.asarray(task_mask),
+        }
 
-    def __call__(self, input_ids, *, lengths=None, attention_mask=None, task=None,
-                 rngs: nnx.Rngs | None = None) -> EncoderOutput:
+    def __call__(
+        self,
+        input_ids,
+        *,
+        lengths=None,
+        attention_mask=None,
+        task=None,
+        rngs: nnx.Rngs | None = None,
+    ) -> EncoderOutput:
         """input_ids: int[B, L]; padding as `lengths` int32[B] (right-padded rows) or
         `attention_mask` [B, L] (any pattern); task: None, a name, or one per row (static).
         rngs: an `nnx.Rngs` with a "dropout" stream turns the config's dropout on (training)."""
         b, length = input_ids.shape
         right_padded = attention_mask is None
-        implementation = choose_implementation(self.dtype, self.config.head_dim, right_padded,
-                                               length)
-        module = JinaEncoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                             implementation=implementation, deterministic=rngs is None,
-                             remat=self.remat)
+        implementation = choose_implementation(
+            self.dtype, self.config.head_dim, right_padded, length
+        )
+        module = JinaEncoder(
+            self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=implementation,
+            deterministic=rngs is None,
+            remat=self.remat,
+        )
         dropout = None if rngs is None else {"dropout": rngs.dropout()}
-        return module.apply({"params": _values(self.params)}, input_ids,
-                            attention_mask=attention_mask, lengths=lengths,
-                            rngs=dropout, **self.lora_inputs(task, b))
+        return module.apply(
+            {"params": _values(self.params)},
+            input_ids,
+            attention_mask=attention_mask,
+            lengths=lengths,
+            rngs=dropout,
+            **self.lora_inputs(task, b),
+        )
 
-    def embed(self, input_ids, lengths, task=None, *, normalize: bool = True,
-              rngs: nnx.Rngs | None = None):
+    def embed(
+        self, input_ids, lengths, task=None, *, normalize: bool = True, rngs: nnx.Rngs | None = None
+    ):
         """Mean-pooled fp32 [B, H] over each row's `lengths` tokens (as `encode` pools),
         L2-normalised unless normalize=False."""
         out = self(input_ids, lengths=lengths, task=task, rngs=rngs)
@@ -141,5 +189,7 @@ class JinaEncoderNNX(nnx.Module):
     def weights(self) -> dict:
         """{"params": base tree, "adapters": {task: factors}} as plain arrays (what
         `JinaEmbeddingsV3.update` takes, to encode or save what was trained here)."""
-        return {"params": _values(self.params),
-                "adapters": {name: _values(tree) for name, tree in self.adapters.items()}}
+        return {
+            "params": _values(self.params),
+            "adapters": {name: _values(tree) for name, tree in self.adapters.items()},
+        }

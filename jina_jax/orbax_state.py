@@ -35,12 +35,16 @@ def save(trainer: Trainer, directory: str, state: TrainState, *, overwrite: bool
     if os.path.lexists(directory) and not overwrite:
         raise FileExistsError(f"{directory} already exists (pass overwrite=True to replace it)")
     if not os.path.isdir(os.path.dirname(directory)):
-        raise FileNotFoundError(f"{os.path.dirname(directory)}: the folder for the train state "
-                                "does not exist")
+        raise FileNotFoundError(
+            f"{os.path.dirname(directory)}: the folder for the train state does not exist"
+        )
     checkpointer = ocp.StandardCheckpointer()
     with atomic_folder(directory) as tmp:
-        checkpointer.save(os.path.join(tmp, STATE_FOLDER), state, custom_metadata={
-            "format": STATE_FORMAT, "train": json.dumps(_trains(trainer))})
+        checkpointer.save(
+            os.path.join(tmp, STATE_FOLDER),
+            state,
+            custom_metadata={"format": STATE_FORMAT, "train": json.dumps(_trains(trainer))},
+        )
         checkpointer.wait_until_finished()
     return directory
 
@@ -50,21 +54,21 @@ def restore(trainer: Trainer, directory: str) -> TrainState:
     A folder of another trainer (other trained leaves, another optimizer) is refused by name."""
     path = os.path.join(os.path.abspath(os.fspath(directory)), STATE_FOLDER)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{directory}: no jina-jax Orbax train state here (no "
-                                f"{STATE_FOLDER}/ folder)")
+        raise FileNotFoundError(
+            f"{directory}: no jina-jax Orbax train state here (no {STATE_FOLDER}/ folder)"
+        )
     checkpointer = ocp.StandardCheckpointer()
     meta = checkpointer.metadata(path).custom_metadata or {}
     if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{directory}: not a jina-jax train state (format "
-                         f"{meta.get('format')!r})")
+        raise ValueError(f"{directory}: not a jina-jax train state (format {meta.get('format')!r})")
     saved = json.loads(meta.get("train", "[]"))
     if saved != _trains(trainer):
-        raise ValueError(f"{directory}: trains {saved}, but this trainer trains "
-                         f"{_trains(trainer)}")
+        raise ValueError(f"{directory}: trains {saved}, but this trainer trains {_trains(trainer)}")
     # The target's shapes, dtypes and shardings: what the trainer's own init would give.
     target = jax.eval_shape(trainer.init)
     try:
         return checkpointer.restore(path, target)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{directory}: does not match this trainer's state ({e}); was the "
-                         "optimizer changed?") from None
+        raise ValueError(
+            f"{directory}: does not match this trainer's state ({e}); was the optimizer changed?"
+        ) from None

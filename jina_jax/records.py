@@ -15,8 +15,9 @@ def decode_line(raw: bytes, source: str, number: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{source}:{number}: not UTF-8 text ({e.reason} at byte "
-                         f"{e.start})") from None
+        raise ValueError(
+            f"{source}:{number}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
 
 
 def parse_record(line: str, source: str, number: int) -> dict:
@@ -26,8 +27,7 @@ def parse_record(line: str, source: str, number: int) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}:{number}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{source}:{number}: expected a JSON object, got "
-                         f"{type(record).__name__}")
+        raise ValueError(f"{source}:{number}: expected a JSON object, got {type(record).__name__}")
     return record
 
 
@@ -75,8 +75,7 @@ def csv_header(stream, source: str) -> tuple[list[str], int]:
 def csv_record(names: list[str], fields: list[str], source: str, row: int) -> dict:
     """A CSV row as {column: value}; a row of another width is an error naming `source:row`."""
     if len(fields) != len(names):
-        raise ValueError(f"{source}:{row}: {len(fields)} field(s), the header has "
-                         f"{len(names)}")
+        raise ValueError(f"{source}:{row}: {len(fields)} field(s), the header has {len(names)}")
     return dict(zip(names, fields))
 
 
@@ -115,8 +114,10 @@ class TextInput:
         with open(self.path, "rb") as f:
             names, offset = csv_header(f, self.path)
             if self.field not in names:
-                raise ValueError(f"{self.path}: no column {self.field!r} in the CSV header "
-                                 f"{names} (--text-field)")
+                raise ValueError(
+                    f"{self.path}: no column {self.field!r} in the CSV header "
+                    f"{names} (--text-field)"
+                )
             for row, fields, _ in csv_rows(f, self.path, 1, offset):
                 if not fields:
                     self.skipped += 1

@@ -51,14 +51,27 @@ from tokenizers import Tokenizer
 
 from convert.formats import CheckpointError
 
-from .api import (ApiError, EmbeddingRequest, check_fields, embedding_body,
-                  parse_embedding_request, parse_tokenize_request, tokens_of)
 from .adapters import AdapterSet, read_adapter
-from .batcher import (READY_TOKENS, Batcher, Closed, DocumentTooLong, QueueFull,
-                      TooLong)
+from .api import (
+    ApiError,
+    EmbeddingRequest,
+    check_fields,
+    embedding_body,
+    parse_embedding_request,
+    parse_tokenize_request,
+    tokens_of,
+)
+from .batcher import READY_TOKENS, Batcher, Closed, DocumentTooLong, QueueFull, TooLong
 from .embedder import JinaEmbeddingsV3
-from .http_limits import (BodyBudget, ClientGone, Refused, check_json_type, parse_json,
-                          protocol_class, read_body)
+from .http_limits import (
+    BodyBudget,
+    ClientGone,
+    Refused,
+    check_json_type,
+    parse_json,
+    protocol_class,
+    read_body,
+)
 from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 
 log = logging.getLogger("jina_jax.serve")
@@ -70,6 +83,7 @@ PARSE_INLINE_BYTES = 1 << 20  # larger bodies are parsed off the event loop
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What `jina-jax serve` was asked for (its flags, same names)."""
+
     source: str  # hub id or checkpoint folder
     served_name: str = "jina-embeddings-v3"
     dtype: str = "float32"
@@ -87,7 +101,7 @@ class Settings:
     # Hostile input (see http_limits.py): bodies being received or parsed at once, over all
     # requests; a late-chunking document; seconds to send a request's headers, and of silence
     # (keep-alive, or in a body); open connections.
-    max_body_bytes_in_flight: int = 512 * 2 ** 20
+    max_body_bytes_in_flight: int = 512 * 2**20
     max_late_chars: int = 65536
     header_timeout: float = 10.0
     idle_timeout: float = 5.0
@@ -102,35 +116,46 @@ class Settings:
 
     def __post_init__(self):
         if self.max_inputs > self.max_queue:
-            raise ValueError(f"max_inputs ({self.max_inputs}) cannot exceed max_queue "
-                             f"({self.max_queue}): such a request could never be queued")
+            raise ValueError(
+                f"max_inputs ({self.max_inputs}) cannot exceed max_queue "
+                f"({self.max_queue}): such a request could never be queued"
+            )
 
     @property
     def max_body_bytes(self) -> int:
         """A body large enough for `max_inputs` texts of `max_input_chars` (JSON-escaped), but
         no larger than all bodies in flight may be."""
-        return min(self.max_inputs * (6 * self.max_input_chars + 8) + 65536,
-                   self.max_body_bytes_in_flight)
+        return min(
+            self.max_inputs * (6 * self.max_input_chars + 8) + 65536, self.max_body_bytes_in_flight
+        )
 
 
 class LoadFailed(Exception):
     """The model could not be loaded or warmed; the server stopped."""
 
 
-def error_response(status, message, type="invalid_request_error", param=None, code=None,
-                   headers=None) -> JSONResponse:
+def error_response(
+    status, message, type="invalid_request_error", param=None, code=None, headers=None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def parse_request(body, tasks, settings: Settings, default_task: str | None,
-                  config) -> EmbeddingRequest:
+def parse_request(
+    body, tasks, settings: Settings, default_task: str | None, config
+) -> EmbeddingRequest:
     """The checked embedding request (`api.parse_embedding_request` with this server's
     settings); `tasks` resolves task names, `config` is the model's."""
     return parse_embedding_request(
-        body, tasks, hidden_size=config.hidden_size, default_dim=config.truncate_dim,
-        served_name=settings.served_name, default_task=default_task,
-        max_inputs=settings.max_inputs, max_chars=settings.max_input_chars)
+        body,
+        tasks,
+        hidden_size=config.hidden_size,
+        default_dim=config.truncate_dim,
+        served_name=settings.served_name,
+        default_task=default_task,
+        max_inputs=settings.max_inputs,
+        max_chars=settings.max_input_chars,
+    )
 
 
 class EmbeddingServer:
@@ -152,25 +177,42 @@ class EmbeddingServer:
         self.created = int(time.time())
         self.registry = Registry()
         self.body_budget = BodyBudget(settings.max_body_bytes_in_flight)
-        self.requests = self.registry.add(Counter(
-            "jina_jax_requests_total", "HTTP requests by route and status code.",
-            ("route", "code")))
-        self.latency = self.registry.add(Histogram(
-            "jina_jax_request_seconds", "Time from request to answer, by route.",
-            [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], ("route",)))
-        self.registry.add(Gauge("jina_jax_ready", "1 once the model is loaded and warmed.",
-                                lambda: self.status == "ready"))
+        self.requests = self.registry.add(
+            Counter(
+                "jina_jax_requests_total",
+                "HTTP requests by route and status code.",
+                ("route", "code"),
+            )
+        )
+        self.latency = self.registry.add(
+            Histogram(
+                "jina_jax_request_seconds",
+                "Time from request to answer, by route.",
+                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                ("route",),
+            )
+        )
+        self.registry.add(
+            Gauge(
+                "jina_jax_ready",
+                "1 once the model is loaded and warmed.",
+                lambda: self.status == "ready",
+            )
+        )
         self.app = Starlette(
-            routes=[Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-                    Route("/embeddings", self.embeddings, methods=["POST"]),
-                    Route("/tokenize", self.tokenize, methods=["POST"]),
-                    Route("/v1/models", self.models, methods=["GET"]),
-                    Route("/v1/adapters", self.load_adapter, methods=["POST"]),
-                    Route("/v1/adapters/{name}", self.remove_adapter, methods=["DELETE"]),
-                    Route("/health", self.health, methods=["GET"]),
-                    Route("/metrics", self.metrics, methods=["GET"])],
+            routes=[
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                Route("/embeddings", self.embeddings, methods=["POST"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/adapters", self.load_adapter, methods=["POST"]),
+                Route("/v1/adapters/{name}", self.remove_adapter, methods=["DELETE"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+            ],
             exception_handlers={HTTPException: self.http_error},
-            lifespan=self.lifespan)
+            lifespan=self.lifespan,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -197,28 +239,41 @@ class EmbeddingServer:
         s = self.settings
         try:
             if self.model is None:
-                self.model = JinaEmbeddingsV3.from_pretrained(s.source, dtype=s.dtype,
-                                                              adapters=dict(s.adapters))
+                self.model = JinaEmbeddingsV3.from_pretrained(
+                    s.source, dtype=s.dtype, adapters=dict(s.adapters)
+                )
             else:  # a model given ready-made still gets the adapters asked for
                 for name, spec in s.adapters:
                     self.model.attach_adapter(read_adapter(name, spec, self.model.config))
             if s.default_task is not None:
                 self.default_task = self.model.resolve_task(s.default_task)
-            adapters = AdapterSet.build(self.model, slots=s.adapter_slots,
-                                        rank=s.max_adapter_rank)
-            batcher = Batcher(self.model, max_batch_tokens=s.max_batch_tokens,
-                              max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                              max_queue=s.max_queue, max_length=s.max_length,
-                              registry=self.registry, max_late_chars=s.max_late_chars,
-                              adapters=adapters)
+            adapters = AdapterSet.build(self.model, slots=s.adapter_slots, rank=s.max_adapter_rank)
+            batcher = Batcher(
+                self.model,
+                max_batch_tokens=s.max_batch_tokens,
+                max_batch_size=s.max_batch_size,
+                max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue,
+                max_length=s.max_length,
+                registry=self.registry,
+                max_late_chars=s.max_late_chars,
+                adapters=adapters,
+            )
             self.model.tokenizer  # noqa: B018 - a missing tokenizer fails now, not per request
             shapes = batcher.shapes()
             first = batcher.ready_shapes(s.ready_tokens)
             rest = [x for x in shapes if x not in first]
-            log.info("warm-up: %d shapes for --max-length %d (%d tasks stacked, %d adapter "
-                     "slots, rank %d); %d before answering, %d more in the background",
-                     len(shapes), batcher.max_length, len(adapters.names),
-                     adapters.free_slots, adapters.rank, len(first), len(rest))
+            log.info(
+                "warm-up: %d shapes for --max-length %d (%d tasks stacked, %d adapter "
+                "slots, rank %d); %d before answering, %d more in the background",
+                len(shapes),
+                batcher.max_length,
+                len(adapters.names),
+                adapters.free_slots,
+                adapters.rank,
+                len(first),
+                len(rest),
+            )
             count = self.warm(batcher, first, "warming up", late=False)
             if self.stopping.is_set():
                 return
@@ -253,8 +308,10 @@ class EmbeddingServer:
         done = batcher.warm_up(progress, self.stopping.is_set, shapes, late=late)
         new = forward.compile_count - compiled
         from_store = forward.loaded_count - loaded
-        return (f"{done} shapes in {time.monotonic() - started:.1f} s ({new - from_store} "
-                f"compiled, {from_store} loaded from the store, {done - new} ready already)")
+        return (
+            f"{done} shapes in {time.monotonic() - started:.1f} s ({new - from_store} "
+            f"compiled, {from_store} loaded from the store, {done - new} ready already)"
+        )
 
     # --- routes ----------------------------------------------------------------------------
 
@@ -275,8 +332,9 @@ class EmbeddingServer:
             response = Response(status_code=CLIENT_GONE)
         except Exception:  # noqa: BLE001 - a request never takes the server down
             log.error("request failed:\n%s", traceback.format_exc())
-            response = error_response(500, "internal error while embedding; see the server "
-                                      "log", type="server_error")
+            response = error_response(
+                500, "internal error while embedding; see the server log", type="server_error"
+            )
         self.requests.inc(route=route, code=response.status_code)
         self.latency.observe(time.perf_counter() - started, route=route)
         return response
@@ -285,15 +343,26 @@ class EmbeddingServer:
         self.authorize(request)
         self.check_ready()
         body = await self.read_json(request)
-        parsed = parse_request(body, self.batcher.adapters, self.settings, self.default_task,
-                               self.model.config)
+        parsed = parse_request(
+            body, self.batcher.adapters, self.settings, self.default_task, self.model.config
+        )
         try:
-            job = self.batcher.submit(parsed.texts, [parsed.task] * len(parsed.texts),
-                                      parsed.dim, parsed.normalize, parsed.late,
-                                      parsed.truncate)
+            job = self.batcher.submit(
+                parsed.texts,
+                [parsed.task] * len(parsed.texts),
+                parsed.dim,
+                parsed.normalize,
+                parsed.late,
+                parsed.truncate,
+            )
         except QueueFull as e:
-            raise ApiError(503, str(e), type="server_error", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after)}) from None
+            raise ApiError(
+                503,
+                str(e),
+                type="server_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except Closed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         except DocumentTooLong as e:
@@ -301,8 +370,7 @@ class EmbeddingServer:
         try:
             outcome = await self.wait(job, request)
         except TooLong as e:
-            raise ApiError(400, str(e), param=f"input[{e.index}]",
-                           code="input_too_long") from None
+            raise ApiError(400, str(e), param=f"input[{e.index}]", code="input_too_long") from None
         if outcome is None:  # the client left: nobody reads this
             return Response(status_code=CLIENT_GONE)
         embeddings, tokens = outcome
@@ -315,8 +383,12 @@ class EmbeddingServer:
         self.check_ready()
         body = await self.read_json(request)
         adapters = self.batcher.adapters
-        parsed = parse_tokenize_request(body, adapters, max_inputs=self.settings.max_inputs,
-                                        max_chars=self.settings.max_input_chars)
+        parsed = parse_tokenize_request(
+            body,
+            adapters,
+            max_inputs=self.settings.max_inputs,
+            max_chars=self.settings.max_input_chars,
+        )
         instruction = adapters.instruction(parsed.task)
 
         def run():
@@ -327,8 +399,13 @@ class EmbeddingServer:
                     self.counting_tokenizer.no_truncation()
                     self.counting_tokenizer.no_padding()
                 tok = self.counting_tokenizer
-                return json.dumps([tokens_of(tok, t, instruction, parsed.add_special_tokens)
-                                   for t in parsed.texts], separators=(",", ":")).encode()
+                return json.dumps(
+                    [
+                        tokens_of(tok, t, instruction, parsed.add_special_tokens)
+                        for t in parsed.texts
+                    ],
+                    separators=(",", ":"),
+                ).encode()
 
         return Response(await asyncio.to_thread(run), media_type="application/json")
 
@@ -355,21 +432,38 @@ class EmbeddingServer:
             try:
                 adapter = read_adapter(name, path, self.model.config)
             except (CheckpointError, OSError, ValueError) as e:
-                message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) \
-                    and e.filename else str(e)
-                raise ApiError(400, f"cannot load adapter {name!r}: {message}", param="path",
-                               code="invalid_adapter") from None
+                message = (
+                    f"{e.filename}: {e.strerror}"
+                    if isinstance(e, OSError) and e.filename
+                    else str(e)
+                )
+                raise ApiError(
+                    400,
+                    f"cannot load adapter {name!r}: {message}",
+                    param="path",
+                    code="invalid_adapter",
+                ) from None
             with self.adapters_lock:
                 try:
                     new = self.batcher.adapters.with_adapter(adapter)
                 except ValueError as e:
                     raise ApiError(409, str(e), param="name", code="adapter_conflict") from None
                 self.batcher.adapters = new
-            log.info("adapter %r loaded from %s (rank %d); tasks now %s", name, adapter.source,
-                     adapter.rank, list(new.tasks))
-            return {"object": "adapter", "name": name, "source": adapter.source,
-                    "rank": adapter.rank, "tasks": list(new.tasks),
-                    "free_slots": new.free_slots}
+            log.info(
+                "adapter %r loaded from %s (rank %d); tasks now %s",
+                name,
+                adapter.source,
+                adapter.rank,
+                list(new.tasks),
+            )
+            return {
+                "object": "adapter",
+                "name": name,
+                "source": adapter.source,
+                "rank": adapter.rank,
+                "tasks": list(new.tasks),
+                "free_slots": new.free_slots,
+            }
 
         return JSONResponse(await asyncio.to_thread(run))
 
@@ -390,13 +484,25 @@ class EmbeddingServer:
                 raise ApiError(409, str(e), param="name", code="adapter_conflict") from None
             self.batcher.adapters = new
         log.info("adapter %r removed; tasks now %s", name, list(new.tasks))
-        return JSONResponse({"object": "adapter", "name": name, "deleted": True,
-                             "tasks": list(new.tasks), "free_slots": new.free_slots})
+        return JSONResponse(
+            {
+                "object": "adapter",
+                "name": name,
+                "deleted": True,
+                "tasks": list(new.tasks),
+                "free_slots": new.free_slots,
+            }
+        )
 
     def check_ready(self):
         if self.status != "ready":
-            raise ApiError(503, f"the model is not ready ({self.status})", type="server_error",
-                           code="not_ready", headers={"Retry-After": "5"})
+            raise ApiError(
+                503,
+                f"the model is not ready ({self.status})",
+                type="server_error",
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
 
     async def wait(self, job, request: Request):
         """The job's (embeddings, tokens), or None when the client disconnects first (the
@@ -422,8 +528,9 @@ class EmbeddingServer:
         s = self.settings
         try:
             check_json_type(request)
-            body, taken = await read_body(request, s.max_body_bytes, self.body_budget,
-                                          s.idle_timeout)
+            body, taken = await read_body(
+                request, s.max_body_bytes, self.body_budget, s.idle_timeout
+            )
             try:
                 if len(body) < PARSE_INLINE_BYTES:  # a thread hop costs more than the parse
                     return parse_json(body)
@@ -431,9 +538,13 @@ class EmbeddingServer:
             finally:
                 self.body_budget.give(taken)
         except Refused as e:
-            raise ApiError(e.status, e.message, code=e.code, headers=e.headers,
-                           type="server_error" if e.status >= 500 else "invalid_request_error"
-                           ) from None
+            raise ApiError(
+                e.status,
+                e.message,
+                code=e.code,
+                headers=e.headers,
+                type="server_error" if e.status >= 500 else "invalid_request_error",
+            ) from None
 
     def authorize(self, request: Request):
         key = self.settings.api_key
@@ -441,10 +552,15 @@ class EmbeddingServer:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                  key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     async def models(self, request: Request) -> Response:
         try:
@@ -455,8 +571,10 @@ class EmbeddingServer:
         name = self.settings.served_name
         tasks = self.batcher.adapters.tasks if self.batcher is not None else ()
         ids = [name] + [f"{name}:{t}" for t in tasks]
-        data = [{"id": i, "object": "model", "created": self.created, "owned_by": "jina-jax"}
-                for i in ids]
+        data = [
+            {"id": i, "object": "model", "created": self.created, "owned_by": "jina-jax"}
+            for i in ids
+        ]
         self.requests.inc(route="/v1/models", code=200)
         return JSONResponse({"object": "list", "data": data})
 
@@ -465,17 +583,19 @@ class EmbeddingServer:
         body = {"status": "ok" if ready else self.status}
         if ready and not self.warmed:
             body["background_warm_up"] = self.warming
-        return JSONResponse(body,
-                            status_code=200 if ready else 503)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.registry.render(), media_type=CONTENT_TYPE)
 
     async def http_error(self, request: Request, exc: HTTPException) -> Response:
         self.requests.inc(route="other", code=exc.status_code)
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: "
-                              f"{exc.detail}", code="not_found" if exc.status_code == 404
-                              else None, headers=getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code="not_found" if exc.status_code == 404 else None,
+            headers=getattr(exc, "headers", None),
+        )
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -487,8 +607,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080,
-        log_level: str = "info") -> int:
+def run(
+    settings: Settings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info"
+) -> int:
     """Serves until SIGTERM or Ctrl-C; 0 after a clean stop. Prints the address it listens on
     (stderr) before loading the model. OSError if the address cannot be bound, LoadFailed if
     the model could not be loaded."""
@@ -497,15 +618,23 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080,
     server = EmbeddingServer(settings)
     sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(server.app, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=60, timeout_keep_alive=settings.idle_timeout,
-                            http=protocol_class(settings.header_timeout,
-                                                settings.max_connections))
+    config = uvicorn.Config(
+        server.app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=60,
+        timeout_keep_alive=settings.idle_timeout,
+        http=protocol_class(settings.header_timeout, settings.max_connections),
+    )
     uv = uvicorn.Server(config)
     server.on_failure = lambda: setattr(uv, "should_exit", True)
     shown = f"[{host}]" if ":" in host else host
-    print(f"jina-jax serve: listening on http://{shown}:{bound} (model {settings.source!r}, "
-          f"GET /health says when it is ready)", file=sys.stderr, flush=True)
+    print(
+        f"jina-jax serve: listening on http://{shown}:{bound} (model {settings.source!r}, "
+        f"GET /health says when it is ready)",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
     # that was there before: a no-op one, left in place (the raised signal may be handled
     # late), makes that end a clean exit 0.

@@ -82,6 +82,7 @@ def _module_leaf(path: tuple) -> tuple | None:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh and what each axis is for (see the module docstring)."""
+
     mesh: Mesh
     data_axis: str = AXIS
     model_axis: str | None = None
@@ -126,8 +127,12 @@ class Layout:
         if found is not None:
             module, leaf = found
             split = BY_PATH[module].parallel
-            axis = {("out", "kernel"): -1, ("out", "bias"): -1, ("in", "kernel"): -2,
-                    ("dim", "embedding"): -1}.get((split, leaf))
+            axis = {
+                ("out", "kernel"): -1,
+                ("out", "bias"): -1,
+                ("in", "kernel"): -2,
+                ("dim", "embedding"): -1,
+            }.get((split, leaf))
             size = int(self.mesh.shape[self.model_axis])
             if axis is not None and len(shape) >= -axis and shape[axis] % size == 0:
                 axes[axis] = self.model_axis
@@ -144,7 +149,8 @@ class Layout:
     def place(self, tree):
         """Every leaf of `tree` onto the mesh with its `spec` (parameters, adapters, train state)."""
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: put(x, self.sharding(self.spec(p, np.shape(x)))), tree)
+            lambda p, x: put(x, self.sharding(self.spec(p, np.shape(x)))), tree
+        )
 
     def replicate(self, tree):
         """Every leaf on every device of the mesh."""
@@ -162,11 +168,14 @@ class Layout:
             raise ValueError(
                 f"the mesh spans {self.devices} devices of {jax.process_count()} processes but "
                 f"this process addresses {local}: embed per process over its own devices "
-                "(model.shard(jax.local_devices())); only the train step takes a multi-host mesh")
+                "(model.shard(jax.local_devices())); only the train step takes a multi-host mesh"
+            )
         n = self.rows_multiple
         if np.shape(x)[0] % n:
-            raise ValueError(f"a batch of {np.shape(x)[0]} rows does not split over {n} devices "
-                             f"(the mesh's {self.data_axis!r} axis)")
+            raise ValueError(
+                f"a batch of {np.shape(x)[0]} rows does not split over {n} devices "
+                f"(the mesh's {self.data_axis!r} axis)"
+            )
         return put(x, self.sharding(PartitionSpec(self.data_axis)))
 
     def global_batch(self, batch: dict) -> dict:
@@ -178,12 +187,20 @@ class Layout:
         if jax.process_count() == 1:
             return {k: self.rows(v) for k, v in batch.items()}
         sharding = self.sharding(PartitionSpec(self.data_axis))
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()
+        }
 
 
-def mesh_layout(devices=None, *, mesh: Mesh | None = None, data_axis: str = AXIS,
-                model_axis: str | None = None, shard_params: bool = False) -> Layout:
+def mesh_layout(
+    devices=None,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = AXIS,
+    model_axis: str | None = None,
+    shard_params: bool = False,
+) -> Layout:
     """The layout for `model.shard(...)`: a given mesh, else the one of `jax.set_mesh` in
     context, else a 1-D data mesh over `devices` (default: every device)."""
     if mesh is not None and devices is not None:
@@ -194,8 +211,9 @@ def mesh_layout(devices=None, *, mesh: Mesh | None = None, data_axis: str = AXIS
             mesh = current
     if mesh is None:
         if model_axis is not None:
-            raise ValueError(f"model_axis {model_axis!r} needs a mesh with that axis "
-                             "(mesh=... or jax.set_mesh)")
+            raise ValueError(
+                f"model_axis {model_axis!r} needs a mesh with that axis (mesh=... or jax.set_mesh)"
+            )
         mesh = batch_mesh(devices)
     return Layout(mesh, data_axis, model_axis, shard_params)
 

@@ -40,8 +40,10 @@ SERVE_WIDTHS = ladder(3, 16.0, (16,))
 def load_tokenizer(folder: str | None) -> Tokenizer:
     path = os.path.join(folder or "", "tokenizer.json")
     if folder is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no tokenizer.json next to the checkpoint; encode() "
-                                "needs one (convert copies it, random-checkpoint writes one)")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer.json next to the checkpoint; encode() "
+            "needs one (convert copies it, random-checkpoint writes one)"
+        )
     tok = Tokenizer.from_file(path)
     tok.no_padding()
     return tok
@@ -72,21 +74,29 @@ def check_max_length(max_length, cfg, default: int) -> int:
     """`max_length`, or `default` capped at the model's limit when None; checked."""
     limit = position_limit(cfg)
     max_length = min(default, limit) if max_length is None else max_length
-    if not isinstance(max_length, int) or isinstance(max_length, bool) \
-            or not 2 <= max_length <= limit:
-        raise ValueError(f"max_length must be an integer in 2..{limit} (the model's position "
-                         f"limit), got {max_length!r}")
+    if (
+        not isinstance(max_length, int)
+        or isinstance(max_length, bool)
+        or not 2 <= max_length <= limit
+    ):
+        raise ValueError(
+            f"max_length must be an integer in 2..{limit} (the model's position "
+            f"limit), got {max_length!r}"
+        )
     return max_length
 
 
-def token_ids(tokenizer: Tokenizer, cfg, texts, row_tasks, max_length: int,
-              prompt: str | None = None) -> list[np.ndarray]:
+def token_ids(
+    tokenizer: Tokenizer, cfg, texts, row_tasks, max_length: int, prompt: str | None = None
+) -> list[np.ndarray]:
     """Token ids (int32) per text: `prompt` (default: each row's task instruction; none for a
     None task) + text, through the tokenizer's batch API."""
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
-    prefixes = [prompt if prompt is not None else ("" if t is None else cfg.instruction(t))
-                for t in row_tasks]
+    prefixes = [
+        prompt if prompt is not None else ("" if t is None else cfg.instruction(t))
+        for t in row_tasks
+    ]
     inputs = [without_lone_surrogates(p + t) for p, t in zip(prefixes, texts)]
     return truncated_ids(tokenizer, inputs, max_length)
 
@@ -119,9 +129,11 @@ FIRST_REACH = 6  # characters per max_length token tried first; doubled until en
 _PLAIN_CATEGORIES = frozenset("Lu Ll Lt Lm Lo Nd Nl Pc Pd Ps Pe Pi Pf Po Sm Sc".split())
 # Never a cut's neighbour: Hangul (its jamo compose), the grapheme Prepend and SpacingMark
 # letters, the half-width sound marks (grapheme extenders), and Metaspace's own "▁".
-_JOINING = re.compile("[\u0d4e\u0e33\u0eb3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f"
-                      "\uac00-\ud7ff\uff9e\uff9f\u2581\U000111c2\U000111c3\U0001193f"
-                      "\U00011941\U00011a3a\U00011a84-\U00011a89\U00011d46\U00011f02]")
+_JOINING = re.compile(
+    "[\u0d4e\u0e33\u0eb3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f"
+    "\uac00-\ud7ff\uff9e\uff9f\u2581\U000111c2\U000111c3\U0001193f"
+    "\U00011941\U00011a3a\U00011a84-\U00011a89\U00011d46\U00011f02]"
+)
 _CUT_TRIES = 64  # candidate positions looked at per reach
 
 
@@ -140,22 +152,25 @@ class Cutter:
     """Where a text can be cut for `tokenizer` (see above); `Cutter.of(tokenizer)` is None for
     a tokenizer whose pipeline is not one this reasoning covers."""
 
-    _known: "weakref.WeakKeyDictionary[Tokenizer, list]" = weakref.WeakKeyDictionary()
+    _known: weakref.WeakKeyDictionary[Tokenizer, list] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> "Cutter | None":
+    def of(cls, tokenizer: Tokenizer) -> Cutter | None:
         known = cls._known.get(tokenizer)
         if known is None:  # a list: the Cutter holds no reference back to its key
             known = cls._known[tokenizer] = [cls._make(tokenizer)]
         return known[0]
 
     @classmethod
-    def _make(cls, tokenizer: Tokenizer) -> "Cutter | None":
+    def _make(cls, tokenizer: Tokenizer) -> Cutter | None:
         if type(tokenizer.model).__name__ != "Unigram" or tokenizer.pre_tokenizer is None:
             return None
         pre = json.loads(tokenizer.pre_tokenizer.__getstate__())
-        if pre.get("type") != "Metaspace" or not pre.get("split", True) \
-                or pre.get("replacement") != "\u2581":
+        if (
+            pre.get("type") != "Metaspace"
+            or not pre.get("split", True)
+            or pre.get("replacement") != "\u2581"
+        ):
             return None
         norm = tokenizer.normalizer
         if not _local_normalizer(None if norm is None else json.loads(norm.__getstate__())):
@@ -179,15 +194,19 @@ class Cutter:
         """A stable starter that the normalizer keeps as it is and that joins no neighbour."""
         known = self._plain.get(ch)
         if known is None:
-            known = (unicodedata.category(ch) in _PLAIN_CATEGORIES
-                     and unicodedata.combining(ch) == 0 and _JOINING.match(ch) is None
-                     and unicodedata.is_normalized("NFKC", ch) and self.normalize(ch) == ch)
+            known = (
+                unicodedata.category(ch) in _PLAIN_CATEGORIES
+                and unicodedata.combining(ch) == 0
+                and _JOINING.match(ch) is None
+                and unicodedata.is_normalized("NFKC", ch)
+                and self.normalize(ch) == ch
+            )
             self._plain[ch] = known
         return known
 
     def _near_added(self, text: str, cut: int) -> bool:
         reach = self.added_reach + 1
-        window = text[max(0, cut - reach): cut + reach]
+        window = text[max(0, cut - reach) : cut + reach]
         return any(a in window for a in self.added)
 
     def _word_cut(self, text: str, j: int) -> bool:
@@ -196,9 +215,9 @@ class Cutter:
             return False
         for size in range(2, n + 1):  # short pieces first: most crossings show there
             for a in range(j - size + 1, j):
-                if text[a:a + size] in pieces:
+                if text[a : a + size] in pieces:
                     return False
-        return all(map(self.plain, text[j - n: j + n])) and not self._near_added(text, j)
+        return all(map(self.plain, text[j - n : j + n])) and not self._near_added(text, j)
 
     def cut(self, text: str, low: int, high: int) -> int | None:
         """A cut position in (low, high] (the prefix is text[:cut]), the latest found, or None."""
@@ -242,7 +261,7 @@ def truncated_ids(tokenizer: Tokenizer, inputs: list[str], max_length: int) -> l
                 out[i] = np.asarray(e.ids, np.int32)
         if pieces:
             encoded = tokenizer.encode_batch([inputs[i][:cut] for i, cut in pieces])
-            for (i, cut), e in zip(pieces, encoded):
+            for (i, _cut), e in zip(pieces, encoded):
                 if len(e.ids) == max_length:  # the prefix had enough tokens: these are the text's
                     out[i] = np.asarray(e.ids, np.int32)
                     del reach[i]
@@ -272,8 +291,7 @@ def pad(ids: list, width: int, pad_id: int):
     return out, lengths
 
 
-def tokenize(model, texts, task=None, *, max_length: int | None = None,
-             prompt: str | None = None):
+def tokenize(model, texts, task=None, *, max_length: int | None = None, prompt: str | None = None):
     """(ids int32 [N, bucket], lengths int32 [N]): texts with the task's instruction, as `encode`
     tokenizes them, right-padded to the bucket of the longest (so shapes come from a small set).
     This is what training batches are made of. max_length defaults to 512 (or the model's

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from safetensors import safe_open
 
 from convert.safetensors_io import write
@@ -54,10 +53,10 @@ STATE_FORMAT = "jina-jax-train-state-1"
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array   # int32 scalar: optimizer steps taken
-    params: Any       # the trainable subtrees of `variables(model)`, fp32
-    opt_state: Any    # optax state over `params` only
-    rng: jax.Array    # PRNG key; step N draws its dropout from fold_in(rng, N)
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # the trainable subtrees of `variables(model)`, fp32
+    opt_state: Any  # optax state over `params` only
+    rng: jax.Array  # PRNG key; step N draws its dropout from fold_in(rng, N)
 
 
 def variables(model) -> dict:
@@ -70,6 +69,7 @@ def variables(model) -> dict:
 
 # --- the forward the objectives see --------------------------------------------------------
 
+
 class Forward:
     """The encoder inside a train step, over the current variables.
 
@@ -78,7 +78,7 @@ class Forward:
     use their own task (the mixed-task path).
     """
 
-    def __init__(self, trainer: "Trainer", tree: dict, rng):
+    def __init__(self, trainer: Trainer, tree: dict, rng):
         self.trainer, self.variables, self.rng = trainer, tree, rng
         self._draws = 0
 
@@ -100,13 +100,20 @@ class Forward:
             lora = lora_lib.stack([adapters[n] for n in names], [model.scales[n] for n in names])
         else:
             task_index = task_mask = None
-        impl = choose_implementation(trainer.dtype, model.config.head_dim, True, ids.shape[1],
-                                     backend=trainer.backend)
+        impl = choose_implementation(
+            trainer.dtype, model.config.head_dim, True, ids.shape[1], backend=trainer.backend
+        )
         module = trainer.module(impl)
         rng = self.next_rng()
-        out = module.apply({"params": self.variables["params"]}, ids, lengths=lengths, lora=lora,
-                           task_index=task_index, task_mask=task_mask,
-                           rngs=None if rng is None else {"dropout": rng})
+        out = module.apply(
+            {"params": self.variables["params"]},
+            ids,
+            lengths=lengths,
+            lora=lora,
+            task_index=task_index,
+            task_mask=task_mask,
+            rngs=None if rng is None else {"dropout": rng},
+        )
         return out, (lora, task_index, task_mask)
 
     def __call__(self, *segments):
@@ -119,19 +126,23 @@ class Forward:
             members = [i for i, (ids, _, _) in enumerate(segments) if ids.shape[1] == width]
             ids = jnp.concatenate([segments[i][0] for i in members])
             lengths = jnp.concatenate([segments[i][1] for i in members])
-            tasks = [None if segments[i][2] is None else model.resolve_task(segments[i][2])
-                     for i in members for _ in range(segments[i][0].shape[0])]
+            tasks = [
+                None if segments[i][2] is None else model.resolve_task(segments[i][2])
+                for i in members
+                for _ in range(segments[i][0].shape[0])
+            ]
             out, _ = self.run(ids, lengths, tasks)
             start = 0
             for i in members:
                 n = segments[i][0].shape[0]
-                pooled = None if out.pooler_output is None else out.pooler_output[start:start + n]
-                outputs[i] = EncoderOutput(out.last_hidden_state[start:start + n], pooled)
+                pooled = None if out.pooler_output is None else out.pooler_output[start : start + n]
+                outputs[i] = EncoderOutput(out.last_hidden_state[start : start + n], pooled)
                 start += n
         return outputs
 
 
 # --- objectives ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Contrastive:
@@ -141,6 +152,7 @@ class Contrastive:
     Batch: query_ids [B, Lq], query_lengths [B], positive_ids [B, Lp], positive_lengths [B], and
     optionally negative_ids [B, K, Ln], negative_lengths [B, K] (see `contrastive_batch`).
     """
+
     query_task: str | None = "retrieval.query"
     passage_task: str | None = "retrieval.passage"
     temperature: float = 0.05
@@ -151,16 +163,24 @@ class Contrastive:
         return (self.query_task, self.passage_task)
 
     def __call__(self, forward: Forward, batch):
-        segments = [(batch["query_ids"], batch["query_lengths"], self.query_task),
-                    (batch["positive_ids"], batch["positive_lengths"], self.passage_task)]
+        segments = [
+            (batch["query_ids"], batch["query_lengths"], self.query_task),
+            (batch["positive_ids"], batch["positive_lengths"], self.passage_task),
+        ]
         if "negative_ids" in batch:
             b, k, length = batch["negative_ids"].shape
-            segments.append((batch["negative_ids"].reshape(b * k, length),
-                             batch["negative_lengths"].reshape(b * k), self.passage_task))
+            segments.append(
+                (
+                    batch["negative_ids"].reshape(b * k, length),
+                    batch["negative_lengths"].reshape(b * k),
+                    self.passage_task,
+                )
+            )
         outputs = forward(*segments)
         emb = [mean_pool(o.last_hidden_state, n) for o, (_, n, _) in zip(outputs, segments)]
-        loss, accuracy = losses.info_nce(emb[0], emb[1], emb[2] if len(emb) > 2 else None,
-                                         self.temperature, self.symmetric)
+        loss, accuracy = losses.info_nce(
+            emb[0], emb[1], emb[2] if len(emb) > 2 else None, self.temperature, self.symmetric
+        )
         return loss, {"accuracy": accuracy}
 
 
@@ -168,6 +188,7 @@ class Contrastive:
 class CoSENT:
     """CoSENT on text-matching pairs. Batch: first_ids/first_lengths, second_ids/second_lengths
     ([B, L], [B]) and score [B] (any monotone scale: only the order matters)."""
+
     task: str | None = "text-matching"
     scale: float = 20.0
 
@@ -176,10 +197,13 @@ class CoSENT:
         return (self.task,)
 
     def __call__(self, forward: Forward, batch):
-        segments = [(batch["first_ids"], batch["first_lengths"], self.task),
-                    (batch["second_ids"], batch["second_lengths"], self.task)]
-        first, second = [mean_pool(o.last_hidden_state, n)
-                         for o, (_, n, _) in zip(forward(*segments), segments)]
+        segments = [
+            (batch["first_ids"], batch["first_lengths"], self.task),
+            (batch["second_ids"], batch["second_lengths"], self.task),
+        ]
+        first, second = [
+            mean_pool(o.last_hidden_state, n) for o, (_, n, _) in zip(forward(*segments), segments)
+        ]
         return losses.cosent(first, second, batch["score"], self.scale), {}
 
 
@@ -188,6 +212,7 @@ class HeadLoss:
     """The head's own loss (the model must be a head model). Batch: ids [B, L], lengths [B], and
     labels (MLM [B, L] with -100; sequence [B] or [B, C]; token [B, L]) or, for QA,
     start_positions / end_positions [B]."""
+
     task: str | None = None
     problem_type: str | None = None
 
@@ -203,8 +228,13 @@ class HeadLoss:
         task = None if self.task is None else model.resolve_task(self.task)
         ids = batch["ids"]
         encoded, adapter_inputs = forward.run(ids, batch["lengths"], [task] * ids.shape[0])
-        out = model.apply_head(encoded, forward.variables["params"], forward.variables["head"],
-                               *adapter_inputs, rng=forward.next_rng())
+        out = model.apply_head(
+            encoded,
+            forward.variables["params"],
+            forward.variables["head"],
+            *adapter_inputs,
+            rng=forward.next_rng(),
+        )
         if kind == "question_answering":
             return losses.span_loss(*out, batch["start_positions"], batch["end_positions"]), {}
         if kind == "sequence_classification":
@@ -213,6 +243,7 @@ class HeadLoss:
 
 
 # --- the trainer ---------------------------------------------------------------------------
+
 
 class Trainer:
     """A jitted `state, metrics = trainer.step(state, batch)` for `model` and an objective.
@@ -234,13 +265,26 @@ class Trainer:
       (`choose_implementation`); None: this host's (`jina_jax.aot` passes a target's).
     """
 
-    def __init__(self, model, objective, optimizer: optax.GradientTransformation, *, train=None,
-                 remat: str | None = None, accumulate: int = 1, dropout: bool = True,
-                 compute_dtype=None, mesh=None, shard_params: bool | None = None,
-                 donate_state: bool = False, backend: str | None = None):
+    def __init__(
+        self,
+        model,
+        objective,
+        optimizer: optax.GradientTransformation,
+        *,
+        train=None,
+        remat: str | None = None,
+        accumulate: int = 1,
+        dropout: bool = True,
+        compute_dtype=None,
+        mesh=None,
+        shard_params: bool | None = None,
+        donate_state: bool = False,
+        backend: str | None = None,
+    ):
         if remat is not None and remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; expected None or one of "
-                             f"{sorted(REMAT_POLICIES)}")
+            raise ValueError(
+                f"unknown remat policy {remat!r}; expected None or one of {sorted(REMAT_POLICIES)}"
+            )
         if not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
         self.model, self.objective, self.optimizer = model, objective, optimizer
@@ -275,9 +319,14 @@ class Trainer:
         return 1 if self.layout is None else self.layout.local_rows_multiple
 
     def module(self, implementation: str) -> JinaEncoder:
-        return JinaEncoder(self.model.config, dtype=self.dtype, param_dtype=jnp.float32,
-                           implementation=implementation, deterministic=not self.dropout,
-                           remat=self.remat)
+        return JinaEncoder(
+            self.model.config,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            implementation=implementation,
+            deterministic=not self.dropout,
+            remat=self.remat,
+        )
 
     def init(self, seed: int = 0) -> TrainState:
         with on_mesh(self.layout):
@@ -289,8 +338,12 @@ class Trainer:
         `jax.eval_shape` can give the state's shapes without allocating anything."""
         # A copy: the state must not share buffers with the model (a donated step frees them).
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), trainable)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            rng=jax.random.PRNGKey(seed),
+        )
 
     def _put(self, tree):
         return self.layout.place(tree)
@@ -313,7 +366,8 @@ class Trainer:
             # [k, B/k, ...]: micro-batch j holds rows j, j+k, ..., so on a mesh every device
             # keeps its own rows in every micro-batch.
             micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+                lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch
+            )
 
             def one(total, xs):
                 j, mb = xs
@@ -363,11 +417,15 @@ class Trainer:
         if devices != self.devices:
             where = f" of this process (of {self.devices} in {jax.process_count()} processes)"
         if n < devices:
-            raise ValueError(f"the batch has {n} rows but the train step runs on {devices} "
-                             f"devices{where}: every device needs at least one row")
+            raise ValueError(
+                f"the batch has {n} rows but the train step runs on {devices} "
+                f"devices{where}: every device needs at least one row"
+            )
         if n % (devices * self.accumulate):
-            raise ValueError(f"the batch has {n} rows, not a multiple of devices ({devices}"
-                             f"{where}) x accumulate ({self.accumulate})")
+            raise ValueError(
+                f"the batch has {n} rows, not a multiple of devices ({devices}"
+                f"{where}) x accumulate ({self.accumulate})"
+            )
         if self.layout is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         return self.layout.global_batch(batch)
@@ -400,12 +458,15 @@ class Trainer:
         with safe_open(path, "np") as f:
             meta = f.metadata() or {}
             if meta.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path}: not a jina-jax train state "
-                                 f"(format {meta.get('format')!r})")
+                raise ValueError(
+                    f"{path}: not a jina-jax train state (format {meta.get('format')!r})"
+                )
             saved = json.loads(meta.get("train", "[]"))
             if saved != [list(p) for p in self.paths]:
-                raise ValueError(f"{path}: trains {saved}, but this trainer trains "
-                                 f"{[list(p) for p in self.paths]}")
+                raise ValueError(
+                    f"{path}: trains {saved}, but this trainer trains "
+                    f"{[list(p) for p in self.paths]}"
+                )
             paths, treedef = jax.tree_util.tree_flatten_with_path(template)
             keys = set(f.keys())
             values = []
@@ -417,8 +478,10 @@ class Trainer:
                 if spec.shape == () and x.shape == (1,):  # safetensors stores scalars as [1]
                     x = x.reshape(())
                 if x.shape != spec.shape or x.dtype != spec.dtype:
-                    raise ValueError(f"{path}: key {key!r} is {x.dtype}{list(x.shape)}, expected "
-                                     f"{spec.dtype}{list(spec.shape)}")
+                    raise ValueError(
+                        f"{path}: key {key!r} is {x.dtype}{list(x.shape)}, expected "
+                        f"{spec.dtype}{list(spec.shape)}"
+                    )
                 values.append(jnp.asarray(x))
                 keys.discard(key)
             if keys:
@@ -428,6 +491,7 @@ class Trainer:
 
 
 # --- what trains ---------------------------------------------------------------------------
+
 
 def _train_paths(model, objective, train) -> list[tuple[str, ...]]:
     if train is None:
@@ -491,26 +555,39 @@ def _apply_masks(tree, masks: dict):
 
 # --- data ----------------------------------------------------------------------------------
 
-def contrastive_batch(model, queries: Sequence[str], positives: Sequence[str], negatives=None, *,
-                      query_task="retrieval.query", passage_task="retrieval.passage",
-                      max_length: int | None = None) -> dict:
+
+def contrastive_batch(
+    model,
+    queries: Sequence[str],
+    positives: Sequence[str],
+    negatives=None,
+    *,
+    query_task="retrieval.query",
+    passage_task="retrieval.passage",
+    max_length: int | None = None,
+) -> dict:
     """Tokenised arrays for `Contrastive`: each text with its task's instruction, as `encode`
     sees it. negatives: None, or per query one string or a list of K strings (same K for all)."""
     if len(queries) != len(positives):
         raise ValueError(f"{len(queries)} queries but {len(positives)} positives")
     batch = {}
-    batch["query_ids"], batch["query_lengths"] = tokenize(model, list(queries), query_task,
-                                                          max_length=max_length)
+    batch["query_ids"], batch["query_lengths"] = tokenize(
+        model, list(queries), query_task, max_length=max_length
+    )
     batch["positive_ids"], batch["positive_lengths"] = tokenize(
-        model, list(positives), passage_task, max_length=max_length)
+        model, list(positives), passage_task, max_length=max_length
+    )
     if negatives is not None:
         per = [[n] if isinstance(n, str) else list(n) for n in negatives]
         if len(per) != len(queries) or len({len(p) for p in per}) != 1 or not per[0]:
-            raise ValueError("negatives needs one entry per query, each with the same number "
-                             "(at least one) of texts")
+            raise ValueError(
+                "negatives needs one entry per query, each with the same number "
+                "(at least one) of texts"
+            )
         k = len(per[0])
-        ids, lengths = tokenize(model, [t for p in per for t in p], passage_task,
-                                max_length=max_length)
+        ids, lengths = tokenize(
+            model, [t for p in per for t in p], passage_task, max_length=max_length
+        )
         batch["negative_ids"] = ids.reshape(len(per), k, -1)
         batch["negative_lengths"] = lengths.reshape(len(per), k)
     return batch
@@ -526,10 +603,13 @@ def read_pairs(path: str) -> list[dict]:
                 if not isinstance(record.get(key), str):
                     raise ValueError(f"{path}:{number}: {key!r} must be a string")
             neg = record.get("negative")
-            if neg is not None and not (isinstance(neg, str) or (
-                    isinstance(neg, list) and neg and all(isinstance(n, str) for n in neg))):
-                raise ValueError(f"{path}:{number}: 'negative' must be a string or a non-empty "
-                                 "list of strings")
+            if neg is not None and not (
+                isinstance(neg, str)
+                or (isinstance(neg, list) and neg and all(isinstance(n, str) for n in neg))
+            ):
+                raise ValueError(
+                    f"{path}:{number}: 'negative' must be a string or a non-empty list of strings"
+                )
             if isinstance(neg, str):
                 record["negative"] = [neg]
             records.append(record)
@@ -538,14 +618,22 @@ def read_pairs(path: str) -> list[dict]:
     return records
 
 
-def recall_at_k(model, queries, passages, ks=(1, 5, 10), *, query_task="retrieval.query",
-                passage_task="retrieval.passage", max_length: int | None = None) -> dict:
+def recall_at_k(
+    model,
+    queries,
+    passages,
+    ks=(1, 5, 10),
+    *,
+    query_task="retrieval.query",
+    passage_task="retrieval.passage",
+    max_length: int | None = None,
+) -> dict:
     """Recall@k of query i retrieving passage i among all passages, through `encode`."""
     max_length = check_max_length(max_length, model.config, 512)
-    q = model.encode(list(queries), task=query_task, max_length=max_length,
-                     show_progress_bar=False)
-    p = model.encode(list(passages), task=passage_task, max_length=max_length,
-                     show_progress_bar=False)
+    q = model.encode(list(queries), task=query_task, max_length=max_length, show_progress_bar=False)
+    p = model.encode(
+        list(passages), task=passage_task, max_length=max_length, show_progress_bar=False
+    )
     scores = q @ p.T
     rank = (scores > scores[np.arange(len(q)), np.arange(len(q))][:, None]).sum(1)
     return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
@@ -554,10 +642,23 @@ def recall_at_k(model, queries, passages, ks=(1, 5, 10), *, query_task="retrieva
 def cosine_schedule(lr: float, steps: int, warmup: int = 0):
     """Linear warm-up to `lr`, then cosine decay to 0 over the remaining steps."""
     warmup = min(warmup, max(steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, max(warmup, 1),
-                                              max(steps, 2), 0.0)
+    return optax.warmup_cosine_decay_schedule(
+        0.0 if warmup else lr, lr, max(warmup, 1), max(steps, 2), 0.0
+    )
 
 
-__all__ = ["TrainState", "Trainer", "Forward", "Contrastive", "CoSENT", "HeadLoss",
-           "variables", "partition", "combine", "contrastive_batch", "read_pairs",
-           "recall_at_k", "cosine_schedule"]
+__all__ = [
+    "TrainState",
+    "Trainer",
+    "Forward",
+    "Contrastive",
+    "CoSENT",
+    "HeadLoss",
+    "variables",
+    "partition",
+    "combine",
+    "contrastive_batch",
+    "read_pairs",
+    "recall_at_k",
+    "cosine_schedule",
+]

@@ -7,7 +7,8 @@ try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"embedding a corpus into Parquet needs pyarrow: pip install "
-                      f"'jina-jax[data]' ({e})") from None
+    raise ImportError(
+        f"embedding a corpus into Parquet needs pyarrow: pip install 'jina-jax[data]' ({e})"
+    ) from None
 
 __all__ = ["pa", "pq"]

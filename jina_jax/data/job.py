@@ -41,13 +41,33 @@ from tqdm.auto import tqdm
 from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats, check_options
 from ..files import atomic_path
 from .arrow import pa, pq
-from .manifest import (Manifest, candidates, check_shard, difference, file_sha256, folder_lock,
-                       manifest_paths, model_fingerprint, process_manifest_name,
-                       read_manifests)
+from .manifest import (
+    Manifest,
+    candidates,
+    check_shard,
+    difference,
+    file_sha256,
+    folder_lock,
+    manifest_paths,
+    model_fingerprint,
+    process_manifest_name,
+    read_manifests,
+)
 from .manifest import load as load_manifest
-from .schema import (EMBEDDING_COLUMN, EMBEDDING_DTYPES, MANIFEST, as_text, check_columns,
-                     column_type, default_id, describe, embedding_column, embedding_width,
-                     output_schema, shard_name)
+from .schema import (
+    EMBEDDING_COLUMN,
+    EMBEDDING_DTYPES,
+    MANIFEST,
+    as_text,
+    check_columns,
+    column_type,
+    default_id,
+    describe,
+    embedding_column,
+    embedding_width,
+    output_schema,
+    shard_name,
+)
 from .sources import Fields, InputFile, expand, read_rows, scan
 
 # The package's version (jina_jax/__init__.py, always imported before its submodules; taken
@@ -57,8 +77,10 @@ DEFAULT_SHARD_ROWS = 65_536  # four of encode's windows
 GROUP_ROWS = 8192  # rows per Parquet row group of a shard (what the writer holds)
 PROGRESS_EVERY = 256  # rows between progress updates
 # what a folder may hold: shards, manifests and their temporaries (files.temporary_sibling)
-OURS = re.compile(r"^(part-\d+\.parquet|manifest(\.\d+-of-\d+)?\.json|"
-                  r"\.(part-\d+\.parquet|manifest(\.\d+-of-\d+)?\.json)\.tmp-.+)$")
+OURS = re.compile(
+    r"^(part-\d+\.parquet|manifest(\.\d+-of-\d+)?\.json|"
+    r"\.(part-\d+\.parquet|manifest(\.\d+-of-\d+)?\.json)\.tmp-.+)$"
+)
 
 
 class Refused(ValueError):
@@ -76,6 +98,7 @@ class CorpusJob:
     input name and row, `schema.default_id`); keep_fields: fields carried into the output;
     skip_empty: leave out null or blank texts (counted) instead of stopping at the first;
     shard_rows: input rows per shard."""
+
     inputs: tuple[str, ...]
     task: str | None = None
     prompt: str | None = None
@@ -99,6 +122,7 @@ class CorpusJob:
 class Shard:
     """Rows start + 1 .. stop of input file `input` (0-based [start, stop)), written to
     `file`."""
+
     index: int
     input: int
     start: int
@@ -113,14 +137,20 @@ class Shard:
         return self.stop - self.start
 
     def to_json(self) -> dict:
-        return {"shard": self.index, "file": self.file, "input": self.input,
-                "start": self.start, "stop": self.stop}
+        return {
+            "shard": self.index,
+            "file": self.file,
+            "input": self.input,
+            "start": self.start,
+            "stop": self.stop,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A job made concrete against a model and its input files: the shards, the output schema
     and dimension, and the manifest header a rerun must match."""
+
     job: CorpusJob
     task: str | None
     max_length: int
@@ -141,8 +171,9 @@ class Plan:
 
     def converters(self) -> list:
         """Per id/kept column: the function that makes a read value the column's type."""
-        return [as_text if pa.types.is_string(f.type) else (lambda v: v)
-                for f in list(self.schema)[:-1]]
+        return [
+            as_text if pa.types.is_string(f.type) else (lambda v: v) for f in list(self.schema)[:-1]
+        ]
 
 
 def _ranges_sha256(ranges) -> str | None:
@@ -161,12 +192,22 @@ def plan_job(model, job: CorpusJob) -> Plan:
     check_columns(job.keep_fields)
     task = None if job.task is None else model.resolve_task(job.task)
     truncate_dim = model.config.truncate_dim if job.truncate_dim is None else job.truncate_dim
-    max_length, dim = check_options(model, batch_size=1, max_length=job.max_length,
-                                    truncate_dim=truncate_dim, max_tokens_per_batch=1, window=1,
-                                    precision=job.precision, ranges=job.ranges, streaming=True)
+    max_length, dim = check_options(
+        model,
+        batch_size=1,
+        max_length=job.max_length,
+        truncate_dim=truncate_dim,
+        max_tokens_per_batch=1,
+        window=1,
+        precision=job.precision,
+        ranges=job.ranges,
+        streaming=True,
+    )
     fields = job.fields
-    files = tuple(scan(path, name, fmt, fields, job.shard_rows)
-                  for path, name, fmt in expand(job.inputs, job.text_field))
+    files = tuple(
+        scan(path, name, fmt, fields, job.shard_rows)
+        for path, name, fmt in expand(job.inputs, job.text_field)
+    )
     shards, index = [], 0
     for i, f in enumerate(files):
         for start in range(0, f.rows, job.shard_rows):
@@ -176,18 +217,37 @@ def plan_job(model, job: CorpusJob) -> Plan:
     def out_type(field):
         parquet = all(f.format == "parquet" for f in files)
         return column_type([f.arrow_types[field] for f in files] if parquet else None)
-    schema = output_schema(dim, job.precision,
-                           pa.string() if job.id_field is None else out_type(job.id_field),
-                           [(k, out_type(k)) for k in job.keep_fields])
-    settings = {"jina_jax_version": __version__, "task": task, "prompt": job.prompt,
-                "max_length": max_length, "truncate_dim": dim, "precision": job.precision,
-                "dtype": np.dtype(model.dtype).name, "normalize": bool(job.normalize),
-                "ranges_sha256": _ranges_sha256(job.ranges), "text_field": fields.text,
-                "id_field": job.id_field, "keep_fields": list(job.keep_fields),
-                "skip_empty": bool(job.skip_empty), "shard_rows": job.shard_rows}
-    header = {"model": model_fingerprint(model), "settings": settings,
-              "inputs": [f.fingerprint() for f in files], "dim": dim,
-              "schema": describe(schema), "plan": [s.to_json() for s in shards]}
+
+    schema = output_schema(
+        dim,
+        job.precision,
+        pa.string() if job.id_field is None else out_type(job.id_field),
+        [(k, out_type(k)) for k in job.keep_fields],
+    )
+    settings = {
+        "jina_jax_version": __version__,
+        "task": task,
+        "prompt": job.prompt,
+        "max_length": max_length,
+        "truncate_dim": dim,
+        "precision": job.precision,
+        "dtype": np.dtype(model.dtype).name,
+        "normalize": bool(job.normalize),
+        "ranges_sha256": _ranges_sha256(job.ranges),
+        "text_field": fields.text,
+        "id_field": job.id_field,
+        "keep_fields": list(job.keep_fields),
+        "skip_empty": bool(job.skip_empty),
+        "shard_rows": job.shard_rows,
+    }
+    header = {
+        "model": model_fingerprint(model),
+        "settings": settings,
+        "inputs": [f.fingerprint() for f in files],
+        "dim": dim,
+        "schema": describe(schema),
+        "plan": [s.to_json() for s in shards],
+    }
     return Plan(job, task, max_length, truncate_dim, dim, files, tuple(shards), schema, header)
 
 
@@ -202,10 +262,13 @@ class ShardWriter:
         self.tmp = self._stack.enter_context(atomic_path(self.path))
         names = plan.schema.names
         self._writer = pq.ParquetWriter(
-            self.tmp, plan.schema,
+            self.tmp,
+            plan.schema,
             # float vectors do not compress: spend no time trying
             compression={n: "none" if n == EMBEDDING_COLUMN else "snappy" for n in names},
-            use_dictionary=names[1:-1], write_statistics=names[:-1])
+            use_dictionary=names[1:-1],
+            write_statistics=names[:-1],
+        )
         self._vectors = np.empty((GROUP_ROWS, plan.width), EMBEDDING_DTYPES[plan.job.precision])
         self._columns = [[] for _ in names[:-1]]
         self._converters = plan.converters()
@@ -222,12 +285,14 @@ class ShardWriter:
 
     def _flush(self) -> None:
         n = len(self._columns[0])
-        arrays = [pa.array([convert(v) for v in column], type=field.type)
-                  for column, convert, field in zip(self._columns, self._converters,
-                                                     self.plan.schema)]
+        arrays = [
+            pa.array([convert(v) for v in column], type=field.type)
+            for column, convert, field in zip(self._columns, self._converters, self.plan.schema)
+        ]
         arrays.append(embedding_column(self._vectors[:n]))
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.plan.schema),
-                                 row_group_size=GROUP_ROWS)
+        self._writer.write_table(
+            pa.Table.from_arrays(arrays, schema=self.plan.schema), row_group_size=GROUP_ROWS
+        )
         self._columns = [[] for _ in self._columns]
 
     def commit(self, skipped: int) -> dict:
@@ -235,8 +300,13 @@ class ShardWriter:
         if self._columns[0] or self.rows == 0:
             self._flush()
         self._writer.close()
-        record = {"file": self.shard.file, "rows": self.rows, "skipped_empty": skipped,
-                  "bytes": os.path.getsize(self.tmp), "sha256": file_sha256(self.tmp)}
+        record = {
+            "file": self.shard.file,
+            "rows": self.rows,
+            "skipped_empty": skipped,
+            "bytes": os.path.getsize(self.tmp),
+            "sha256": file_sha256(self.tmp),
+        }
         self._stack.close()  # fsync, rename over part-<i>.parquet, fsync the folder
         return record
 
@@ -247,9 +317,19 @@ class ShardWriter:
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-def embed_shards(model, plan: Plan, folder: str, shards, *, batch_size: int = 32,
-                 max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET, window: int = DEFAULT_WINDOW,
-                 on_shard=None, on_rows=None, stats: Stats | None = None) -> None:
+def embed_shards(
+    model,
+    plan: Plan,
+    folder: str,
+    shards,
+    *,
+    batch_size: int = 32,
+    max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+    window: int = DEFAULT_WINDOW,
+    on_shard=None,
+    on_rows=None,
+    stats: Stats | None = None,
+) -> None:
     """Embeds `shards` (of `plan`, in order) into `folder`, each written atomically, calling
     `on_shard(shard, record)` as each is in place (record: its manifest entry) and
     `on_rows(n)` as rows are done. One `iter_encode` stream runs over all of them."""
@@ -266,15 +346,18 @@ def embed_shards(model, plan: Plan, folder: str, shards, *, batch_size: int = 32
                 if text is None or not text.strip():
                     if not job.skip_empty:
                         what = "null" if text is None else "empty"
-                        raise ValueError(f"{file.name}:{row}: {what} text ({fields.text!r}); "
-                                         "--skip-empty leaves such rows out (counted)")
+                        raise ValueError(
+                            f"{file.name}:{row}: {what} text ({fields.text!r}); "
+                            "--skip-empty leaves such rows out (counted)"
+                        )
                     skipped += 1
                     continue
                 if fields.id is None:
                     ident = default_id(file.name, row)
                 elif ident is None:
-                    raise ValueError(f"{file.name}:{row}: the id ({fields.id!r}, --id-field) "
-                                     "is null")
+                    raise ValueError(
+                        f"{file.name}:{row}: the id ({fields.id!r}, --id-field) is null"
+                    )
                 meta.append((position, ident, kept))
                 rows += 1
                 yield text
@@ -304,18 +387,29 @@ def embed_shards(model, plan: Plan, folder: str, shards, *, batch_size: int = 32
 
     try:
         vectors = model.iter_encode(
-            texts(), task=plan.task, prompt=job.prompt, batch_size=batch_size,
-            max_length=plan.max_length, truncate_dim=plan.truncate_dim, normalize=job.normalize,
-            show_progress_bar=False, max_tokens_per_batch=max_tokens_per_batch, window=window,
-            precision=job.precision, ranges=job.ranges, stats=stats)
+            texts(),
+            task=plan.task,
+            prompt=job.prompt,
+            batch_size=batch_size,
+            max_length=plan.max_length,
+            truncate_dim=plan.truncate_dim,
+            normalize=job.normalize,
+            show_progress_bar=False,
+            max_tokens_per_batch=max_tokens_per_batch,
+            window=window,
+            precision=job.precision,
+            ranges=job.ranges,
+            stats=stats,
+        )
         for vector in vectors:
             settle()
             at, ident, kept = meta.popleft()
             if writer is None:
                 writer = ShardWriter(folder, shards[position], plan)
             if at != position:  # the stream and the shards must never drift apart
-                raise RuntimeError(f"row of shard {shards[at].index} met shard "
-                                   f"{shards[position].index}")
+                raise RuntimeError(
+                    f"row of shard {shards[at].index} met shard {shards[position].index}"
+                )
             writer.add(vector, ident, kept)
             pending += 1
             if pending == PROGRESS_EVERY and on_rows is not None:
@@ -331,8 +425,9 @@ def embed_shards(model, plan: Plan, folder: str, shards, *, batch_size: int = 32
         raise
 
 
-def shard_assignment(shard_index: int | None = None,
-                     shard_count: int | None = None) -> tuple[int, int]:
+def shard_assignment(
+    shard_index: int | None = None, shard_count: int | None = None
+) -> tuple[int, int]:
     """(index, count) of this process: as given, else JAX's process index and count when
     `jax.distributed` is initialised with several processes, else (0, 1)."""
     if shard_index is None and shard_count is None:
@@ -352,8 +447,9 @@ def _remove(folder: str, names) -> None:
             os.unlink(os.path.join(folder, name))
 
 
-def prepare_folder(folder: str, plan: Plan, index: int = 0, count: int = 1,
-                   overwrite: bool = False) -> dict[int, list[dict]]:
+def prepare_folder(
+    folder: str, plan: Plan, index: int = 0, count: int = 1, overwrite: bool = False
+) -> dict[int, list[dict]]:
     """Makes `folder` ready for process `index` of `count`: created if missing; refused if it
     holds other files, or (without `overwrite`) a manifest of other settings or inputs; with
     `overwrite`, what belongs to an older job is removed (one process: everything of ours; of
@@ -365,8 +461,10 @@ def prepare_folder(folder: str, plan: Plan, index: int = 0, count: int = 1,
     entries = os.listdir(folder)
     foreign = sorted(e for e in entries if not OURS.match(e))
     if foreign:
-        raise Refused(f"--output {folder} holds files jina-jax did not write ({foreign[0]}"
-                      f"{', ...' if len(foreign) > 1 else ''}); use an empty or new folder")
+        raise Refused(
+            f"--output {folder} holds files jina-jax did not write ({foreign[0]}"
+            f"{', ...' if len(foreign) > 1 else ''}); use an empty or new folder"
+        )
     mine = {s.file for s in plan.shards_for(index, count)}
     own_manifest = process_manifest_name(index, count)
     if overwrite:
@@ -381,18 +479,26 @@ def prepare_folder(folder: str, plan: Plan, index: int = 0, count: int = 1,
                 same = False
             (keep.append(path) if same else _remove(folder, [os.path.basename(path)]))
         planned = {s.file for s in plan.shards}
-        _remove(folder, [e for e in entries if e.startswith("part-")
-                         and (e not in planned or e in mine)])
+        _remove(
+            folder,
+            [e for e in entries if e.startswith("part-") and (e not in planned or e in mine)],
+        )
         existing = [load_manifest(p) for p in keep if os.path.exists(p)]
     else:
         existing = read_manifests(folder)
         for m in existing:
             diff = difference(m.header, plan.header)
             if diff:
-                raise Refused(f"--output {folder} holds a dataset made differently: {diff}; "
-                              "add --overwrite to start over")
-    temporaries = [e for e in entries if e.startswith(".") and (
-        count == 1 or e.startswith(tuple(f".{n}.tmp-" for n in (*mine, own_manifest))))]
+                raise Refused(
+                    f"--output {folder} holds a dataset made differently: {diff}; "
+                    "add --overwrite to start over"
+                )
+    temporaries = [
+        e
+        for e in entries
+        if e.startswith(".")
+        and (count == 1 or e.startswith(tuple(f".{n}.tmp-" for n in (*mine, own_manifest))))
+    ]
     _remove(folder, temporaries)
     return candidates(existing)
 
@@ -411,10 +517,14 @@ def finalize(folder: str, header: dict, count: int) -> Manifest:
         if manifest.complete:
             if count > 1 or len(paths) > 1:
                 manifest.write(folder, MANIFEST)
-            _remove(folder, [os.path.basename(p) for p in paths
-                             if os.path.basename(p) != MANIFEST])
-            _remove(folder, [os.path.basename(p) for p in glob.glob(
-                os.path.join(glob.escape(folder), ".manifest*.json.tmp-*"))])
+            _remove(folder, [os.path.basename(p) for p in paths if os.path.basename(p) != MANIFEST])
+            _remove(
+                folder,
+                [
+                    os.path.basename(p)
+                    for p in glob.glob(os.path.join(glob.escape(folder), ".manifest*.json.tmp-*"))
+                ],
+            )
         return manifest
 
 
@@ -422,6 +532,7 @@ def finalize(folder: str, header: dict, count: int) -> Manifest:
 class Summary:
     """What a run did: rows embedded now (and empty texts left out), its shards written and
     already complete, the dataset's state after it, and the batches' padding and shapes."""
+
     folder: str
     dim: int
     rows: int
@@ -445,19 +556,24 @@ class Summary:
     def line(self) -> str:
         empty = f", {self.skipped_empty} empty text(s) skipped" if self.skipped_empty else ""
         who = f" (process {self.process[0]} of {self.process[1]})" if self.process[1] > 1 else ""
-        state = (f"complete: {self.dataset_rows} row(s) [{self.dataset_rows}, {self.dim}]"
-                 if self.complete else f"{self.shards_done} of {self.shards_total} shard(s) "
-                 "done (the other processes' shards, or a rerun, finish it)")
-        rate = f", {self.rows / self.seconds:.1f} rows/s" if self.seconds > 0 and self.rows \
-            else ""
-        return (f"embedded {self.rows} row(s){who} in {self.seconds:.1f} s{rate}: "
-                f"{self.shards_written} shard(s) written, {self.shards_skipped} already complete"
-                f"{empty} -> {self.folder} {state}; padding {100 * self.padding:.1f}%; "
-                f"{self.compiles} shape(s), {self.loaded} from the compilation cache")
+        state = (
+            f"complete: {self.dataset_rows} row(s) [{self.dataset_rows}, {self.dim}]"
+            if self.complete
+            else f"{self.shards_done} of {self.shards_total} shard(s) "
+            "done (the other processes' shards, or a rerun, finish it)"
+        )
+        rate = f", {self.rows / self.seconds:.1f} rows/s" if self.seconds > 0 and self.rows else ""
+        return (
+            f"embedded {self.rows} row(s){who} in {self.seconds:.1f} s{rate}: "
+            f"{self.shards_written} shard(s) written, {self.shards_skipped} already complete"
+            f"{empty} -> {self.folder} {state}; padding {100 * self.padding:.1f}%; "
+            f"{self.compiles} shape(s), {self.loaded} from the compilation cache"
+        )
 
 
-def open_job(model, job: CorpusJob, output: str, index: int = 0, count: int = 1,
-             overwrite: bool = False) -> tuple[Plan, str, Manifest, list[Shard]]:
+def open_job(
+    model, job: CorpusJob, output: str, index: int = 0, count: int = 1, overwrite: bool = False
+) -> tuple[Plan, str, Manifest, list[Shard]]:
     """Where a run starts: the plan, the output folder (absolute, made ready by
     `prepare_folder`), process `index`'s manifest holding its shards that are already complete
     (written out), and its shards still to do, in plan order."""
@@ -476,11 +592,20 @@ def open_job(model, job: CorpusJob, output: str, index: int = 0, count: int = 1,
     return plan, folder, manifest, todo
 
 
-def embed_corpus(model, job: CorpusJob, output: str, *, batch_size: int = 32,
-            shard_index: int | None = None, shard_count: int | None = None,
-            overwrite: bool = False, progress: bool | None = None, log=sys.stderr,
-            max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
-            window: int = DEFAULT_WINDOW) -> Summary:
+def embed_corpus(
+    model,
+    job: CorpusJob,
+    output: str,
+    *,
+    batch_size: int = 32,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    log=sys.stderr,
+    max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+    window: int = DEFAULT_WINDOW,
+) -> Summary:
     """Runs (or resumes) `job` into the folder `output` (see the module docstring). progress:
     a tqdm bar on stderr (None: when stderr is a terminal); `log`: where the "compiling
     shapes" line goes (None: nowhere). Returns the `Summary`."""
@@ -492,8 +617,15 @@ def embed_corpus(model, job: CorpusJob, output: str, *, batch_size: int = 32,
     stats = Stats()
     show = sys.stderr.isatty() if progress is None else progress
     done_rows = sum(s.rows for s in mine if s.index in manifest.shards)
-    bar = tqdm(total=sum(s.rows for s in mine), initial=done_rows, disable=not show,
-               file=sys.stderr, unit="row", desc="embed", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(s.rows for s in mine),
+        initial=done_rows,
+        disable=not show,
+        file=sys.stderr,
+        unit="row",
+        desc="embed",
+        dynamic_ncols=True,
+    )
     counts = {"rows": 0, "skipped": 0}
 
     def on_shard(shard, record):
@@ -510,18 +642,38 @@ def embed_corpus(model, job: CorpusJob, output: str, *, batch_size: int = 32,
 
     with bar:
         if todo and log is not None and model.compile_count == 0:
-            message = ("compiling shapes as the first batches meet them (later runs load "
-                       "them from the compilation cache) ...")
+            message = (
+                "compiling shapes as the first batches meet them (later runs load "
+                "them from the compilation cache) ..."
+            )
             bar.write(message, file=log) if show else print(message, file=log, flush=True)
-        embed_shards(model, plan, folder, todo, batch_size=batch_size,
-                     max_tokens_per_batch=max_tokens_per_batch, window=window,
-                     on_shard=on_shard, on_rows=on_rows, stats=stats)
+        embed_shards(
+            model,
+            plan,
+            folder,
+            todo,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+            window=window,
+            on_shard=on_shard,
+            on_rows=on_rows,
+            stats=stats,
+        )
     merged = finalize(folder, plan.header, count)
-    return Summary(folder=folder + os.sep, dim=plan.dim, rows=counts["rows"],
-                   skipped_empty=counts["skipped"], shards_written=len(todo),
-                   shards_skipped=len(mine) - len(todo), shards_total=len(plan.shards),
-                   shards_done=len(merged.shards),
-                   dataset_rows=sum(r["rows"] for r in merged.shards.values()),
-                   padding=stats.padding if stats.tokens else 0.0, tokens=stats.tokens,
-                   compiles=model.compile_count, loaded=model.forward.loaded_count,
-                   seconds=time.perf_counter() - start_time, process=(index, count))
+    return Summary(
+        folder=folder + os.sep,
+        dim=plan.dim,
+        rows=counts["rows"],
+        skipped_empty=counts["skipped"],
+        shards_written=len(todo),
+        shards_skipped=len(mine) - len(todo),
+        shards_total=len(plan.shards),
+        shards_done=len(merged.shards),
+        dataset_rows=sum(r["rows"] for r in merged.shards.values()),
+        padding=stats.padding if stats.tokens else 0.0,
+        tokens=stats.tokens,
+        compiles=model.compile_count,
+        loaded=model.forward.loaded_count,
+        seconds=time.perf_counter() - start_time,
+        process=(index, count),
+    )

@@ -37,11 +37,21 @@ import numpy as np
 from ..files import atomic_file
 from .schema import FORMAT, FORMAT_VERSION, MANIFEST
 
-FLAGS = {"task": "--task", "prompt": "prompt", "max_length": "--max-length",
-         "truncate_dim": "--truncate-dim", "precision": "--precision", "dtype": "--dtype",
-         "normalize": "normalize", "ranges_sha256": "--ranges", "text_field": "--text-field",
-         "id_field": "--id-field", "keep_fields": "--keep-fields", "skip_empty": "--skip-empty",
-         "shard_rows": "--shard-rows"}
+FLAGS = {
+    "task": "--task",
+    "prompt": "prompt",
+    "max_length": "--max-length",
+    "truncate_dim": "--truncate-dim",
+    "precision": "--precision",
+    "dtype": "--dtype",
+    "normalize": "normalize",
+    "ranges_sha256": "--ranges",
+    "text_field": "--text-field",
+    "id_field": "--id-field",
+    "keep_fields": "--keep-fields",
+    "skip_empty": "--skip-empty",
+    "shard_rows": "--shard-rows",
+}
 HASH_BLOCK = 1 << 22
 
 
@@ -59,21 +69,32 @@ def _sha256_array(h, array) -> None:
 def model_fingerprint(model) -> dict:
     """The model as the manifest records it: its source, and sha256 of its config, of every
     weight (base, adapters and their scales, a head's) and of its tokenizer."""
-    config = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True,
-                                       default=str).encode()).hexdigest()
+    config = hashlib.sha256(
+        json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode()
+    ).hexdigest()
     weights = hashlib.sha256()
-    trees = {"params": model.params, "adapters": model.adapters, "scales": model.scales,
-             "head": model.head_params}
+    trees = {
+        "params": model.params,
+        "adapters": model.adapters,
+        "scales": model.scales,
+        "head": model.head_params,
+    }
     for path, leaf in jax.tree_util.tree_flatten_with_path(trees)[0]:
         weights.update(jax.tree_util.keystr(path).encode())
         _sha256_array(weights, leaf)
     # truncation and padding are per-call settings encode sets, not part of the tokenizer
-    spec = {k: v for k, v in json.loads(model.tokenizer.to_str()).items()
-            if k not in ("truncation", "padding")}
+    spec = {
+        k: v
+        for k, v in json.loads(model.tokenizer.to_str()).items()
+        if k not in ("truncation", "padding")
+    }
     tokenizer = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return {"source": None if model.source is None else str(model.source),
-            "config_sha256": config, "weights_sha256": weights.hexdigest(),
-            "tokenizer_sha256": tokenizer}
+    return {
+        "source": None if model.source is None else str(model.source),
+        "config_sha256": config,
+        "weights_sha256": weights.hexdigest(),
+        "tokenizer_sha256": tokenizer,
+    }
 
 
 def file_sha256(path: str) -> str:
@@ -114,6 +135,7 @@ def difference(old: dict, new: dict) -> str | None:
 @dataclasses.dataclass
 class Manifest:
     """A manifest in memory: `header` (what was asked) and `shards` ({index: record})."""
+
     header: dict
     shards: dict[int, dict]
     index: int = 0
@@ -125,11 +147,15 @@ class Manifest:
         return all(s["shard"] in self.shards for s in self.header["plan"])
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "jina_jax_version": self.version, "header": self.header,
-                "shards": {str(k): self.shards[k] for k in sorted(self.shards)},
-                "process": {"index": self.index, "count": self.count},
-                "complete": self.complete}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "jina_jax_version": self.version,
+            "header": self.header,
+            "shards": {str(k): self.shards[k] for k in sorted(self.shards)},
+            "process": {"index": self.index, "count": self.count},
+            "complete": self.complete,
+        }
 
     def write(self, folder: str, name: str | None = None) -> str:
         """Writes it atomically as `name` (default: this process's manifest)."""
@@ -147,11 +173,16 @@ def load(path: str) -> Manifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} manifest")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {data.get('format_version')}, this jina-jax "
-                             f"reads {FORMAT_VERSION}")
-        return Manifest(data["header"], {int(k): v for k, v in data["shards"].items()},
-                        data["process"]["index"], data["process"]["count"],
-                        data["jina_jax_version"])
+            raise ValueError(
+                f"format_version {data.get('format_version')}, this jina-jax reads {FORMAT_VERSION}"
+            )
+        return Manifest(
+            data["header"],
+            {int(k): v for k, v in data["shards"].items()},
+            data["process"]["index"],
+            data["process"]["count"],
+            data["jina_jax_version"],
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable manifest ({e})") from None
 

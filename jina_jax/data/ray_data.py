@@ -56,8 +56,9 @@ try:
     import ray
     import ray.data
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"embedding on Ray needs ray[data]: pip install 'jina-jax[ray]' ({e})") \
-        from None
+    raise ImportError(
+        f"embedding on Ray needs ray[data]: pip install 'jina-jax[ray]' ({e})"
+    ) from None
 
 ENGINE = "ray"
 DEFAULT_NUM_CPUS = 0.5  # per actor: leaves CPUs to the read tasks (see the pitfalls)
@@ -88,29 +89,54 @@ class RayEmbedder:
     embedding_column: the new column's name (an existing column of that name is an error).
     """
 
-    def __init__(self, model: str, *, text_column: str = "text", task: str | None = None,
-                 task_column: str | None = None, prompt: str | None = None,
-                 max_length: int | None = None, truncate_dim: int | None = None,
-                 normalize: bool = True, precision: str = "float32", ranges=None,
-                 dtype: str = "float32", batch_size: int = 32,
-                 max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET, id_column: str | None = None,
-                 embedding_column: str = EMBEDDING_COLUMN, shard: bool | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        text_column: str = "text",
+        task: str | None = None,
+        task_column: str | None = None,
+        prompt: str | None = None,
+        max_length: int | None = None,
+        truncate_dim: int | None = None,
+        normalize: bool = True,
+        precision: str = "float32",
+        ranges=None,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+        id_column: str | None = None,
+        embedding_column: str = EMBEDDING_COLUMN,
+        shard: bool | None = None,
+    ):
         if task is not None and task_column is not None:
             raise ValueError("give task or task_column, not both")
         if not isinstance(model, (str, os.PathLike)):
-            raise TypeError(f"model must be a checkpoint path or hub id (loaded once per actor), "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a checkpoint path or hub id (loaded once per actor), "
+                f"got {type(model).__name__}"
+            )
         self.model = _load(str(model), dtype, shard)
         self.task = None if task is None else self.model.resolve_task(task)
         self.text_column, self.task_column, self.id_column = text_column, task_column, id_column
         self.column = embedding_column
-        self.options = dict(prompt=prompt, max_length=max_length, truncate_dim=truncate_dim,
-                            normalize=normalize, precision=precision, ranges=ranges,
-                            batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
+        self.options = dict(
+            prompt=prompt,
+            max_length=max_length,
+            truncate_dim=truncate_dim,
+            normalize=normalize,
+            precision=precision,
+            ranges=ranges,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+        )
         # every option checked here, once per actor, not in the first batch
-        _, self.dim = check_options(self.model, window=DEFAULT_WINDOW, streaming=True,
-                                    **{k: v for k, v in self.options.items()
-                                       if k not in ("prompt", "normalize")})
+        _, self.dim = check_options(
+            self.model,
+            window=DEFAULT_WINDOW,
+            streaming=True,
+            **{k: v for k, v in self.options.items() if k not in ("prompt", "normalize")},
+        )
 
     def _where(self, ids, row: int) -> str:
         return f"row {row} of the batch" + ("" if ids is None else f" (id {ids[row]!r})")
@@ -122,31 +148,41 @@ class RayEmbedder:
                 try:
                     resolved[value] = None if value is None else self.model.resolve_task(value)
                 except (TypeError, ValueError) as e:
-                    raise ValueError(f"{self.task_column!r} (task_column), "
-                                     f"{self._where(ids, row)}: {e}") from None
+                    raise ValueError(
+                        f"{self.task_column!r} (task_column), {self._where(ids, row)}: {e}"
+                    ) from None
         return [resolved[v] for v in values]
 
     def __call__(self, batch):
         columns = _columns(batch)
         if self.column in columns:
-            raise ValueError(f"the batch already has a column {self.column!r} "
-                             "(embedding_column names the new one)")
-        for name, what in ((self.text_column, "text_column"), (self.task_column, "task_column"),
-                           (self.id_column, "id_column")):
+            raise ValueError(
+                f"the batch already has a column {self.column!r} "
+                "(embedding_column names the new one)"
+            )
+        for name, what in (
+            (self.text_column, "text_column"),
+            (self.task_column, "task_column"),
+            (self.id_column, "id_column"),
+        ):
             if name is not None and name not in columns:
                 raise ValueError(f"no column {name!r} ({what}); the batch has {columns}")
         texts = _values(batch, self.text_column)
         ids = None if self.id_column is None else _values(batch, self.id_column)
         for row, text in enumerate(texts):
             if not isinstance(text, str):
-                raise ValueError(f"{self.text_column!r} (text_column), {self._where(ids, row)}: "
-                                 f"{'null' if text is None else type(text).__name__}, not a "
-                                 "string")
-        task = self.task if self.task_column is None else \
-            self._tasks(_values(batch, self.task_column), ids)
+                raise ValueError(
+                    f"{self.text_column!r} (text_column), {self._where(ids, row)}: "
+                    f"{'null' if text is None else type(text).__name__}, not a "
+                    "string"
+                )
+        task = (
+            self.task
+            if self.task_column is None
+            else self._tasks(_values(batch, self.task_column), ids)
+        )
         if texts:
-            vectors = self.model.encode(texts, task=task, show_progress_bar=False,
-                                        **self.options)
+            vectors = self.model.encode(texts, task=task, show_progress_bar=False, **self.options)
         else:
             vectors = np.empty((0, self.dim), np.float32)
         return _with_column(batch, self.column, embedding_column(vectors))
@@ -159,8 +195,10 @@ def _columns(batch) -> list[str]:
         return list(batch)
     if hasattr(batch, "columns"):  # pandas.DataFrame
         return [str(c) for c in batch.columns]
-    raise TypeError(f"a batch is a pyarrow Table, a dict of arrays or a pandas DataFrame, got "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        f"a batch is a pyarrow Table, a dict of arrays or a pandas DataFrame, got "
+        f"{type(batch).__name__}"
+    )
 
 
 def _values(batch, name: str) -> list:
@@ -180,13 +218,17 @@ def _with_column(batch, name: str, column: pa.FixedSizeListArray):
         return {**batch, name: column}
     import pandas as pd  # a pandas batch exists, so pandas does
 
-    return batch.assign(**{name: pd.Series(pd.arrays.ArrowExtensionArray(column),
-                                           index=batch.index)})
+    return batch.assign(
+        **{name: pd.Series(pd.arrays.ArrowExtensionArray(column), index=batch.index)}
+    )
 
 
 def _remote_args(num_cpus, num_gpus, resources, retries: int, runtime_env) -> dict:
-    args = {"num_cpus": DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
-            "max_restarts": retries, "max_task_retries": retries}
+    args = {
+        "num_cpus": DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
+        "max_restarts": retries,
+        "max_task_retries": retries,
+    }
     if num_gpus:
         args["num_gpus"] = num_gpus
     if resources:
@@ -196,11 +238,21 @@ def _remote_args(num_cpus, num_gpus, resources, retries: int, runtime_env) -> di
     return args
 
 
-def embed_dataset(ds, model: str, *, text_column: str = "text", actors: int = 1,
-                  batch_rows: int = DEFAULT_BATCH_ROWS, num_cpus: float | None = None,
-                  num_gpus: float | None = None, resources: Mapping | None = None,
-                  retries: int = DEFAULT_RETRIES, repartition: bool = True,
-                  runtime_env: dict | None = None, **options):
+def embed_dataset(
+    ds,
+    model: str,
+    *,
+    text_column: str = "text",
+    actors: int = 1,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: Mapping | None = None,
+    retries: int = DEFAULT_RETRIES,
+    repartition: bool = True,
+    runtime_env: dict | None = None,
+    **options,
+):
     """`ds` with the embedding column added (lazy, like every Ray Data transform).
 
     actors: the actor pool's size (one model each). batch_rows: rows per Ray batch and, with
@@ -216,42 +268,74 @@ def embed_dataset(ds, model: str, *, text_column: str = "text", actors: int = 1,
     if repartition:
         ds = ds.repartition(target_num_rows_per_block=batch_rows)
     return ds.map_batches(
-        RayEmbedder, fn_constructor_kwargs={"model": str(model), "text_column": text_column,
-                                            **options},
-        batch_size=batch_rows, batch_format="pyarrow",
+        RayEmbedder,
+        fn_constructor_kwargs={"model": str(model), "text_column": text_column, **options},
+        batch_size=batch_rows,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        **_remote_args(num_cpus, num_gpus, resources, retries, runtime_env))
+        **_remote_args(num_cpus, num_gpus, resources, retries, runtime_env),
+    )
 
 
 # --- the corpus job on Ray ----------------------------------------------------------------
+
 
 class ShardEmbedder:
     """One actor of `embed_corpus_ray`: loads the model, checks it is the one the driver
     planned with, and for each shard index of a batch writes that shard (`embed_shards`)."""
 
-    def __init__(self, model: str, plan, folder: str, dtype: str, batch_size: int,
-                 max_tokens_per_batch: int, shard: bool | None = None):
+    def __init__(
+        self,
+        model: str,
+        plan,
+        folder: str,
+        dtype: str,
+        batch_size: int,
+        max_tokens_per_batch: int,
+        shard: bool | None = None,
+    ):
         self.model = _load(model, dtype, shard)
         mine, planned = model_fingerprint(self.model), plan.header["model"]
         if any(mine[k] != planned[k] for k in planned if k.endswith("_sha256")):
-            raise ValueError(f"{model}: the checkpoint this node reads differs from the "
-                             "driver's (config, weights or tokenizer)")
+            raise ValueError(
+                f"{model}: the checkpoint this node reads differs from the "
+                "driver's (config, weights or tokenizer)"
+            )
         self.plan, self.folder = plan, folder
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard": batch["shard"], "record": [], "tokens": [], "padded": [],
-               "compiles": [], "loaded": []}
+        out = {
+            "shard": batch["shard"],
+            "record": [],
+            "tokens": [],
+            "padded": [],
+            "compiles": [],
+            "loaded": [],
+        }
         for index in batch["shard"].tolist():
             done, stats = [], Stats()
             compiles, loaded = self.model.compile_count, self.model.forward.loaded_count
-            embed_shards(self.model, self.plan, self.folder, [self.plan.shards[index]],
-                         batch_size=self.batch_size,
-                         max_tokens_per_batch=self.max_tokens_per_batch, stats=stats,
-                         on_shard=lambda shard, record: done.append(record))
-            out["record"].append({**done[0], "engine": {
-                "name": ENGINE, "version": ray.__version__,
-                "node": ray.get_runtime_context().get_node_id()}})
+            embed_shards(
+                self.model,
+                self.plan,
+                self.folder,
+                [self.plan.shards[index]],
+                batch_size=self.batch_size,
+                max_tokens_per_batch=self.max_tokens_per_batch,
+                stats=stats,
+                on_shard=lambda shard, record: done.append(record),  # noqa: B023 (called here)
+            )
+            out["record"].append(
+                {
+                    **done[0],
+                    "engine": {
+                        "name": ENGINE,
+                        "version": ray.__version__,
+                        "node": ray.get_runtime_context().get_node_id(),
+                    },
+                }
+            )
             out["tokens"].append(stats.tokens)
             out["padded"].append(stats.padded)
             out["compiles"].append(self.model.compile_count - compiles)
@@ -267,12 +351,23 @@ def _remove_temporaries(folder: str) -> None:
                 os.unlink(os.path.join(folder, name))
 
 
-def embed_corpus_ray(model, job: CorpusJob, output: str, *, checkpoint: str | None = None,
-                     batch_size: int = 32, actors: int = 1, num_cpus: float | None = None,
-                     num_gpus: float | None = None, resources: Mapping | None = None,
-                     retries: int = DEFAULT_RETRIES, runtime_env: dict | None = None,
-                     overwrite: bool = False, log=sys.stderr,
-                     max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET) -> Summary:
+def embed_corpus_ray(
+    model,
+    job: CorpusJob,
+    output: str,
+    *,
+    checkpoint: str | None = None,
+    batch_size: int = 32,
+    actors: int = 1,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: Mapping | None = None,
+    retries: int = DEFAULT_RETRIES,
+    runtime_env: dict | None = None,
+    overwrite: bool = False,
+    log=sys.stderr,
+    max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+) -> Summary:
     """`embed_corpus` with every shard a Ray task (Ray must be initialised: `ray.init(...)`).
 
     model: the loaded model the driver plans with (its fingerprint goes into the manifest);
@@ -284,8 +379,10 @@ def embed_corpus_ray(model, job: CorpusJob, output: str, *, checkpoint: str | No
     if not ray.is_initialized():
         raise RuntimeError("call ray.init(...) first (address= for an existing cluster)")
     if jax.process_count() > 1:  # several drivers would race on one folder
-        raise ValueError("embed_corpus_ray is one driver for the whole cluster; with "
-                         "jax.distributed use embed_corpus in each process")
+        raise ValueError(
+            "embed_corpus_ray is one driver for the whole cluster; with "
+            "jax.distributed use embed_corpus in each process"
+        )
     for name, value in (("actors", actors), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -294,17 +391,29 @@ def embed_corpus_ray(model, job: CorpusJob, output: str, *, checkpoint: str | No
     counts = dict.fromkeys(("rows", "skipped", "tokens", "padded", "compiles", "loaded"), 0)
     if todo:
         if log is not None:
-            print(f"ray: {len(todo)} shard(s) over {actors} actor(s) on "
-                  f"{len(ray.nodes())} node(s) ...", file=log, flush=True)
-        tasks = ray.data.from_items([{"shard": s.index} for s in todo],
-                                    override_num_blocks=len(todo))
+            print(
+                f"ray: {len(todo)} shard(s) over {actors} actor(s) on "
+                f"{len(ray.nodes())} node(s) ...",
+                file=log,
+                flush=True,
+            )
+        tasks = ray.data.from_items(
+            [{"shard": s.index} for s in todo], override_num_blocks=len(todo)
+        )
         done = tasks.map_batches(
-            ShardEmbedder, fn_constructor_kwargs=dict(
-                model=checkpoint, plan=plan, folder=folder, dtype=np.dtype(model.dtype).name,
+            ShardEmbedder,
+            fn_constructor_kwargs=dict(
+                model=checkpoint,
+                plan=plan,
+                folder=folder,
+                dtype=np.dtype(model.dtype).name,
                 batch_size=batch_size,
-                max_tokens_per_batch=max_tokens_per_batch),
-            batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-            **_remote_args(num_cpus, num_gpus, resources, retries, runtime_env))
+                max_tokens_per_batch=max_tokens_per_batch,
+            ),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **_remote_args(num_cpus, num_gpus, resources, retries, runtime_env),
+        )
         for row in done.iter_rows():  # as shards finish: the manifest grows with them
             manifest.shards[int(row["shard"])] = row["record"]
             manifest.write(folder)
@@ -315,10 +424,19 @@ def embed_corpus_ray(model, job: CorpusJob, output: str, *, checkpoint: str | No
         _remove_temporaries(folder)
     merged = finalize(folder, plan.header, 1)
     padding = counts["padded"] / counts["tokens"] - 1.0 if counts["tokens"] else 0.0
-    return Summary(folder=folder + os.sep, dim=plan.dim, rows=counts["rows"],
-                   skipped_empty=counts["skipped"], shards_written=len(todo),
-                   shards_skipped=len(plan.shards) - len(todo), shards_total=len(plan.shards),
-                   shards_done=len(merged.shards),
-                   dataset_rows=sum(r["rows"] for r in merged.shards.values()),
-                   padding=padding, tokens=counts["tokens"], compiles=counts["compiles"],
-                   loaded=counts["loaded"], seconds=time.perf_counter() - start_time)
+    return Summary(
+        folder=folder + os.sep,
+        dim=plan.dim,
+        rows=counts["rows"],
+        skipped_empty=counts["skipped"],
+        shards_written=len(todo),
+        shards_skipped=len(plan.shards) - len(todo),
+        shards_total=len(plan.shards),
+        shards_done=len(merged.shards),
+        dataset_rows=sum(r["rows"] for r in merged.shards.values()),
+        padding=padding,
+        tokens=counts["tokens"],
+        compiles=counts["compiles"],
+        loaded=counts["loaded"],
+        seconds=time.perf_counter() - start_time,
+    )

@@ -24,6 +24,7 @@ from .schema import EMBEDDING_COLUMN, ID_COLUMN, MANIFEST, describe, embedding_m
 @dataclasses.dataclass(frozen=True)
 class EmbeddingDataset:
     """The rows of an embedded corpus folder, in input order."""
+
     folder: str
     manifest: Manifest  # the merged manifest (header and every shard's record)
     table: pa.Table
@@ -67,19 +68,24 @@ def open_dataset(folder: str, *, verify: bool = False) -> EmbeddingDataset:
         else:
             chosen[shard["shard"]] = record
     if missing:
-        raise ValueError(f"{folder}: {len(missing)} of {len(header['plan'])} shard(s) are not "
-                         f"done or do not match the manifest (first: {missing[0]}); rerun the "
-                         "same embed command to finish")
+        raise ValueError(
+            f"{folder}: {len(missing)} of {len(header['plan'])} shard(s) are not "
+            f"done or do not match the manifest (first: {missing[0]}); rerun the "
+            "same embed command to finish"
+        )
     tables = []
     for shard in header["plan"]:
         path = os.path.join(folder, shard["file"])
         table = pq.read_table(path, memory_map=True)
         if describe(table.schema) != header["schema"]:
-            raise ValueError(f"{path}: its columns {describe(table.schema)} are not the "
-                             f"manifest's {header['schema']}")
+            raise ValueError(
+                f"{path}: its columns {describe(table.schema)} are not the "
+                f"manifest's {header['schema']}"
+            )
         if table.num_rows != chosen[shard["shard"]]["rows"]:
-            raise ValueError(f"{path}: {table.num_rows} rows, the manifest says "
-                             f"{chosen[shard['shard']]['rows']}")
+            raise ValueError(
+                f"{path}: {table.num_rows} rows, the manifest says {chosen[shard['shard']]['rows']}"
+            )
         tables.append(table)
     merged = Manifest(header, chosen, 0, 1, manifests[0].version)
     if tables:

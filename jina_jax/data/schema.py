@@ -51,8 +51,13 @@ FORMAT = "jina-jax-embeddings"  # the manifest's "format"; FORMAT_VERSION moves 
 FORMAT_VERSION = 1
 
 # precision -> numpy dtype of the embedding column's values
-EMBEDDING_DTYPES = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8,
-                    "binary": np.int8, "ubinary": np.uint8}
+EMBEDDING_DTYPES = {
+    "float32": np.float32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "binary": np.int8,
+    "ubinary": np.uint8,
+}
 
 
 def shard_name(index: int) -> str:
@@ -86,8 +91,9 @@ def embedding_column(array: np.ndarray) -> pa.FixedSizeListArray:
     if array.ndim != 2:
         raise ValueError(f"embeddings must be [N, W], got shape {list(array.shape)}")
     child = pa.field("element", pa.from_numpy_dtype(array.dtype))
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)),
-                                             type=pa.list_(child, array.shape[1]))
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(array.reshape(-1)), type=pa.list_(child, array.shape[1])
+    )
 
 
 def embedding_matrix(column) -> np.ndarray:
@@ -115,8 +121,10 @@ def check_columns(keep_fields: Sequence[str]) -> None:
         if not name:
             raise ValueError("--keep-fields: an empty field name")
         if name in RESERVED:
-            raise ValueError(f"--keep-fields {name!r}: the output has its own {name!r} column "
-                             "(keep the field under another name or use --id-field)")
+            raise ValueError(
+                f"--keep-fields {name!r}: the output has its own {name!r} column "
+                "(keep the field under another name or use --id-field)"
+            )
         if name in seen:
             raise ValueError(f"--keep-fields names {name!r} twice")
         seen.add(name)
@@ -130,8 +138,12 @@ def column_type(parquet_types: Sequence | None) -> pa.DataType:
     return pa.string()
 
 
-def output_schema(dim: int, precision: str, id_type: pa.DataType = pa.string(),
-                  kept: Sequence[tuple[str, pa.DataType]] = ()) -> pa.Schema:
+def output_schema(
+    dim: int,
+    precision: str,
+    id_type: pa.DataType = pa.string(),  # noqa: B008
+    kept: Sequence[tuple[str, pa.DataType]] = (),
+) -> pa.Schema:
     """The schema of every shard: id, the kept fields, embedding (see the module docstring)."""
     fields = [pa.field(ID_COLUMN, id_type)] + [pa.field(n, t) for n, t in kept]
     fields.append(pa.field(EMBEDDING_COLUMN, embedding_type(dim, precision), nullable=False))

@@ -21,8 +21,15 @@ import numpy as np
 from ..records import csv_header, csv_record, csv_rows, decode_line, parse_record
 from .arrow import pa, pq
 
-SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
-            ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SUFFIXES = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 READ_ROWS = 8192  # Parquet rows decoded at a time
 SCAN_BYTES = 1 << 22
 
@@ -31,6 +38,7 @@ SCAN_BYTES = 1 << 22
 class Fields:
     """Which fields of a record are read: the text, the id (None: `schema.default_id`), and the
     fields carried into the output."""
+
     text: str = "text"
     id: str | None = None
     keep: tuple[str, ...] = ()
@@ -41,6 +49,7 @@ class InputFile:
     """One input file as scanned: `rows` rows; `offsets[j]` is the byte where row
     j * `every` + 1 starts (text, JSONL, CSV), so a shard's range is read without the rows
     before it. `types`: {field: Arrow type} of a Parquet file's id and kept columns."""
+
     path: str
     name: str
     format: str
@@ -54,8 +63,14 @@ class InputFile:
 
     def fingerprint(self) -> dict:
         """What the manifest records of this file (a rerun compares it)."""
-        return {"path": self.path, "name": self.name, "format": self.format, "size": self.size,
-                "mtime_ns": self.mtime_ns, "rows": self.rows}
+        return {
+            "path": self.path,
+            "name": self.name,
+            "format": self.format,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "rows": self.rows,
+        }
 
 
 def _format(path: str, text_field: str | None, alone: bool) -> str:
@@ -64,8 +79,10 @@ def _format(path: str, text_field: str | None, alone: bool) -> str:
         return SUFFIXES[suffix]
     if alone:  # as `embed` reads a single file today
         return "jsonl" if text_field is not None else "text"
-    raise ValueError(f"{path}: not a known input format ({', '.join(sorted(SUFFIXES))}); name "
-                     "it on its own to read it as text")
+    raise ValueError(
+        f"{path}: not a known input format ({', '.join(sorted(SUFFIXES))}); name "
+        "it on its own to read it as text"
+    )
 
 
 def _glob_root(pattern: str) -> str:
@@ -90,13 +107,17 @@ def expand(specs: Sequence[str], text_field: str | None = None) -> list[tuple[st
             found = []
             for root, dirs, files in os.walk(spec):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [(os.path.join(root, f), spec, False) for f in files
-                          if not f.startswith(".")]
+                found += [
+                    (os.path.join(root, f), spec, False) for f in files if not f.startswith(".")
+                ]
             if not found:
                 raise ValueError(f"--input {spec}: the folder holds no files")
         elif glob.has_magic(spec):
-            found = [(p, _glob_root(spec), False)
-                     for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+            found = [
+                (p, _glob_root(spec), False)
+                for p in glob.glob(spec, recursive=True)
+                if os.path.isfile(p)
+            ]
             if not found:
                 raise ValueError(f"--input {spec}: no file matches")
         else:
@@ -108,8 +129,10 @@ def expand(specs: Sequence[str], text_field: str | None = None) -> list[tuple[st
             seen[real] = path
             name = os.path.relpath(path, root)
             if name in names:
-                raise ValueError(f"--input: {path} and {names[name]} have the same name "
-                                 f"{name!r}; give them as one folder")
+                raise ValueError(
+                    f"--input: {path} and {names[name]} have the same name "
+                    f"{name!r}; give them as one folder"
+                )
             names[name] = path
             out.append((os.path.abspath(path), name, _format(path, text_field, alone)))
     return out
@@ -148,8 +171,9 @@ def scan(path: str, name: str, fmt: str, fields: Fields, every: int) -> InputFil
     """Reads enough of a file to plan it: its rows (Parquet: from the metadata), where every
     `every`-th row starts, and that the fields exist where a header or schema says."""
     stat = os.stat(path)
-    info = dict(path=path, name=name, format=fmt, size=stat.st_size, mtime_ns=stat.st_mtime_ns,
-                every=every)
+    info = dict(
+        path=path, name=name, format=fmt, size=stat.st_size, mtime_ns=stat.st_mtime_ns, every=every
+    )
     wanted = [f for f in (fields.id, *fields.keep) if f is not None]
     if fmt == "parquet":
         try:
@@ -159,17 +183,24 @@ def scan(path: str, name: str, fmt: str, fields: Fields, every: int) -> InputFil
         schema = meta.schema_arrow
         for field in [fields.text, *wanted]:
             if schema.get_field_index(field) < 0:
-                flag = "--text-field" if field == fields.text else (
-                    "--id-field" if field == fields.id else "--keep-fields")
-                raise ValueError(f"{path}: no column {field!r} ({flag}); it has "
-                                 f"{schema.names}")
+                flag = (
+                    "--text-field"
+                    if field == fields.text
+                    else ("--id-field" if field == fields.id else "--keep-fields")
+                )
+                raise ValueError(f"{path}: no column {field!r} ({flag}); it has {schema.names}")
         text_type = schema.field(fields.text).type
         if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-            raise ValueError(f"{path}: column {fields.text!r} (--text-field) is {text_type}, "
-                             "not strings")
+            raise ValueError(
+                f"{path}: column {fields.text!r} (--text-field) is {text_type}, not strings"
+            )
         types = {f: schema.field(f).type for f in wanted}
-        return InputFile(**info, rows=meta.metadata.num_rows,
-                         types=tuple((f, str(t)) for f, t in types.items()), arrow_types=types)
+        return InputFile(
+            **info,
+            rows=meta.metadata.num_rows,
+            types=tuple((f, str(t)) for f, t in types.items()),
+            arrow_types=types,
+        )
     if fmt == "csv":
         rows, offsets, names = _csv_offsets(path, every)
         for field in [fields.text, *wanted]:
@@ -178,8 +209,10 @@ def scan(path: str, name: str, fmt: str, fields: Fields, every: int) -> InputFil
         return InputFile(**info, rows=rows, offsets=offsets)
     rows, offsets = _line_offsets(path, every)
     if fmt == "text" and wanted:
-        raise ValueError(f"{path}: a text file has no fields (--id-field / --keep-fields "
-                         "need JSONL, CSV or Parquet input)")
+        raise ValueError(
+            f"{path}: a text file has no fields (--id-field / --keep-fields "
+            "need JSONL, CSV or Parquet input)"
+        )
     return InputFile(**info, rows=rows, offsets=offsets)
 
 
@@ -205,8 +238,9 @@ def _lines(file: InputFile, start: int, stop: int) -> Iterator[tuple[int, str]]:
         for row in range(start + 1, stop + 1):
             raw = f.readline()
             if not raw:
-                raise ValueError(f"{file.path}:{row}: the file ended early (it changed since "
-                                 "it was planned)")
+                raise ValueError(
+                    f"{file.path}:{row}: the file ended early (it changed since it was planned)"
+                )
             yield row, decode_line(raw, file.name, row).rstrip("\r\n")
 
 
@@ -229,8 +263,9 @@ def _jsonl_rows(file, start, stop, fields):
         record = parse_record(line, file.name, row)
         text = _field(record, fields.text, file, row)
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{file.name}:{row}: field {fields.text!r} is "
-                             f"{type(text).__name__}, not a string")
+            raise ValueError(
+                f"{file.name}:{row}: field {fields.text!r} is {type(text).__name__}, not a string"
+            )
         ident = None if fields.id is None else _field(record, fields.id, file, row)
         yield row, text, ident, tuple(_field(record, k, file, row) for k in fields.keep)
 
@@ -250,13 +285,15 @@ def _csv_rows(file, start, stop, fields):
             ident = None if fields.id is None else record[fields.id]
             yield row, record[fields.text], ident, tuple(record[k] for k in fields.keep)
         if row < stop:
-            raise ValueError(f"{file.path}:{row + 1}: the file ended early (it changed since "
-                             "it was planned)")
+            raise ValueError(
+                f"{file.path}:{row + 1}: the file ended early (it changed since it was planned)"
+            )
 
 
 def _parquet_rows(file, start, stop, fields):
-    columns = list(dict.fromkeys(c for c in (fields.text, fields.id, *fields.keep)
-                                 if c is not None))
+    columns = list(
+        dict.fromkeys(c for c in (fields.text, fields.id, *fields.keep) if c is not None)
+    )
     pf = pq.ParquetFile(file.path)
     first = 0
     for group in range(pf.metadata.num_row_groups):
@@ -271,8 +308,11 @@ def _parquet_rows(file, start, stop, fields):
                     values = {c: part.column(c).to_pylist() for c in columns}
                     texts = values[fields.text]
                     ids = values[fields.id] if fields.id is not None else [None] * len(texts)
-                    kept = list(zip(*(values[k] for k in fields.keep))) if fields.keep else \
-                        [()] * len(texts)
+                    kept = (
+                        list(zip(*(values[k] for k in fields.keep)))
+                        if fields.keep
+                        else [()] * len(texts)
+                    )
                     yield from zip(range(b_lo + 1, b_hi + 1), texts, ids, kept)
                 at += len(batch)
                 if at >= hi:
@@ -282,5 +322,4 @@ def _parquet_rows(file, start, stop, fields):
             break
 
 
-_READERS = {"text": _text_rows, "jsonl": _jsonl_rows, "csv": _csv_rows,
-            "parquet": _parquet_rows}
+_READERS = {"text": _text_rows, "jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
