@@ -312,3 +312,45 @@ def test_schema_builder_shares_memory():
     back = embedding_matrix(column)
     assert np.shares_memory(back, array) and np.array_equal(back, array)
     assert column.type == pa.list_(pa.field("element", pa.float32()), 7)
+
+
+def test_lone_surrogates_in_carried_fields(model, tmp_path):
+    """An id or kept value with a lone surrogate (from a JSON escape) cannot be carried as given
+    into a UTF-8 column: refused naming file, row and field; in the text it is embedded as the
+    tokenizer sees it (U+FFFD), as encode() does."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"id": "a", "text": "x \\ud800 y", "k": "ok"}\n'
+                   '{"id": "b\\udfff", "text": "z", "k": "ok"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^s.jsonl:2: field 'id' \(--id-field\) holds a lone "
+                                         r"UTF-16 surrogate '\\udfff' at character 1"):
+        _run(model, CorpusJob(inputs=(str(src),), task=TASK, id_field="id"), tmp_path / "o1")
+    src.write_text('{"id": "a", "text": "x \\ud800 y", "k": {"n": ["\\ud800"]}}\n',
+                   encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^s.jsonl:1: field 'k' \(--keep-fields\) holds a lone"):
+        _run(model, CorpusJob(inputs=(str(src),), task=TASK, keep_fields=("k",)), tmp_path / "o2")
+    src.write_text('{"id": "a", "text": "x \\ud800 y", "k": "ok"}\n', encoding="utf-8")
+    _run(model, CorpusJob(inputs=(str(src),), task=TASK, id_field="id", keep_fields=("k",)),
+         tmp_path / "o3")
+    ds = open_dataset(str(tmp_path / "o3"))
+    assert ds.ids.to_pylist() == ["a"] and ds.table.column("k").to_pylist() == ["ok"]
+    expected = model.encode(["x \ud800 y"], task=TASK, batch_size=BATCH)
+    np.testing.assert_allclose(ds.embeddings, expected, atol=1e-6)
+
+
+def test_corpus_of_no_rows(model, corpus, tmp_path):
+    """Inputs with no rows make a complete folder that reads back as zero rows with the
+    columns and types a non-empty one has."""
+    root, _ = corpus
+    os.makedirs(tmp_path / "in")
+    empty = tmp_path / "in" / "a.parquet"
+    pq.write_table(pq.read_table(root / "pq" / "a.parquet").slice(0, 0), empty)
+    job = CorpusJob(inputs=(str(empty),), task=TASK, text_field="body", id_field="doc",
+                    keep_fields=("year",), precision="ubinary")
+    summary = _run(model, job, tmp_path / "out")
+    assert summary.rows == 0
+    ds = open_dataset(str(tmp_path / "out"), verify=True)
+    full = CorpusJob(inputs=(str(root / "pq" / "a.parquet"),), task=TASK, text_field="body",
+                     id_field="doc", keep_fields=("year",), precision="ubinary")
+    _run(model, full, tmp_path / "full")
+    assert len(ds) == 0 and ds.table.schema == open_dataset(str(tmp_path / "full")).table.schema
+    assert ds.embeddings.shape == (0, -(-model.config.hidden_size // 8))

@@ -66,6 +66,7 @@ from .schema import (
     embedding_column,
     embedding_width,
     output_schema,
+    schema_record,
     shard_name,
 )
 from .sources import Fields, InputFile, expand, read_rows, scan
@@ -246,6 +247,7 @@ def plan_job(model, job: CorpusJob) -> Plan:
         "inputs": [f.fingerprint() for f in files],
         "dim": dim,
         "schema": describe(schema),
+        "arrow_schema": schema_record(schema),
         "plan": [s.to_json() for s in shards],
     }
     return Plan(job, task, max_length, truncate_dim, dim, files, tuple(shards), schema, header)

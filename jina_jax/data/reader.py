@@ -18,7 +18,14 @@ import numpy as np
 
 from .arrow import pa, pq
 from .manifest import Manifest, candidates, check_shard, difference, read_manifests
-from .schema import EMBEDDING_COLUMN, ID_COLUMN, MANIFEST, describe, embedding_matrix
+from .schema import (
+    EMBEDDING_COLUMN,
+    ID_COLUMN,
+    MANIFEST,
+    describe,
+    embedding_matrix,
+    schema_from_record,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +97,11 @@ def open_dataset(folder: str, *, verify: bool = False) -> EmbeddingDataset:
     merged = Manifest(header, chosen, 0, 1, manifests[0].version)
     if tables:
         table = pa.concat_tables(tables)
+    elif "arrow_schema" in header:  # a corpus of no rows: no shard, the manifest's columns
+        table = schema_from_record(header["arrow_schema"]).empty_table()
     else:
-        table = pa.schema([]).empty_table()
+        raise ValueError(
+            f"{folder}: a corpus of no rows written before jina-jax recorded its Arrow schema; "
+            "rerun the embed command with --overwrite"
+        )
     return EmbeddingDataset(os.path.abspath(folder), merged, table)

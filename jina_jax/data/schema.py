@@ -36,6 +36,7 @@ row of a Parquet file.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 
@@ -153,3 +154,14 @@ def output_schema(
 def describe(schema: pa.Schema) -> list[dict]:
     """[{"name", "type"}] of a schema, as the manifest records it."""
     return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def schema_record(schema: pa.Schema) -> str:
+    """The schema as Arrow's own serialisation (base64), which the manifest keeps beside
+    `describe`'s readable one: a corpus of no rows has no shard to read its types from."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def schema_from_record(record: str) -> pa.Schema:
+    """`schema_record`'s inverse."""
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(record)))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -255,6 +257,24 @@ def _field(record: dict, field: str, file: InputFile, row: int):
     return record[field]
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _carried(record: dict, field: str, flag: str, file: InputFile, row: int):
+    """An id or kept value, which is carried as given: a lone UTF-16 surrogate in it (a JSON
+    escape like "\\ud800" can make one) has no UTF-8 form for the Parquet column, and replacing
+    it would change the value, so it is an error naming the row and field. (A text's surrogates
+    are replaced by U+FFFD as the tokenizer needs: it is embedded, not carried.)"""
+    value = _field(record, field, file, row)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if (m := _LONE_SURROGATE.search(text)) is not None:
+        raise ValueError(
+            f"{file.name}:{row}: field {field!r} ({flag}) holds a lone UTF-16 surrogate "
+            f"{m.group()!r} at character {m.start()}, which has no UTF-8 form: fix the input"
+        )
+    return value
+
+
 def _jsonl_rows(file, start, stop, fields):
     for row, line in _lines(file, start, stop):
         if not line.strip():
@@ -266,8 +286,9 @@ def _jsonl_rows(file, start, stop, fields):
             raise ValueError(
                 f"{file.name}:{row}: field {fields.text!r} is {type(text).__name__}, not a string"
             )
-        ident = None if fields.id is None else _field(record, fields.id, file, row)
-        yield row, text, ident, tuple(_field(record, k, file, row) for k in fields.keep)
+        ident = None if fields.id is None else _carried(record, fields.id, "--id-field", file, row)
+        kept = tuple(_carried(record, k, "--keep-fields", file, row) for k in fields.keep)
+        yield row, text, ident, kept
 
 
 def _csv_rows(file, start, stop, fields):
