@@ -146,17 +146,18 @@ def stop(proc: subprocess.Popen):
 
 @pytest.fixture(scope="session")
 def docs_model(tmp_path_factory):
-    """A tiny random release-format checkpoint (2 layers, 32 wide): every page's `$MODEL`."""
+    """A small random release-format checkpoint (2 layers, 256 wide, so that the examples'
+    `truncate_dim=256` and `"dimensions": 256` hold): every page's `$MODEL`."""
     from convert.random_checkpoint import write_random_release
     from jina_jax.config import JinaConfig
 
     folder = str(tmp_path_factory.mktemp("docs-model") / "tiny")
     cfg = JinaConfig(
         vocab_size=1000,
-        hidden_size=32,
+        hidden_size=256,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        num_attention_heads=4,
+        intermediate_size=512,
     )
     write_random_release(folder, cfg, dtype="float32")
     return folder
