@@ -12,6 +12,7 @@ The convention (docs/development/testing.md, "Code blocks in the docs"):
   the next block waits until `http://127.0.0.1:PORT/health` answers 200 (bounded), and the
   process is stopped (SIGTERM, then SIGKILL) when the page ends.
 - Every `8080` in a page's code is replaced by a free port of 127.0.0.1.
+The README's page is marked slow (released widths): `python -m pytest -m slow tests/test_docs.py`.
 Any other `docs-test:` marker is an error.
 """
 
@@ -233,7 +234,16 @@ def run_bash(block: Block, cwd: Path, env: dict, where: str):
     assert r.returncode == 0, f"{where} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+# The README's five-minute path writes, loads and serves a checkpoint at the released widths
+# (2 layers, 1 GB in fp32): minutes on 2 cores, so it runs with the slow checks (CI runs both).
+SLOW_PAGES = {ROOT / "README.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else []) for p in PAGES],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_page_code_runs(page, docs_model, tmp_path, monkeypatch):
     blocks = [b for b in page_blocks(page) if b.mode in ("run", "background")]
     if not blocks:
