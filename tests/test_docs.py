@@ -12,7 +12,7 @@ The convention (docs/development/testing.md, "Code blocks in the docs"):
   the next block waits until `http://127.0.0.1:PORT/health` answers 200 (bounded), and the
   process is stopped (SIGTERM, then SIGKILL) when the page ends.
 - Every `8080` in a page's code is replaced by a free port of 127.0.0.1.
-The README's page is marked slow (released widths): `python -m pytest -m slow tests/test_docs.py`.
+The README's and the fine-tuning page are marked slow: `python -m pytest -m slow tests/test_docs.py`.
 Any other `docs-test:` marker is an error.
 """
 
@@ -23,7 +23,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -234,9 +233,10 @@ def run_bash(block: Block, cwd: Path, env: dict, where: str):
     assert r.returncode == 0, f"{where} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
-# The README's five-minute path writes, loads and serves a checkpoint at the released widths
-# (2 layers, 1 GB in fp32): minutes on 2 cores, so it runs with the slow checks (CI runs both).
-SLOW_PAGES = {ROOT / "README.md"}
+# Minutes on 2 cores, so they run with the slow checks (CI runs both): the README's five-minute
+# path writes, loads and serves a checkpoint at the released widths (2 layers, 1 GB in fp32);
+# fine-tuning compiles two train steps and runs `jina-jax finetune`.
+SLOW_PAGES = {ROOT / "README.md", ROOT / "docs" / "guides" / "fine-tuning.md"}
 
 
 @pytest.mark.parametrize(
