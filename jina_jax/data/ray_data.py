@@ -45,7 +45,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from ..encode import DEFAULT_TOKEN_BUDGET, Stats
+from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats
 from .arrow import pa
 from .job import OURS, CorpusJob, Summary, embed_shards, finalize, open_job
 from .manifest import model_fingerprint
@@ -241,54 +241,77 @@ class ShardEmbedder:
         self.ready = time.time()
 
     def __call__(self, batch: dict) -> dict:
-        out = {
-            "shard": batch["shard"],
-            "record": [],
-            "tokens": [],
-            "padded": [],
-            "compiles": [],
-            "loaded": [],
-            "timing": [],
-        }
-        for index in batch["shard"].tolist():
-            done, stats = [], Stats()
-            started = time.time()
-            compiles, loaded = self.model.compile_count, self.model.forward.loaded_count
-            embed_shards(
-                self.model,
-                self.plan,
-                self.folder,
-                [self.plan.shards[index]],
-                batch_size=self.batch_size,
-                max_tokens_per_batch=self.max_tokens_per_batch,
-                stats=stats,
-                on_shard=lambda shard, record: done.append(record),  # noqa: B023 (called here)
-            )
-            out["record"].append(
-                {
-                    **done[0],
-                    "engine": {
-                        "name": ENGINE,
-                        "version": ray.__version__,
-                        "node": ray.get_runtime_context().get_node_id(),
-                    },
-                }
-            )
-            out["tokens"].append(stats.tokens)
-            out["padded"].append(stats.padded)
-            out["compiles"].append(self.model.compile_count - compiles)
-            out["loaded"].append(self.model.forward.loaded_count - loaded)
+        """batch["shards"]: tasks, each a list of consecutive shard indices embedded in one
+        stream (`group_shards`). One output row per shard; a task's token counts, compiles
+        and loads go on its last shard's row."""
+        out = {k: [] for k in ("shard", "record", "tokens", "padded", "compiles", "loaded")}
+        out["timing"] = []
+        node = ray.get_runtime_context().get_node_id()
+        for indices in batch["shards"]:
+            self._task([int(i) for i in indices], out, node)
+        objects = ("record", "timing")
+        return {k: np.array(v, dtype=object if k in objects else None) for k, v in out.items()}
+
+    def _task(self, indices: list[int], out: dict, node: str) -> None:
+        """One task's shards in one `embed_shards` stream, their rows appended to `out`."""
+        stats, last = Stats(), [time.time()]
+        compiles, loaded = self.model.compile_count, self.model.forward.loaded_count
+
+        def on_shard(shard, record):
+            out["shard"].append(shard.index)
+            engine = {"name": ENGINE, "version": ray.__version__, "node": node}
+            out["record"].append({**record, "engine": engine})
+            now = time.time()
             out["timing"].append(
                 {
                     "pid": os.getpid(),
                     "actor_created": self.created,
                     "actor_ready": self.ready,
-                    "started": started,
-                    "finished": time.time(),
+                    "started": last[0],
+                    "finished": now,
                 }
             )
-        objects = ("record", "timing")
-        return {k: np.array(v, dtype=object if k in objects else None) for k, v in out.items()}
+            last[0] = now
+            for key in ("tokens", "padded", "compiles", "loaded"):
+                out[key].append(0)
+
+        embed_shards(
+            self.model,
+            self.plan,
+            self.folder,
+            [self.plan.shards[i] for i in indices],
+            batch_size=self.batch_size,
+            max_tokens_per_batch=self.max_tokens_per_batch,
+            stats=stats,
+            on_shard=on_shard,
+        )
+        out["tokens"][-1], out["padded"][-1] = stats.tokens, stats.padded
+        out["compiles"][-1] = self.model.compile_count - compiles
+        out["loaded"][-1] = self.model.forward.loaded_count - loaded
+
+
+def group_shards(todo, actors: int, window: int = DEFAULT_WINDOW) -> list[list[int]]:
+    """The shards to do as Ray tasks: runs of consecutive shards of at most `window` rows
+    together (one shard alone when it is bigger), each embedded in one stream as the local job
+    embeds a window, so the actor's batches, and the shapes it compiles or loads from the
+    cache, are the local job's, and it does not drain its pipeline at every small shard; but
+    never fewer tasks than `actors` (while there are shards enough)."""
+    most = max(1, -(-len(todo) // actors))  # shards per task at most
+    groups, rows = [], 0
+    for shard in todo:
+        size = shard.stop - shard.start
+        if (
+            groups
+            and len(groups[-1]) < most
+            and rows + size <= window
+            and groups[-1][-1] + 1 == shard.index
+        ):
+            groups[-1].append(shard.index)
+            rows += size
+        else:
+            groups.append([shard.index])
+            rows = size
+    return groups
 
 
 def _remove_temporaries(folder: str) -> None:
@@ -352,8 +375,9 @@ def embed_corpus_ray(
                 file=log,
                 flush=True,
             )
+        groups = group_shards(todo, actors)
         tasks = ray.data.from_items(
-            [{"shard": s.index} for s in todo], override_num_blocks=len(todo)
+            [{"shards": g} for g in groups], override_num_blocks=len(groups)
         )
         done = tasks.map_batches(
             ShardEmbedder,
