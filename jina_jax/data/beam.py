@@ -315,5 +315,7 @@ class WriteEmbeddings(beam.PTransform):
                 file_name_suffix=".parquet",
                 shard_name_template="-SSSSS-of-NNNNN",
                 num_shards=self.num_shards,
+                # lists as Parquet's spec names them ("element"), as the corpus job writes
+                use_compliant_nested_type=True,
             )
         )
