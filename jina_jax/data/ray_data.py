@@ -17,9 +17,11 @@ the same texts.
 
 `embed_corpus_ray` plans the job on the driver exactly as `embed_corpus` does (same shards,
 same files, same manifest: one dataset looks the same whichever way it was made, and either
-engine resumes the other's folder); each shard is one Ray task, run by an actor that reads its
-rows, embeds them and writes `part-<i>.parquet` atomically, and the driver records it in the
-manifest (each shard's record says `"engine": "ray"`). Inputs and output must be on a file
+engine resumes the other's folder); a Ray task is a run of consecutive shards of up to one
+encode window (`group_shards`), run by an actor that reads their rows, embeds them in one
+stream as the local job does and writes each `part-<i>.parquet` atomically, and the driver
+records them in the manifest as the task comes back (each shard's record says
+`"engine": "ray"`). Inputs and output must be on a file
 system every node sees (one machine, NFS, a mounted bucket).
 
 Pitfalls met on a 2-CPU machine (ray 2.60), and what the defaults do about them:
@@ -340,7 +342,7 @@ def embed_corpus_ray(
     max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
     timeline: list | None = None,
 ) -> Summary:
-    """`embed_corpus` with every shard a Ray task (Ray must be initialised: `ray.init(...)`).
+    """`embed_corpus` with its shards as Ray tasks (Ray must be initialised: `ray.init(...)`).
 
     model: the loaded model the driver plans with (its fingerprint goes into the manifest);
     checkpoint: what each actor loads (default `model.source`; a hub id resolves on each node),
