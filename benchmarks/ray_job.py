@@ -1,22 +1,32 @@
 """The corpus job on Ray against the local corpus job, side by side in one run: what the engine
-costs (Ray with 1 actor vs `embed_corpus` in this process), and 2 actors vs 1.
+costs (Ray with 1 actor vs the local job), 2 actors vs 1, and where Ray's time goes.
 
-    python benchmarks/ray_job.py [--rows 32768] [--shard-rows 4096] [--rounds 2]
+    python benchmarks/ray_job.py [--rows 65536] [--shard-rows 4096] [--rounds 2]
     python benchmarks/ray_job.py --address auto --actors 1,8 --num-gpus 1 --model /models/jina-v3
 
 Model: a random checkpoint with small widths (hidden 64, 1 layer, vocab 32000; or `--model`),
 so what is measured is the job's cost around the model. Corpus: `--rows` rows of short and
-long texts (lognormal word counts, ids "doc-<i>") in 4 Parquet files. Contenders, each round
-in this order, best round of each reported:
-  local       `embed_corpus` in this process (Parquet in, shards + manifest out)
-  ray-N       `embed_corpus_ray` with N actors: the same shards as Ray tasks, same folder layout
-  dataset-1   Ray Data's own pipeline: `read_parquet` -> `embed_dataset` (1 actor) ->
-              `write_parquet`
-A warm-up run of each fills the compilation cache first (shared by the actors through
-$JINA_JAX_COMPILATION_CACHE), so no round compiles; every Ray round starts its actors afresh
-(model load included: that is part of what the engine costs). Without --address, a local
-cluster of `--num-cpus` CPUs (default: all) is started and stopped here. Every dataset is
-checked equal to the local job's (1e-6) by id.
+long texts (lognormal word counts, ids "doc-<i>") in 4 Parquet files, `--shard-rows` a shard.
+
+Like with like: every contender is a fresh `jina-jax embed` process on the same inputs, with the
+compilation cache warm (a warm-up run of each first; the cache is shared with the actors
+through $JINA_JAX_COMPILATION_CACHE), so each pays its own process start, imports and model
+load, and none compiles:
+  local       `jina-jax embed --output DIR/` (this machine, one process)
+  ray-N       the same with `--engine ray --ray-address <the cluster> --ray-actors N`: the
+              driver joins the running cluster (its start, `ray.init`, is reported apart) and
+              N fresh actors load the model and write the shards
+  dataset-1   (unless --skip-dataset) Ray Data's own read_parquet -> embed_dataset (1 actor)
+              -> write_parquet, from this process
+For each: the wall time, and the steady rate: the rows of the shards written after the first
+ones over the time from the first shard's file to the last one's (file modification times;
+the local job writes its shards a window of 16,384 rows at a time, so give it several
+windows), i.e. the rate once start-up is over; start-up = wall - rows / steady rate. Then one
+`embed_corpus_ray` run (1 actor) in this process with its timeline: actor process start and
+imports, model load and check, each shard in the actor, and the driver's lag recording it.
+A local cluster (no --address) gets `--num-cpus` CPUs and runs its workers at this process's
+niceness (Ray's default is nice 15, which on a shared machine loses to everything else; the
+local job runs at this process's). Every dataset is checked equal to the local job's by id.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,8 +46,8 @@ import pyarrow.parquet as pq
 import ray
 
 from convert.random_checkpoint import write_random_release
-from jina_jax import (CorpusJob, JinaConfig, JinaEmbeddingsV3, embed_corpus, embed_corpus_ray,
-                      embed_dataset, open_dataset)
+from jina_jax import (CorpusJob, JinaConfig, JinaEmbeddingsV3, embed_corpus_ray, embed_dataset,
+                      open_dataset)
 from jina_jax.data.schema import embedding_matrix
 
 TASK = "retrieval.passage"
@@ -61,9 +73,57 @@ def by_id(ids, matrix) -> dict:
     return dict(zip(ids, matrix))
 
 
+def steady(folder: str, start: float, wall: float) -> dict:
+    """Rates from the shard files' modification times (each is renamed into place when done).
+    The local job finishes its shards a window (16,384 rows) at a time, so the steady rate
+    counts the rows of shards finished after the first moment any was (0.1 s apart or more)."""
+    shards = []
+    for name in os.listdir(folder):
+        if name.startswith("part-") and name.endswith(".parquet"):
+            path = os.path.join(folder, name)
+            shards.append((os.stat(path).st_mtime, pq.ParquetFile(path).metadata.num_rows))
+    shards.sort()
+    rows, first, last = sum(n for _, n in shards), shards[0][0], shards[-1][0]
+    later = sum(n for t, n in shards if t > first + 0.1)
+    rate = later / (last - first) if later else None
+    return {"wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1),
+            "first_shard_s": round(first - start, 2),
+            "steady_rows_per_s": None if rate is None else round(rate, 1),
+            "startup_s": None if rate is None else round(wall - rows / rate, 2)}
+
+
+def cli(args: list[str]) -> None:
+    exe = shutil.which("jina-jax")
+    assert exe, "the jina-jax console script is not installed (pip install -e .)"
+    run = subprocess.run([exe, *args], capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def breakdown(timeline: list, start: float, end: float) -> dict:
+    """Where one embed_corpus_ray run's time went (seconds from its start). A task embeds up
+    to a window of consecutive shards in one stream, so its shards finish together: the rate
+    in the actor counts the rows finished after the first moment any was (0.1 s apart)."""
+    t = sorted(timeline, key=lambda e: e["finished"])
+    first, last = t[0]["finished"], t[-1]["finished"]
+    later = sum(e["rows"] for e in t if e["finished"] > first + 0.1)
+    return {
+        "wall_s": round(end - start, 2),
+        "plan_and_submit_s": round(t[0]["submitted"] - start, 2),
+        "actor_process_start_and_imports_s": round(t[0]["actor_created"] - t[0]["submitted"], 2),
+        "model_load_and_check_s": round(t[0]["actor_ready"] - t[0]["actor_created"], 2),
+        "first_task_s": round(first - t[0]["actor_ready"], 2),
+        "first_task_rows": sum(e["rows"] for e in t if e["finished"] <= first + 0.1),
+        "rows_per_s_in_actor_after_first_task": round(later / (last - first), 1)
+        if later else None,
+        "driver_record_lag_mean_s": round(float(np.mean([e["recorded"] - e["finished"]
+                                                         for e in t])), 2),
+        "after_last_shard_s": round(end - last, 2),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rows", type=int, default=32768)
+    p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--shard-rows", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--actors", default="1,2", help="actor counts of the ray-N contenders")
@@ -85,19 +145,24 @@ def main():
                                                        intermediate_size=128), dtype="float32")
         corpus = os.path.join(work, "corpus")
         write_corpus(corpus, args.rows)
-        model = JinaEmbeddingsV3.from_pretrained(model_dir)
-        job = CorpusJob(inputs=(corpus,), task=TASK, id_field="id", shard_rows=args.shard_rows)
+        if args.address is None:  # the workers at our niceness, as the local job runs
+            os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
         start = time.perf_counter()
         ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         init_s = time.perf_counter() - start
+        address = ray.get_runtime_context().gcs_address
+        embed = ["embed", "--model", model_dir, "--input", corpus, "--task", TASK,
+                 "--id-field", "id", "--shard-rows", str(args.shard_rows), "--overwrite",
+                 "--quiet"]
 
         def local(out):
-            return embed_corpus(model, job, out, overwrite=True, progress=False, log=None)
+            cli([*embed, "--output", out + "/"])
 
         def ray_job(n):
-            return lambda out: embed_corpus_ray(model, job, out, overwrite=True, actors=n,
-                                                num_gpus=args.num_gpus, log=None)
+            gpus = [] if args.num_gpus is None else ["--ray-num-gpus", str(args.num_gpus)]
+            return lambda out: cli([*embed, "--output", out + "/", "--engine", "ray",
+                                    "--ray-address", address, "--ray-actors", str(n), *gpus])
 
         def dataset(out):
             shutil.rmtree(out, ignore_errors=True)
@@ -111,13 +176,27 @@ def main():
         outs = {name: os.path.join(work, name) for name in contenders}
         for name, run in contenders.items():  # warm-up: fills the compilation cache
             run(outs[name])
-        times = {name: [] for name in contenders}
+        rounds = {name: [] for name in contenders}
         for _ in range(args.rounds):
             for name, run in contenders.items():
-                start = time.perf_counter()
+                wall_start, start = time.time(), time.perf_counter()
                 run(outs[name])
-                times[name].append(round(time.perf_counter() - start, 2))
-                print(json.dumps({name: times[name][-1]}), flush=True)
+                wall = time.perf_counter() - start
+                if name == "dataset-1":  # Ray Data names its files itself, no shard plan
+                    rounds[name].append({"wall_s": round(wall, 2),
+                                         "rows_per_s": round(args.rows / wall, 1)})
+                else:
+                    rounds[name].append(steady(outs[name], wall_start, wall))
+                print(json.dumps({name: rounds[name][-1]}), flush=True)
+
+        # one run of the Ray job in this process, with its timeline
+        model = JinaEmbeddingsV3.from_pretrained(model_dir)
+        job = CorpusJob(inputs=(corpus,), task=TASK, id_field="id", shard_rows=args.shard_rows)
+        timeline, start = [], time.time()
+        embed_corpus_ray(model, job, os.path.join(work, "timeline"), overwrite=True, actors=1,
+                         num_gpus=args.num_gpus, log=None, timeline=timeline)
+        where = breakdown(timeline, start, time.time())
+        print(json.dumps({"ray-1 timeline": where}), flush=True)
 
         reference = open_dataset(outs["local"])
         want = by_id(reference.ids.to_pylist(), reference.embeddings)
@@ -132,19 +211,27 @@ def main():
                 got = by_id(ds.ids.to_pylist(), ds.embeddings)
             assert got.keys() == want.keys() and len(got) == args.rows, name
             diffs[name] = float(max(np.abs(got[k] - want[k]).max() for k in want))
-        best = {name: min(t) for name, t in times.items()}
-        rate = {name: round(args.rows / t, 1) for name, t in best.items()}
+
+        def best(name, key):
+            values = [r[key] for r in rounds[name] if r.get(key) is not None]
+            return max(values) if values else None
+
+        def ratio(a, b, key):
+            x, y = best(a, key), best(b, key)
+            return None if x is None or y is None else round(x / y, 3)
+
         report = {"rows": args.rows, "shard_rows": args.shard_rows,
                   "cluster_cpus": ray.cluster_resources().get("CPU"),
-                  "ray_init_s": round(init_s, 2), "rounds_s": times, "rows_per_s": rate,
-                  "max_abs_diff_vs_local": diffs,
-                  "ray_1_over_local": round(rate["ray-1"] / rate["local"], 3)
-                  if "ray-1" in rate else None}
-        if "ray-1" in rate:
-            report.update({f"ray_{n}_over_ray_1": round(rate[f"ray-{n}"] / rate["ray-1"], 3)
-                           for n in actor_counts if n != 1})
-        if "dataset-1" in rate:
-            report["dataset_1_over_local"] = round(rate["dataset-1"] / rate["local"], 3)
+                  "worker_niceness": os.environ.get("RAY_worker_niceness"),
+                  "ray_init_s": round(init_s, 2), "rounds": rounds,
+                  "max_abs_diff_vs_local": diffs, "load_average": os.getloadavg()}
+        for key in ("rows_per_s", "steady_rows_per_s"):
+            for n in actor_counts:
+                report[f"ray_{n}_over_local_{key}"] = ratio(f"ray-{n}", "local", key)
+                if n != 1 and 1 in actor_counts:
+                    report[f"ray_{n}_over_ray_1_{key}"] = ratio(f"ray-{n}", "ray-1", key)
+        if "dataset-1" in contenders:
+            report["dataset_1_over_local_rows_per_s"] = ratio("dataset-1", "local", "rows_per_s")
         print(json.dumps(report))
     finally:
         if ray.is_initialized():
@@ -153,4 +240,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

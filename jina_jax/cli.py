@@ -213,6 +213,10 @@ def run_embed_ray(args, model, job, folder: str):
     except ImportError as e:
         raise UsageError(str(e)) from None
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # A cluster started for this run: its workers at this process's niceness, as the local
+        # job would run, not Ray's default nice 15 (on a shared machine that loses to the rest).
+        os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     ray.init(
         address=address,
         include_dashboard=False if address is None else None,

@@ -208,3 +208,19 @@ def test_cli_engine_ray_equals_local_job(cluster, model, corpus, transformers_di
     assert "0 shard(s) written, 5 already complete" in again.stderr
     wrong = _cli(*args, "--engine", "ray", "--shard-count", "2", "--shard-index", "0")
     assert wrong.returncode == 2 and "--engine ray" in wrong.stderr
+
+
+def test_group_shards_streams_a_window_but_feeds_every_actor():
+    from jina_jax.data.job import Shard
+    from jina_jax.data.ray_data import group_shards
+
+    def shards(*specs):  # (index, rows)
+        return [Shard(index=i, input=0, start=0, stop=n) for i, n in specs]
+
+    four = shards((0, 4096), (1, 4096), (2, 4096), (3, 4096), (4, 4096), (5, 100))
+    assert group_shards(four, actors=1) == [[0, 1, 2, 3], [4, 5]]  # <= 16,384 rows a task
+    assert group_shards(four, actors=2) == [[0, 1, 2], [3, 4, 5]]
+    assert group_shards(four, actors=8) == [[0], [1], [2], [3], [4], [5]]
+    # a shard bigger than the window is alone; a gap (a shard already done) breaks a run
+    assert group_shards(shards((0, 70000), (1, 10), (3, 10)), actors=1) == [[0], [1], [3]]
+    assert group_shards([], actors=2) == []

@@ -17,9 +17,11 @@ the same texts.
 
 `embed_corpus_ray` plans the job on the driver exactly as `embed_corpus` does (same shards,
 same files, same manifest: one dataset looks the same whichever way it was made, and either
-engine resumes the other's folder); each shard is one Ray task, run by an actor that reads its
-rows, embeds them and writes `part-<i>.parquet` atomically, and the driver records it in the
-manifest (each shard's record says `"engine": "ray"`). Inputs and output must be on a file
+engine resumes the other's folder); a Ray task is a run of consecutive shards of up to one
+encode window (`group_shards`), run by an actor that reads their rows, embeds them in one
+stream as the local job does and writes each `part-<i>.parquet` atomically, and the driver
+records them in the manifest as the task comes back (each shard's record says
+`"engine": "ray"`). Inputs and output must be on a file
 system every node sees (one machine, NFS, a mounted bucket).
 
 Pitfalls met on a 2-CPU machine (ray 2.60), and what the defaults do about them:
@@ -45,12 +47,12 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from ..embedder import JinaEmbeddingsV3
-from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats, check_options
+from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats
 from .arrow import pa
 from .job import OURS, CorpusJob, Summary, embed_shards, finalize, open_job
 from .manifest import model_fingerprint
 from .schema import EMBEDDING_COLUMN, embedding_column
+from .worker import BatchEncoder, load_model
 
 try:
     import ray
@@ -66,16 +68,6 @@ DEFAULT_RETRIES = 3  # actor restarts and task retries after an actor dies
 DEFAULT_BATCH_ROWS = 1024  # rows per Ray batch (encode sorts and pads within one)
 
 
-def _load(model: str, dtype: str, shard: bool | None) -> JinaEmbeddingsV3:
-    """The model in this actor; data parallel over its devices when it sees several (a TPU
-    host, several GPUs given to one actor) unless shard=False."""
-    loaded = JinaEmbeddingsV3.from_pretrained(model, dtype=dtype)
-    devices = jax.local_devices()
-    if shard or (shard is None and len(devices) > 1):
-        loaded.shard(devices)
-    return loaded
-
-
 class RayEmbedder:
     """For `ds.map_batches(RayEmbedder, fn_constructor_kwargs={"model": ...}, ...)`: one model
     per actor; each batch comes back with the embedding column added.
@@ -83,9 +75,10 @@ class RayEmbedder:
     model: checkpoint folder or hub id (loaded in the actor). text_column: the texts (strings;
     a null is an error naming the row, and its id when `id_column` is given). task: one adapter
     for every row (None: no adapter), or task_column: a column naming each row's task (a null
-    there: no adapter). prompt, max_length, truncate_dim, normalize, precision, ranges,
-    batch_size, max_tokens_per_batch: as `encode`. dtype: the compute dtype. shard: data
-    parallel over the actor's devices (default: when it sees more than one).
+    there: no adapter). The other options are `worker.BatchEncoder`'s: prompt, max_length,
+    truncate_dim, normalize, precision, ranges, batch_size, max_tokens_per_batch as `encode`;
+    dtype, the compute dtype; shard, data parallel over the actor's devices (default: when it
+    sees more than one); an unknown one is a TypeError.
     embedding_column: the new column's name (an existing column of that name is an error).
     """
 
@@ -94,64 +87,17 @@ class RayEmbedder:
         model: str,
         *,
         text_column: str = "text",
-        task: str | None = None,
         task_column: str | None = None,
-        prompt: str | None = None,
-        max_length: int | None = None,
-        truncate_dim: int | None = None,
-        normalize: bool = True,
-        precision: str = "float32",
-        ranges=None,
-        dtype: str = "float32",
-        batch_size: int = 32,
-        max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
         id_column: str | None = None,
         embedding_column: str = EMBEDDING_COLUMN,
-        shard: bool | None = None,
+        **options,
     ):
-        if task is not None and task_column is not None:
+        if options.get("task") is not None and task_column is not None:
             raise ValueError("give task or task_column, not both")
-        if not isinstance(model, (str, os.PathLike)):
-            raise TypeError(
-                f"model must be a checkpoint path or hub id (loaded once per actor), "
-                f"got {type(model).__name__}"
-            )
-        self.model = _load(str(model), dtype, shard)
-        self.task = None if task is None else self.model.resolve_task(task)
+        self.encoder = BatchEncoder(model, **options)  # task, prompt, ... as `BatchEncoder`
+        self.model = self.encoder.model
         self.text_column, self.task_column, self.id_column = text_column, task_column, id_column
         self.column = embedding_column
-        self.options = dict(
-            prompt=prompt,
-            max_length=max_length,
-            truncate_dim=truncate_dim,
-            normalize=normalize,
-            precision=precision,
-            ranges=ranges,
-            batch_size=batch_size,
-            max_tokens_per_batch=max_tokens_per_batch,
-        )
-        # every option checked here, once per actor, not in the first batch
-        _, self.dim = check_options(
-            self.model,
-            window=DEFAULT_WINDOW,
-            streaming=True,
-            **{k: v for k, v in self.options.items() if k not in ("prompt", "normalize")},
-        )
-
-    def _where(self, ids, row: int) -> str:
-        return f"row {row} of the batch" + ("" if ids is None else f" (id {ids[row]!r})")
-
-    def _tasks(self, values, ids) -> list:
-        resolved = {}
-        for row, value in enumerate(values):
-            if value not in resolved:
-                try:
-                    resolved[value] = None if value is None else self.model.resolve_task(value)
-                except (TypeError, ValueError) as e:
-                    raise ValueError(
-                        f"{self.task_column!r} (task_column), {self._where(ids, row)}: {e}"
-                    ) from None
-        return [resolved[v] for v in values]
 
     def __call__(self, batch):
         columns = _columns(batch)
@@ -169,22 +115,12 @@ class RayEmbedder:
                 raise ValueError(f"no column {name!r} ({what}); the batch has {columns}")
         texts = _values(batch, self.text_column)
         ids = None if self.id_column is None else _values(batch, self.id_column)
-        for row, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{self.text_column!r} (text_column), {self._where(ids, row)}: "
-                    f"{'null' if text is None else type(text).__name__}, not a "
-                    "string"
-                )
-        task = (
-            self.task
-            if self.task_column is None
-            else self._tasks(_values(batch, self.task_column), ids)
-        )
-        if texts:
-            vectors = self.model.encode(texts, task=task, show_progress_bar=False, **self.options)
-        else:
-            vectors = np.empty((0, self.dim), np.float32)
+        tasks = None
+        if self.task_column is not None:
+            tasks = self.encoder.resolve_tasks(
+                _values(batch, self.task_column), ids, f"{self.task_column!r} (task_column)"
+            )
+        vectors = self.encoder.encode(texts, tasks, ids, f"{self.text_column!r} (text_column)")
         return _with_column(batch, self.column, embedding_column(vectors))
 
 
@@ -294,7 +230,8 @@ class ShardEmbedder:
         max_tokens_per_batch: int,
         shard: bool | None = None,
     ):
-        self.model = _load(model, dtype, shard)
+        self.created = time.time()  # wall clock: compared across processes by `timeline`
+        self.model = load_model(model, dtype, shard)
         mine, planned = model_fingerprint(self.model), plan.header["model"]
         if any(mine[k] != planned[k] for k in planned if k.endswith("_sha256")):
             raise ValueError(
@@ -303,44 +240,80 @@ class ShardEmbedder:
             )
         self.plan, self.folder = plan, folder
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
+        self.ready = time.time()
 
     def __call__(self, batch: dict) -> dict:
-        out = {
-            "shard": batch["shard"],
-            "record": [],
-            "tokens": [],
-            "padded": [],
-            "compiles": [],
-            "loaded": [],
-        }
-        for index in batch["shard"].tolist():
-            done, stats = [], Stats()
-            compiles, loaded = self.model.compile_count, self.model.forward.loaded_count
-            embed_shards(
-                self.model,
-                self.plan,
-                self.folder,
-                [self.plan.shards[index]],
-                batch_size=self.batch_size,
-                max_tokens_per_batch=self.max_tokens_per_batch,
-                stats=stats,
-                on_shard=lambda shard, record: done.append(record),  # noqa: B023 (called here)
-            )
-            out["record"].append(
+        """batch["shards"]: tasks, each a list of consecutive shard indices embedded in one
+        stream (`group_shards`). One output row per shard; a task's token counts, compiles
+        and loads go on its last shard's row."""
+        out = {k: [] for k in ("shard", "record", "tokens", "padded", "compiles", "loaded")}
+        out["timing"] = []
+        node = ray.get_runtime_context().get_node_id()
+        for indices in batch["shards"]:
+            self._task([int(i) for i in indices], out, node)
+        objects = ("record", "timing")
+        return {k: np.array(v, dtype=object if k in objects else None) for k, v in out.items()}
+
+    def _task(self, indices: list[int], out: dict, node: str) -> None:
+        """One task's shards in one `embed_shards` stream, their rows appended to `out`."""
+        stats, last = Stats(), [time.time()]
+        compiles, loaded = self.model.compile_count, self.model.forward.loaded_count
+
+        def on_shard(shard, record):
+            out["shard"].append(shard.index)
+            engine = {"name": ENGINE, "version": ray.__version__, "node": node}
+            out["record"].append({**record, "engine": engine})
+            now = time.time()
+            out["timing"].append(
                 {
-                    **done[0],
-                    "engine": {
-                        "name": ENGINE,
-                        "version": ray.__version__,
-                        "node": ray.get_runtime_context().get_node_id(),
-                    },
+                    "pid": os.getpid(),
+                    "actor_created": self.created,
+                    "actor_ready": self.ready,
+                    "started": last[0],
+                    "finished": now,
                 }
             )
-            out["tokens"].append(stats.tokens)
-            out["padded"].append(stats.padded)
-            out["compiles"].append(self.model.compile_count - compiles)
-            out["loaded"].append(self.model.forward.loaded_count - loaded)
-        return {k: np.array(v, dtype=object if k == "record" else None) for k, v in out.items()}
+            last[0] = now
+            for key in ("tokens", "padded", "compiles", "loaded"):
+                out[key].append(0)
+
+        embed_shards(
+            self.model,
+            self.plan,
+            self.folder,
+            [self.plan.shards[i] for i in indices],
+            batch_size=self.batch_size,
+            max_tokens_per_batch=self.max_tokens_per_batch,
+            stats=stats,
+            on_shard=on_shard,
+        )
+        out["tokens"][-1], out["padded"][-1] = stats.tokens, stats.padded
+        out["compiles"][-1] = self.model.compile_count - compiles
+        out["loaded"][-1] = self.model.forward.loaded_count - loaded
+
+
+def group_shards(todo, actors: int, window: int = DEFAULT_WINDOW) -> list[list[int]]:
+    """The shards to do as Ray tasks: runs of consecutive shards of at most `window` rows
+    together (one shard alone when it is bigger), each embedded in one stream as the local job
+    embeds a window, so the actor's batches, and the shapes it compiles or loads from the
+    cache, are the local job's, and it does not drain its pipeline at every small shard; but
+    never fewer tasks than `actors` (while there are shards enough)."""
+    most = max(1, -(-len(todo) // actors))  # shards per task at most
+    groups, rows = [], 0
+    for shard in todo:
+        size = shard.stop - shard.start
+        if (
+            groups
+            and len(groups[-1]) < most
+            and rows + size <= window
+            and groups[-1][-1] + 1 == shard.index
+        ):
+            groups[-1].append(shard.index)
+            rows += size
+        else:
+            groups.append([shard.index])
+            rows = size
+    return groups
 
 
 def _remove_temporaries(folder: str) -> None:
@@ -367,14 +340,21 @@ def embed_corpus_ray(
     overwrite: bool = False,
     log=sys.stderr,
     max_tokens_per_batch: int = DEFAULT_TOKEN_BUDGET,
+    timeline: list | None = None,
 ) -> Summary:
-    """`embed_corpus` with every shard a Ray task (Ray must be initialised: `ray.init(...)`).
+    """`embed_corpus` with its shards as Ray tasks (Ray must be initialised: `ray.init(...)`).
 
     model: the loaded model the driver plans with (its fingerprint goes into the manifest);
     checkpoint: what each actor loads (default `model.source`; a hub id resolves on each node),
     in the model's dtype; each actor checks it has the same config, weights and tokenizer.
     The folder is the one `embed_corpus` writes; a rerun after the driver died skips the
-    shards the manifest holds. Returns the same `Summary`."""
+    shards the manifest holds. Returns the same `Summary`.
+
+    timeline: a list to append one dict per shard written to, for measuring where the time
+    goes (wall-clock `time.time()` seconds): {"shard", "rows", "pid" (the actor's),
+    "actor_created", "actor_ready" (its model loaded and checked), "started", "finished" (the
+    shard in the actor), "recorded" (in the manifest, on the driver), "submitted" (the
+    pipeline started)}."""
     start_time = time.perf_counter()
     if not ray.is_initialized():
         raise RuntimeError("call ray.init(...) first (address= for an existing cluster)")
@@ -397,8 +377,9 @@ def embed_corpus_ray(
                 file=log,
                 flush=True,
             )
+        groups = group_shards(todo, actors)
         tasks = ray.data.from_items(
-            [{"shard": s.index} for s in todo], override_num_blocks=len(todo)
+            [{"shards": g} for g in groups], override_num_blocks=len(groups)
         )
         done = tasks.map_batches(
             ShardEmbedder,
@@ -414,9 +395,20 @@ def embed_corpus_ray(
             compute=ray.data.ActorPoolStrategy(size=actors),
             **_remote_args(num_cpus, num_gpus, resources, retries, runtime_env),
         )
+        submitted = time.time()
         for row in done.iter_rows():  # as shards finish: the manifest grows with them
             manifest.shards[int(row["shard"])] = row["record"]
             manifest.write(folder)
+            if timeline is not None:
+                timeline.append(
+                    {
+                        "shard": int(row["shard"]),
+                        "rows": row["record"]["rows"],
+                        **row["timing"],
+                        "submitted": submitted,
+                        "recorded": time.time(),
+                    }
+                )
             counts["rows"] += row["record"]["rows"]
             counts["skipped"] += row["record"]["skipped_empty"]
             for key in ("tokens", "padded", "compiles", "loaded"):
