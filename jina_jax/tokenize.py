@@ -129,10 +129,10 @@ def token_ids(
 #    tokenized: when their first max_length tokens agree, those are the whole text's whatever
 #    w is. When they disagree (a run like "aaaa...", where the text's length decides where
 #    the ties fall), the text is tokenized whole.
-# Prefixes are tried only while they cost little against the whole text (one of up to a
-# quarter of its length, or a window's L of up to half), so a text tokenized whole after all
-# (too few tokens in every prefix, or a window that disagrees) costs at most about twice what
-# it did.
+# A prefix that had too few tokens is followed by one twice as long only while that is at most
+# a quarter of the text, and a window's L prefixes are tried only while they add up to at most
+# half of it: a text tokenized whole after all (too few tokens in every prefix, or a window
+# that disagrees) costs at most about twice what tokenizing it whole does.
 #  - near an added token (`<mask>`, ...) no cut is made.
 # A text with no such cut within reach (or a tokenizer of another kind) is tokenized whole, as
 # before. `tests/test_tokenize_prefix.py` checks the equality on random Unicode against the
@@ -281,7 +281,7 @@ def truncated_ids(tokenizer: Tokenizer, inputs: list[str], max_length: int) -> l
         for i in list(reach):
             text = inputs[i]
             while True:
-                if cutter is None or 4 * reach[i] > len(text):  # a prefix would cost too much
+                if cutter is None or len(text) <= reach[i]:
                     whole.append(i)
                     del reach[i]
                     break
@@ -302,8 +302,8 @@ def truncated_ids(tokenizer: Tokenizer, inputs: list[str], max_length: int) -> l
             )
             for i, ends in cuts:
                 ids = [next(encoded).ids for _ in ends]
-                if any(len(x) < max_length for x in ids):  # too few tokens yet: reach further
-                    reach[i] *= 2
+                if any(len(x) < max_length for x in ids):  # too few tokens: further, if cheap
+                    reach[i] = reach[i] * 2 if 8 * reach[i] <= len(inputs[i]) else len(inputs[i])
                 elif all(x == ids[0] for x in ids):  # the prefix's tokens are the text's
                     out[i] = np.asarray(ids[0], np.int32)
                     del reach[i]
@@ -312,15 +312,16 @@ def truncated_ids(tokenizer: Tokenizer, inputs: list[str], max_length: int) -> l
     return out
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def without_lone_surrogates(text: str) -> str:
     """`text` with each lone UTF-16 surrogate (which JSON escapes like "\\ud800" can produce,
     and which no tokenizer accepts) replaced by U+FFFD; paired ones become their character."""
-    if _SURROGATE.search(text) is None:
+    if text.isascii():  # a flag of the string in CPython: free for the common case
         return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    try:  # a scan in C, unlike the regular expression (1.4 ms per 65,536 characters)
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # UTF-8 can encode every code point but the surrogates
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def pad(ids: list, width: int, pad_id: int):

@@ -24,7 +24,7 @@ from tokenizers import (
 )
 
 from convert.random_checkpoint import write_tokenizer
-from jina_jax.tokenize import Cutter, truncated_ids
+from jina_jax.tokenize import Cutter, truncated_ids, without_lone_surrogates
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -215,3 +215,27 @@ def test_other_pipelines_tokenize_whole(tmp_path):
     assert Cutter.of(tok) is None
     text = "ab " * 400
     assert truncated_ids(tok, [text], 8)[0].tolist() == whole(tok, text, 8)
+
+
+def _surrogates_replaced(text: str) -> str:
+    """The rule spelled out: a high surrogate then a low one is their character; any other
+    surrogate is U+FFFD."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if "\ud800" <= c <= "\udbff" and i + 1 < len(text) and "\udc00" <= text[i + 1] <= "\udfff":
+            out.append(chr(0x10000 + ((ord(c) - 0xD800) << 10) + ord(text[i + 1]) - 0xDC00))
+            i += 2
+            continue
+        out.append("\ufffd" if "\ud800" <= c <= "\udfff" else c)
+        i += 1
+    return "".join(out)
+
+
+@SETTINGS
+@given(text=st.text(alphabet=st.sampled_from(["a", " ", "é", "我", "😀", "\uffff", "\U0010ffff",
+                                              "\ud800", "\udbff", "\udc00", "\udfff",
+                                              "\ud83d", "\ude00"]), max_size=30))
+def test_lone_surrogates_replaced(text):
+    assert without_lone_surrogates(text) == _surrogates_replaced(text)
+    assert without_lone_surrogates("x" * 100 + text) == "x" * 100 + _surrogates_replaced(text)
