@@ -27,9 +27,9 @@ is seen between forwards. Documents are capped at `max_late_chars` characters (`
 `DocumentTooLong`).
 
 Tokenizing. A request's texts are tokenized in pieces (`TOKENIZE_PIECE` texts, at most
-`TOKENIZE_PIECE_CHARS` characters), a cancel seen between pieces; each text only as far as `max_length` needs (`tokenize.truncated_ids`). Once a request
-is tokenized its texts are let go (its rows hold the ids): a request's memory past that point is
-what `max_length` needs.
+`TOKENIZE_PIECE_CHARS` characters), a cancel seen between pieces; each text only as far as
+`max_length` needs (`tokenize.truncated_ids`). Once a request is tokenized its texts are let go
+(its rows hold the ids): a request's memory past that point is what `max_length` needs.
 """
 
 from __future__ import annotations

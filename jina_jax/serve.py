@@ -360,7 +360,6 @@ class EmbeddingServer:
         parsed = parse_request(
             body, self.batcher.adapters, self.settings, self.default_task, self.model.config
         )
-        del body
         try:
             job = self.batcher.submit(
                 parsed.texts,
