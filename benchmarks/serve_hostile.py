@@ -125,18 +125,9 @@ def leave_after_first_forward(port, pid, body: bytes) -> dict:
         first = time.perf_counter() - sent
         taken = first if taken is None else taken
     left = time.perf_counter()
-    # Until its texts not run yet are counted cancelled, or (all of them were taken into rounds
-    # before it left) the worker has run no new batch for a second.
-    quiet = time.perf_counter()
-    batches = metrics(port)["jina_jax_batches_total"]
-    while True:
-        now = metrics(port)
-        if now["jina_jax_batches_total"] != batches:
-            batches, quiet = now["jina_jax_batches_total"], time.perf_counter()
-        cancelled = (now["jina_jax_cancelled_texts_total"]
-                     != before["jina_jax_cancelled_texts_total"])
-        if now["jina_jax_queue_depth"] == 0 and (cancelled or time.perf_counter() - quiet > 1):
-            break
+    # Until no text of it waits: each one not taken into a round is counted cancelled before
+    # the queue depth lets go of it (none, if all were taken before it left).
+    while (now := metrics(port))["jina_jax_queue_depth"] > 0:
         time.sleep(0.02)
     return {"texts": n, "body_mb": round(len(body) / 1e6, 1),
             "to_queued_s": None if queued is None else round(queued, 2),
