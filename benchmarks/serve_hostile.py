@@ -100,7 +100,7 @@ def metrics(port) -> dict:
     return parse(get(port, "/metrics")[1])
 
 
-def leave_after_first_forward(port, pid, body: bytes) -> dict:
+def leave_after_first_forward(port, pid, body: bytes, late: bool = False) -> dict:
     """Sends `body`, leaves once its first forward ran; the phase's numbers. The queue depth
     tells the steps apart: it reaches the request's texts once the body is parsed (queued),
     and drops below that when the worker, done tokenizing, takes the first round (what holds
@@ -126,8 +126,11 @@ def leave_after_first_forward(port, pid, body: bytes) -> dict:
         taken = first if taken is None else taken
     left = time.perf_counter()
     # Until no text of it waits: each one not taken into a round is counted cancelled before
-    # the queue depth lets go of it (none, if all were taken before it left).
-    while (now := metrics(port))["jina_jax_queue_depth"] > 0:
+    # the queue depth lets go of it (none, if all were taken before it left). A late-chunking
+    # document leaves the queue when it starts: its cancel comes after the forward running.
+    while (now := metrics(port))["jina_jax_queue_depth"] > 0 or (
+            late and now["jina_jax_cancelled_texts_total"]
+            == before["jina_jax_cancelled_texts_total"]):
         time.sleep(0.02)
     return {"texts": n, "body_mb": round(len(body) / 1e6, 1),
             "to_queued_s": None if queued is None else round(queued, 2),
@@ -179,7 +182,7 @@ def main():
                           **leave_after_first_forward(port, proc.pid, body)}), flush=True)
         body = json.dumps({"input": [text(i, 16000) for i in range(4)],
                            "late_chunking": True}).encode()
-        late = leave_after_first_forward(port, proc.pid, body)
+        late = leave_after_first_forward(port, proc.pid, body, late=True)
         status, _ = post(port, json.dumps({"input": [text(1, 2000), text(2, 900)],
                                            "late_chunking": True}).encode())
         print(json.dumps({"phase": "late", **late, "short_late_status": status,
