@@ -105,6 +105,9 @@ def leave_after_first_forward(port, pid, body: bytes, late: bool = False) -> dic
     tells the steps apart: it reaches the request's texts once the body is parsed (queued),
     and drops below that when the worker, done tokenizing, takes the first round (what holds
     the worker before the model: tokenize_s)."""
+    # The worker idle first: a previous client's last round may still run after it left (a
+    # one-word request is answered after it).
+    post(port, json.dumps({"input": "idle"}).encode())
     before = metrics(port)
     n = len(json.loads(body)["input"])
     with open(f"/proc/{pid}/clear_refs", "w") as f:
