@@ -26,8 +26,10 @@ rounds, `late_rows` windows a forward (`late_shapes`, compiled by `warm_up` too)
 is seen between forwards. Documents are capped at `max_late_chars` characters (`submit` raises
 `DocumentTooLong`).
 
-Tokenizing. A request's texts are tokenized `TOKENIZE_PIECE` at a time, a cancel seen between
-pieces; each text only as far as `max_length` needs (`tokenize.truncated_ids`).
+Tokenizing. A request's texts are tokenized in pieces (`TOKENIZE_PIECE` texts, at most
+`TOKENIZE_PIECE_CHARS` characters), a cancel seen between pieces; each text only as far as
+`max_length` needs (`tokenize.truncated_ids`). Once a request is tokenized its texts are let go
+(its rows hold the ids): a request's memory past that point is what `max_length` needs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ from .tokenize import (
 LADDER = SERVE_WIDTHS
 LATE_SEPARATOR = " "
 TOKENIZE_PIECE = 64  # texts tokenized at a time: a cancel is seen between pieces
+# ... and characters, so that a piece of texts tokenized whole (no provable cut: see
+# tokenize.truncated_ids) is seen through in about a second.
+TOKENIZE_PIECE_CHARS = 2**20
 LATE_ROWS = 8  # late-chunking windows per forward, at most
 UNTRUNCATED = 2**31 - 1
 # `ready_shapes`: shapes of at most this many padded positions compile before the server
@@ -99,7 +104,7 @@ class TooLong(ValueError):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    texts: list[str]
+    texts: list[str] | None  # None once tokenized (rows hold the ids)
     tasks: list  # one adapter name (or None) per text
     dim: int
     normalize: bool = True
@@ -123,6 +128,21 @@ def resolve(job: Job, result=None, error: BaseException | None = None):
             job.future.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def pieces(texts: list[str]):
+    """Slices of `texts`: `TOKENIZE_PIECE` texts, fewer where they pass `TOKENIZE_PIECE_CHARS`
+    characters (at least one text each)."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and end - start < TOKENIZE_PIECE:
+            chars += len(texts[end])
+            if chars > TOKENIZE_PIECE_CHARS and end > start:
+                break
+            end += 1
+        yield slice(start, end)
+        start = end
 
 
 @dataclasses.dataclass(eq=False)
@@ -403,6 +423,9 @@ class Batcher:
                 self.cancelled_total.inc(len(job.texts))
                 self._forget(len(job.texts))
                 continue
+            # The rows hold the ids: the texts (a large request's largest part, up to
+            # max_inputs x max_input_chars) go now, not when the request is answered.
+            job.texts = None
             job.tokens = sum(len(x) for x in ids)
             job.pooled = np.zeros((len(ids), cfg.hidden_size), np.float32)
             job.remaining = len(ids)
@@ -418,10 +441,9 @@ class Batcher:
         limit = self.max_length
         cut = limit if job.truncate else limit + 1
         ids: list = []
-        for start in range(0, len(job.texts), TOKENIZE_PIECE):
+        for piece in pieces(job.texts):
             if job.cancelled:
                 return None
-            piece = slice(start, start + TOKENIZE_PIECE)
             ids += self._token_ids(job, job.texts[piece], job.tasks[piece], cut)
         if not job.truncate:
             for i, x in enumerate(ids):

@@ -61,7 +61,7 @@ from .api import (
     parse_tokenize_request,
     tokens_of,
 )
-from .batcher import READY_TOKENS, Batcher, Closed, DocumentTooLong, QueueFull, TooLong
+from .batcher import READY_TOKENS, Batcher, Closed, DocumentTooLong, Job, QueueFull, TooLong
 from .embedder import JinaEmbeddingsV3
 from .http_limits import (
     BodyBudget,
@@ -342,7 +342,21 @@ class EmbeddingServer:
     async def embed(self, request: Request) -> Response:
         self.authorize(request)
         self.check_ready()
-        body = await self.read_json(request)
+        job, reply = self.submit(await self.read_json(request))
+        try:
+            outcome = await self.wait(job, request)
+        except TooLong as e:
+            raise ApiError(400, str(e), param=f"input[{e.index}]", code="input_too_long") from None
+        if outcome is None:  # the client left: nobody reads this
+            return Response(status_code=CLIENT_GONE)
+        embeddings, tokens = outcome
+        content = await asyncio.to_thread(embedding_body, reply, embeddings, tokens)
+        return Response(content, media_type="application/json")
+
+    def submit(self, body) -> tuple[Job, EmbeddingRequest]:
+        """(the queued job, the request's fields for its answer). Neither the parsed body nor
+        the answer's fields keep the texts: once the worker has tokenized them nothing holds
+        them (up to max_inputs x max_input_chars; the rows hold the ids)."""
         parsed = parse_request(
             body, self.batcher.adapters, self.settings, self.default_task, self.model.config
         )
@@ -367,15 +381,7 @@ class EmbeddingServer:
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         except DocumentTooLong as e:
             raise ApiError(413, str(e), param="input", code="document_too_long") from None
-        try:
-            outcome = await self.wait(job, request)
-        except TooLong as e:
-            raise ApiError(400, str(e), param=f"input[{e.index}]", code="input_too_long") from None
-        if outcome is None:  # the client left: nobody reads this
-            return Response(status_code=CLIENT_GONE)
-        embeddings, tokens = outcome
-        content = await asyncio.to_thread(embedding_body, parsed, embeddings, tokens)
-        return Response(content, media_type="application/json")
+        return job, dataclasses.replace(parsed, texts=[])
 
     async def tokens(self, request: Request) -> Response:
         """TEI's /tokenize: per input, its tokens as `encode` makes them (untruncated)."""
