@@ -181,11 +181,13 @@ class Batcher:
             ladder=LADDER,
             mixed=True,
         )
-        # Shapes whose executable is ready (warmed, or run once). Until all of `shapes()` are,
-        # a batch whose shape is not ready runs in a ready one that holds it where that is
-        # predicted cheaper than compiling (`covered`): a server answering while its warm-up
-        # goes on compiles little on the request path.
-        self.ready: set[tuple[int, int]] = set()
+        # Shapes whose executable is ready (warmed, or run once): the plan's known shapes, so
+        # it prices a compile only for a shape that needs one (with the runner's own record
+        # of shapes run, a warmed server priced one for every shape it had not run yet, and
+        # merged a round's texts into few wide, padded batches). Until all of `shapes()` are
+        # ready, a batch whose shape is not runs in a ready one that holds it where that is
+        # predicted cheaper than compiling (`covered`).
+        self.ready: set[tuple[int, int]] = self.runner.seen
         self.shape_count = len(self.shapes())
         self.cond = threading.Condition()
         self.inbox: collections.deque[Job] = collections.deque()
@@ -558,7 +560,6 @@ class Batcher:
                 resolve(job, error=e)
             return
         for batch in batches:
-            self.ready.add((batch.rows, batch.width))
             self.batches_total.inc()
             self.batch_rows.observe(len(batch.members))
             self.batch_tokens.observe(batch.rows * batch.width)

@@ -11,6 +11,7 @@ import pytest
 
 from jina_jax import JinaEmbeddingsV3
 from jina_jax.batcher import Batcher
+from jina_jax.cost import CostModel
 from jina_jax.encode import FILLER, Batch
 from jina_jax.tokenize import pad
 
@@ -79,6 +80,22 @@ def test_unready_shape_runs_in_a_ready_one(model):
         batcher.close(30)
     assert fresh.compile_count == compiled
     assert batcher.batches_total.value() == 1 and (2, 16) not in batcher.ready
+
+
+def test_warmed_plan_prices_no_compile(model):
+    """The plan prices a compile only for shapes not ready: cold, two widths share one wide
+    batch (a second shape would cost a compile); warmed, each width gets its own, as the cost
+    of running them says (the 48-request burst ran in one (64, 64) batch before this)."""
+    batcher = Batcher(JinaEmbeddingsV3.from_pretrained(model.source), max_batch_tokens=256,
+                      max_batch_size=8, max_length=24)
+    batcher.runner.cost = CostModel(call_s=1e-3, token_s=1e-3, key_s=0.0, min_tokens=1,
+                                    shape_s=10.0)
+    ids = [np.ones(n, np.int32) for n in (24, 24, 10, 10, 10, 10)]  # widths 24 and 16
+    shapes = [(b.rows, b.width) for b in batcher.runner.plan(ids, [None] * 6)]
+    assert shapes == [(8, 24)]
+    batcher.warm_up(late=False)
+    shapes = [(b.rows, b.width) for b in batcher.runner.plan(ids, [None] * 6)]
+    assert shapes == [(2, 24), (4, 16)]
 
 
 @pytest.mark.slow
