@@ -12,8 +12,10 @@ run yet are dropped.
 
 Shapes. Widths are the rungs of `tokenize.SERVE_WIDTHS` (three an octave, up to `max_length`'s),
 rows powers of two up to the budget's share (`Runner.shapes`): a fixed set (100 shapes for
-max_length 512, 134 for 8192, with the defaults) that `warm_up` compiles ahead, so nothing
-compiles while serving. Every text's embedding equals `encode()` of it alone: the
+max_length 512, 134 for 8192, with the defaults) that `warm_up` compiles ahead (several at a
+time), so nothing compiles while serving. The plan prices a compile only for shapes not ready
+(`ready`); until all are, a batch whose shape is not ready runs in a ready one that holds it
+where that is cheaper than compiling (`covered`). Every text's embedding equals `encode()` of it alone: the
 batch only adds padding rows and positions, which the forward masks.
 
 Limits. At most `max_queue` texts wait (submitted, not yet taken into a round): beyond that
