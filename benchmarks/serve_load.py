@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py [--layers 6] [--hidden 1024] [--clients 16] [--seconds 20]
                                     [--model FOLDER] [--max-length 512] [--restart-only]
-                                    [--ready-only] [--serve-only]
+                                    [--ready-only] [--serve-only] [--warm-up-threads N]
 
 To compare with another version of the server, run this script with PYTHONPATH pointing at
 that version's tree (it drives `jina-jax serve` over HTTP, whichever the path provides).
@@ -109,6 +109,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, int, float, float]
     cmd = [exe, "serve", "--model", model, "--port", "0", "--log-level", "warning",
            "--max-length", str(args.max_length), "--max-batch-tokens", str(args.max_batch_tokens),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    if args.warm_up_threads is not None:  # a server from before the flag has none
+        cmd += ["--warm-up-threads", str(args.warm_up_threads)]
     started = time.perf_counter()
     env = dict(os.environ, JINA_JAX_COMPILATION_CACHE=args.cache)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -211,6 +213,8 @@ def main():
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--warm-up-threads", type=int, default=None,
+                   help="the server's --warm-up-threads (default: its own default)")
     p.add_argument("--restart-only", action="store_true",
                    help="only start, stop and start the server again (readiness times)")
     p.add_argument("--ready-only", action="store_true",

@@ -12,8 +12,10 @@ run yet are dropped.
 
 Shapes. Widths are the rungs of `tokenize.SERVE_WIDTHS` (three an octave, up to `max_length`'s),
 rows powers of two up to the budget's share (`Runner.shapes`): a fixed set (100 shapes for
-max_length 512, 134 for 8192, with the defaults) that `warm_up` compiles ahead, so nothing
-compiles while serving. Every text's embedding equals `encode()` of it alone: the
+max_length 512, 134 for 8192, with the defaults) that `warm_up` compiles ahead (several at a
+time), so nothing compiles while serving. The plan prices a compile only for shapes not ready
+(`ready`); until all are, a batch whose shape is not ready runs in a ready one that holds it
+where that is cheaper than compiling (`covered`). Every text's embedding equals `encode()` of it alone: the
 batch only adds padding rows and positions, which the forward masks.
 
 Limits. At most `max_queue` texts wait (submitted, not yet taken into a round): beyond that
@@ -38,6 +40,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +48,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .adapters import AdapterSet
-from .encode import DEFAULT_MAX_LENGTH, FILLER, Runner, finish, progress
+from .encode import DEFAULT_MAX_LENGTH, FILLER, Batch, Runner, finish, progress
 from .late_chunking import prepare_document
 from .metrics import Counter, Gauge, Histogram, Registry
 from .tokenize import (
@@ -67,8 +70,13 @@ TOKENIZE_PIECE_CHARS = 2**20
 LATE_ROWS = 8  # late-chunking windows per forward, at most
 UNTRUNCATED = 2**31 - 1
 # `ready_shapes`: shapes of at most this many padded positions compile before the server
-# answers (19 of the 134 for max_length 8192), the rest in the background.
-READY_TOKENS = 128
+# answers (10 of the 134 for max_length 8192: single texts up to 64 tokens, small batches of
+# shorter ones), the rest in the background; meanwhile a batch runs in a ready shape that holds
+# it where that is cheaper than compiling its own (`Batcher.covered`).
+READY_TOKENS = 64
+# Shapes `warm_up` readies at once: XLA compiles one on one core, so one per core, a few at most
+# (each holds its compiler's memory).
+WARM_UP_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class QueueFull(Exception):
@@ -195,6 +203,14 @@ class Batcher:
             ladder=LADDER,
             mixed=True,
         )
+        # Shapes whose executable is ready (warmed, or run once): the plan's known shapes, so
+        # it prices a compile only for a shape that needs one (with the runner's own record
+        # of shapes run, a warmed server priced one for every shape it had not run yet, and
+        # merged a round's texts into few wide, padded batches). Until all of `shapes()` are
+        # ready, a batch whose shape is not runs in a ready one that holds it where that is
+        # predicted cheaper than compiling (`covered`).
+        self.ready: set[tuple[int, int]] = self.runner.seen
+        self.shape_count = len(self.shapes())
         self.cond = threading.Condition()
         self.inbox: collections.deque[Job] = collections.deque()
         self.rows: collections.deque[Row] = collections.deque()
@@ -274,32 +290,79 @@ class Batcher:
         stop: Callable[[], bool] | None = None,
         shapes=None,
         late: bool = True,
+        threads: int = WARM_UP_THREADS,
     ) -> int:
         """Compiles (or loads from the executable store) `shapes` (default: every shape) and,
         with `late`, the late-chunking forwards' `late_shapes`, without running them where the
-        store is on; returns how many. `on_shape(done, total)` after each; `stop()` true ends
-        it early. Safe beside a running worker: a round that needs a shape not ready yet
-        compiles it itself (it waits, it never fails)."""
+        store is on; returns how many. `threads` shapes at a time, taken in order (XLA's
+        compile releases the GIL: on a multi-core host they compile side by side).
+        `on_shape(done, total)` after each; `stop()` true ends it early (after the shapes being
+        readied). Safe beside a running worker: a round that needs a shape not ready yet waits
+        for the thread readying it, or readies it itself (it waits, it never fails)."""
         shapes = self.shapes() if shapes is None else list(shapes)
         work = [(shape, False) for shape in shapes]
         work += [(shape, True) for shape in (self.late_shapes() if late else [])]
-        model, pad_id = self.model, self.model.config.pad_token_id
+        self.adapters.lora  # noqa: B018 - stacked once, before threads share the set
+        queue, lock, done = collections.deque(work), threading.Lock(), [0]
+
+        def worker():
+            while True:
+                with lock:
+                    if not queue or (stop is not None and stop()):
+                        return
+                    (rows, width), hidden = queue.popleft()
+                self._ready(rows, width, hidden)
+                with lock:
+                    done[0] += 1
+                    if on_shape is not None:
+                        on_shape(done[0], len(work))
+
+        count = max(1, min(int(threads), len(work)))
+        if count == 1:
+            worker()
+        else:
+            with concurrent.futures.ThreadPoolExecutor(count, "jina-jax warm-up") as pool:
+                for future in [pool.submit(worker) for _ in range(count)]:
+                    future.result()
+        return done[0]
+
+    def _ready(self, rows: int, width: int, hidden: bool):
+        """One shape's executable made ready (run once where only a call compiles it)."""
+        model = self.model
+        ids, lengths = pad([FILLER] * rows, width, model.config.pad_token_id)
+        tasks = [None] * rows
         inputs = {"merge": False, "adapters": self.adapters}
-        for done, ((rows, width), hidden) in enumerate(work, 1):
-            if stop is not None and stop():
-                return done - 1
-            ids, lengths = pad([FILLER] * rows, width, pad_id)
-            tasks = [None] * rows
-            prepare, run = (
-                (model.prepare_hidden, model.hidden)
-                if hidden
-                else (model.prepare_pooled, model.pooled)
-            )
-            if not prepare(ids, lengths, tasks, **inputs):
-                np.asarray(run(ids, lengths, tasks, **inputs))
-            if on_shape is not None:
-                on_shape(done, len(work))
-        return len(work)
+        prepare, run = (
+            (model.prepare_hidden, model.hidden) if hidden else (model.prepare_pooled, model.pooled)
+        )
+        if not prepare(ids, lengths, tasks, **inputs):
+            np.asarray(run(ids, lengths, tasks, **inputs))
+        if not hidden:
+            self.ready.add((rows, width))
+
+    def covered(self, batch: Batch) -> Batch:
+        """`batch`, or the same texts in the cheapest ready shape that holds them (more filler
+        rows, more padding: the forward masks both, the texts' outputs are theirs alone) when
+        its own shape is not ready and that costs less than compiling it (`cost.shape_s`)."""
+        shape, cost = (batch.rows, batch.width), self.runner.cost
+        if shape in self.ready or cost is None:
+            return batch
+        own = cost.seconds(*shape) + cost.shape_s
+        best = min(
+            (
+                (cost.seconds(r, w), r, w)
+                for r, w in list(self.ready)
+                if r >= batch.rows and w >= batch.width
+            ),
+            default=None,
+        )
+        if best is None or best[0] >= own:
+            return batch
+        _, rows, width = best
+        task = batch.task
+        if isinstance(task, tuple):  # one per row: the added rows are filler
+            task = task + (None,) * (rows - len(task))
+        return Batch(task, width, rows, batch.members)
 
     def start(self) -> Batcher:
         self.thread = threading.Thread(target=self._work, name="jina-jax batcher", daemon=True)
@@ -510,6 +573,8 @@ class Batcher:
         ids = [r.ids for r in rows]
         tasks = [r.job.tasks[r.index] for r in rows]
         batches = self.runner.plan(ids, tasks)
+        if len(self.ready) < self.shape_count:  # warm-up not done (or never run)
+            batches = [self.covered(b) for b in batches]
         try:
             pooled = self.runner.submit(ids, tasks, batches, rows[0].job.adapters)
             self.runner.drain()

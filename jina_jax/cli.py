@@ -877,6 +877,13 @@ def _serve_parser(p: argparse.ArgumentParser):
         help="every adapter is padded to this rank so shapes never change "
         "(default: the largest at start); a loaded adapter may not exceed it",
     )
+    p.add_argument(
+        "--warm-up-threads",
+        type=positive_int,
+        default=None,
+        help="shapes compiled (or loaded from the executable store) at once during warm-up "
+        "(default: one per core, at most 4)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
 
@@ -914,6 +921,7 @@ def run_serve(args) -> int:
         adapters=tuple(_adapter_flags(args.adapter)),
         adapter_slots=args.adapter_slots,
         max_adapter_rank=args.max_adapter_rank,
+        **({} if args.warm_up_threads is None else {"warm_up_threads": args.warm_up_threads}),
     )
     try:
         return serve.run(settings, args.host, args.port, args.log_level)

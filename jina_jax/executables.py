@@ -40,6 +40,7 @@ import threading
 import warnings
 
 import jax
+from jax._src import config as jax_state  # thread-local settings (jax 0.10.2 has no public one)
 from jax.experimental import serialize_executable
 
 # Bump when the entry layout or the key's meaning changes.
@@ -47,8 +48,6 @@ FORMAT = 1
 SUFFIX = ".jexe"
 HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
-# JAX's cache settings are process-wide: one store compile at a time changes them.
-_compile_lock = threading.Lock()
 _hits = threading.local()  # JAX cache hits seen by this thread
 
 
@@ -130,16 +129,12 @@ class ExecutableStore:
     def compile(self, function, args) -> tuple:
         """(compiled, fresh): `function` (jitted) traced, lowered and compiled for `args`, with
         JAX's persistent cache told not to write it; fresh is False when JAX loaded it from an
-        entry it already had (such an executable must not be saved, see above)."""
+        entry it already had (such an executable must not be saved, see above). Threads may
+        compile at once (XLA's compile releases the GIL): the setting is this thread's."""
         _listen()
         before = getattr(_hits, "count", 0)
-        with _compile_lock:
-            previous = jax.config.jax_persistent_cache_min_compile_time_secs
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
-            try:
-                compiled = function.lower(*args).compile()
-            finally:
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+        with jax_state.persistent_cache_min_compile_time_secs(1e12):
+            compiled = function.lower(*args).compile()
         return compiled, getattr(_hits, "count", 0) == before
 
     def path(self, key: str) -> str:

@@ -15,9 +15,11 @@ the same compiled function.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -114,6 +116,11 @@ class CompiledForward:
             else None
         )
         self.executables: dict = {}
+        # Threads may ready shapes at once (a warm-up pool beside a serving worker): one lock
+        # for the counters and tables, and a shape being readied is readied once, by whoever
+        # asked first, while later askers wait for it (`pending`).
+        self.lock = threading.RLock()
+        self.pending: dict = {}
 
     def module(self, implementation: str = "xla", deterministic: bool = True) -> JinaEncoder:
         return JinaEncoder(
@@ -143,33 +150,39 @@ class CompiledForward:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         key = (implementation, output)
-        if key not in self.functions:
-            module = self.module(implementation)
+        with self.lock:
+            if key not in self.functions:
+                self.functions[key] = self._jitted(implementation, output)
+            return self.functions[key]
 
-            def forward(params, head_params, ids, mask, lengths, lora, task_index, task_mask):
+    def _jitted(self, implementation: str, output: str):
+        """`function`'s jitted forward, made once per (implementation, output)."""
+        module = self.module(implementation)
+
+        def forward(params, head_params, ids, mask, lengths, lora, task_index, task_mask):
+            with self.lock:
                 self.compile_count += 1  # runs once per trace, i.e. per compiled shape
-                with contextlib.ExitStack() as scope:
-                    if self.precision is not None:
-                        scope.enter_context(jax.default_matmul_precision(self.precision))
-                    if self.mesh is not None:  # a Pallas kernel runs per device under it
-                        scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
-                    out = module.apply(
-                        {"params": params},
-                        ids,
-                        attention_mask=mask,
-                        lengths=lengths,
-                        lora=lora,
-                        task_index=task_index,
-                        task_mask=task_mask,
-                    )
-                if output == "pooled":
-                    return mean_pool(out.last_hidden_state, lengths)
-                if output == "hidden":
-                    return out.last_hidden_state
-                return self.outputs(out, params, head_params, lora, task_index, task_mask)
+            with contextlib.ExitStack() as scope:
+                if self.precision is not None:
+                    scope.enter_context(jax.default_matmul_precision(self.precision))
+                if self.mesh is not None:  # a Pallas kernel runs per device under it
+                    scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
+                out = module.apply(
+                    {"params": params},
+                    ids,
+                    attention_mask=mask,
+                    lengths=lengths,
+                    lora=lora,
+                    task_index=task_index,
+                    task_mask=task_mask,
+                )
+            if output == "pooled":
+                return mean_pool(out.last_hidden_state, lengths)
+            if output == "hidden":
+                return out.last_hidden_state
+            return self.outputs(out, params, head_params, lora, task_index, task_mask)
 
-            self.functions[key] = jax.jit(forward)
-        return self.functions[key]
+        return jax.jit(forward)
 
     def runner(self, implementation: str, output: str, args: tuple):
         """What runs `args`: the executable for their shapes, from this process or the store
@@ -182,18 +195,40 @@ class CompiledForward:
         if signature is None:
             return function
         local = (implementation, output, signature)
-        compiled = self.executables.get(local)
+        with self.lock:
+            compiled = self.executables.get(local)
+            if compiled is not None:
+                return compiled
+            waiting = self.pending.get(local)
+            if waiting is None:
+                mine = self.pending[local] = concurrent.futures.Future()
+        if waiting is not None:  # another thread is readying this shape: its result
+            return waiting.result()
+        try:
+            compiled = self._ready(function, implementation, output, signature, args)
+        except BaseException as e:
+            with self.lock:
+                del self.pending[local]
+            mine.set_exception(e)
+            raise
+        with self.lock:
+            self.executables[local] = compiled
+            del self.pending[local]
+        mine.set_result(compiled)
+        return compiled
+
+    def _ready(self, function, implementation: str, output: str, signature, args):
+        """The executable for `args`: loaded from the store, else traced, compiled and saved."""
+        key = self.store.key(self.description(implementation, output), signature)
+        compiled = self.store.load(key)
         if compiled is None:
-            key = self.store.key(self.description(implementation, output), signature)
-            compiled = self.store.load(key)
-            if compiled is None:
-                compiled, fresh = self.store.compile(function, args)  # the trace counts it
-                if fresh:
-                    self.store.save(key, compiled)
-            else:
+            compiled, fresh = self.store.compile(function, args)  # the trace counts it
+            if fresh:
+                self.store.save(key, compiled)
+        else:
+            with self.lock:
                 self.compile_count += 1
                 self.loaded_count += 1
-            self.executables[local] = compiled
         return compiled
 
     def description(self, implementation: str, output: str) -> dict:

@@ -61,7 +61,16 @@ from .api import (
     parse_tokenize_request,
     tokens_of,
 )
-from .batcher import READY_TOKENS, Batcher, Closed, DocumentTooLong, Job, QueueFull, TooLong
+from .batcher import (
+    READY_TOKENS,
+    WARM_UP_THREADS,
+    Batcher,
+    Closed,
+    DocumentTooLong,
+    Job,
+    QueueFull,
+    TooLong,
+)
 from .embedder import JinaEmbeddingsV3
 from .http_limits import (
     BodyBudget,
@@ -113,6 +122,7 @@ class Settings:
     max_adapter_rank: int | None = None
     # Warm-up: shapes of at most this many padded positions compile before /health is ready.
     ready_tokens: int = READY_TOKENS
+    warm_up_threads: int = WARM_UP_THREADS  # shapes compiled (or loaded) at once
 
     def __post_init__(self):
         if self.max_inputs > self.max_queue:
@@ -239,8 +249,12 @@ class EmbeddingServer:
         s = self.settings
         try:
             if self.model is None:
+                started = time.monotonic()
                 self.model = JinaEmbeddingsV3.from_pretrained(
                     s.source, dtype=s.dtype, adapters=dict(s.adapters)
+                )
+                log.info(
+                    "model loaded from %s in %.1f s", self.model.source, time.monotonic() - started
                 )
             else:  # a model given ready-made still gets the adapters asked for
                 for name, spec in s.adapters:
@@ -265,7 +279,7 @@ class EmbeddingServer:
             rest = [x for x in shapes if x not in first]
             log.info(
                 "warm-up: %d shapes for --max-length %d (%d tasks stacked, %d adapter "
-                "slots, rank %d); %d before answering, %d more in the background",
+                "slots, rank %d); %d before answering, %d more in the background, %d at a time",
                 len(shapes),
                 batcher.max_length,
                 len(adapters.names),
@@ -273,6 +287,7 @@ class EmbeddingServer:
                 adapters.rank,
                 len(first),
                 len(rest),
+                s.warm_up_threads,
             )
             count = self.warm(batcher, first, "warming up", late=False)
             if self.stopping.is_set():
@@ -305,7 +320,9 @@ class EmbeddingServer:
                 last[0] = now
                 log.info("%s: %d/%d shapes, %.1f s", phase, done, total, now - started)
 
-        done = batcher.warm_up(progress, self.stopping.is_set, shapes, late=late)
+        done = batcher.warm_up(
+            progress, self.stopping.is_set, shapes, late=late, threads=self.settings.warm_up_threads
+        )
         new = forward.compile_count - compiled
         from_store = forward.loaded_count - loaded
         return (
