@@ -57,7 +57,7 @@ class Checkpoint:
     scales: dict  # {task: float}
     heads: dict  # {torch key: np.ndarray}: head tensors, untouched
     format: str
-    folder: str
+    folder: str | None  # where it was read from; None for a model made in memory
     tokenizer: object = None  # the folder's tokenizer.json as read by `load`, or None
 
 

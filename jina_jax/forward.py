@@ -20,6 +20,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import jax
 
@@ -47,8 +48,9 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     setting = os.environ.get(CACHE_ENV, "")
     if folder is None and setting.lower() in ("0", "off", "false", "no"):
         return None
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+    # jax.config's flags are attributes made at run time, unknown to its type stub.
+    if jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue]
+        return jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
     folder = folder or setting or default_cache_dir()
     try:
         os.makedirs(folder, exist_ok=True)
@@ -153,14 +155,17 @@ class CompiledForward:
                         scope.enter_context(jax.default_matmul_precision(self.precision))
                     if self.mesh is not None:  # a Pallas kernel runs per device under it
                         scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
-                    out = module.apply(
-                        {"params": params},
-                        ids,
-                        attention_mask=mask,
-                        lengths=lengths,
-                        lora=lora,
-                        task_index=task_index,
-                        task_mask=task_mask,
+                    out = cast(  # apply without `mutable` returns __call__'s output, not a tuple
+                        EncoderOutput,
+                        module.apply(
+                            {"params": params},
+                            ids,
+                            attention_mask=mask,
+                            lengths=lengths,
+                            lora=lora,
+                            task_index=task_index,
+                            task_mask=task_mask,
+                        ),
                     )
                 if output == "pooled":
                     return mean_pool(out.last_hidden_state, lengths)

@@ -7,6 +7,7 @@ object plus head parameters. Task adapters apply to the encoder under every head
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -59,6 +60,8 @@ class MaskedLMHead(nn.Module):
         # [B, L, V]
         logits = jnp.einsum("blh,vh->blv", x, table.astype(self.dtype)) + bias.astype(self.dtype)
         if table_lora is not None:
+            if task_index is None or task_mask is None:
+                raise ValueError("MaskedLMHead: table_lora needs task_index and task_mask [B]")
             # The adapted table E + a @ b, without forming it: x @ b^T @ a^T.
             a = table_lora["a"][task_index].astype(self.dtype)
             b = (table_lora["b"][task_index] * task_mask[:, None, None]).astype(self.dtype)
@@ -113,6 +116,9 @@ class QuestionAnsweringHead(nn.Module):
 
 class HeadModel(JinaEmbeddingsV3):
     """The encoder object plus one head; subclasses name the head kind and build the module."""
+
+    # A head model's __call__ returns its head's output (logits), not the encoder's, as
+    # Transformers' head classes do: hence the reportIncompatibleMethodOverride ignores below.
 
     kind: str = ""
     default_num_labels: int | None = 2
@@ -188,7 +194,7 @@ class HeadModel(JinaEmbeddingsV3):
 
     def apply_head(
         self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
-    ):
+    ) -> Any:
         """The head on an encoder output, as a pure function of the weights: `params` the
         encoder's, `lora`/`task_index`/`task_mask` the adapter inputs the encoder ran with (the
         MLM decoder may need them). `rng` (training) turns the head's dropout on."""
@@ -217,7 +223,7 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
 
     def apply_head(
         self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
-    ):
+    ) -> Any:
         table = params["embeddings"]["word"]["embedding"]
         table_lora = None
         if self.adapt_decoder and lora is not None:
@@ -234,7 +240,9 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
             task_mask,
         )
 
-    def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> MaskedLMOutput:
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, input_ids, attention_mask=None, task=None, labels=None
+    ) -> MaskedLMOutput:
         logits = self.run(input_ids, attention_mask, task)
         loss = None if labels is None else losses.masked_lm_loss(logits, jnp.asarray(labels))
         return MaskedLMOutput(logits=logits, loss=loss)
@@ -244,6 +252,7 @@ class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
     kind = "sequence_classification"
 
     def head_module(self):
+        assert self.num_labels is not None  # default_num_labels is 2 for this kind
         return SequenceClassificationHead(
             self.num_labels,
             self.config.hidden_size,
@@ -252,7 +261,7 @@ class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
             self.param_dtype,
         )
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self,
         input_ids,
         attention_mask=None,
@@ -273,11 +282,12 @@ class JinaEmbeddingsV3ForTokenClassification(HeadModel):
     kind = "token_classification"
 
     def head_module(self):
+        assert self.num_labels is not None  # default_num_labels is 2 for this kind
         return TokenClassificationHead(
             self.num_labels, self.classifier_dropout, self.dtype, self.param_dtype
         )
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, input_ids, attention_mask=None, task=None, labels=None
     ) -> TokenClassifierOutput:
         logits = self.run(input_ids, attention_mask, task)
@@ -293,9 +303,10 @@ class JinaEmbeddingsV3ForQuestionAnswering(HeadModel):
     kind = "question_answering"
 
     def head_module(self):
+        assert self.num_labels is not None  # default_num_labels is 2 for this kind
         return QuestionAnsweringHead(self.num_labels, self.dtype, self.param_dtype)
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, input_ids, attention_mask=None, task=None, start_positions=None, end_positions=None
     ) -> QuestionAnsweringOutput:
         if self.num_labels != 2:
