@@ -27,8 +27,8 @@ import functools
 import os
 import re
 import time
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
