@@ -105,19 +105,21 @@ class ExecutableStore:
         dtypes, settings) at one abstract signature."""
         tree, avals = signature
         device = jax.devices()[0]
+        # (ignores: jax.config's flags and jax.lib's version are set at run time, unknown to
+        # their stubs)
         text = json.dumps(
             {
                 "format": FORMAT,
                 "source": source_fingerprint(),
                 "jax": jax.__version__,
-                "jaxlib": jax.lib.__version__,
+                "jaxlib": jax.lib.__version__,  # pyright: ignore[reportPrivateImportUsage]
                 "platform": device.platform,
                 "platform_version": device.client.platform_version,
                 "device_kind": device.device_kind,
                 "devices": jax.device_count(),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "x64": bool(jax.config.jax_enable_x64),
-                "matmul_precision": str(jax.config.jax_default_matmul_precision),
+                "x64": bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
+                "matmul_precision": str(jax.config.jax_default_matmul_precision),  # pyright: ignore[reportAttributeAccessIssue]
                 "function": function,
                 "tree": str(tree),
                 "avals": avals,
@@ -134,7 +136,7 @@ class ExecutableStore:
         _listen()
         before = getattr(_hits, "count", 0)
         with _compile_lock:
-            previous = jax.config.jax_persistent_cache_min_compile_time_secs
+            previous = jax.config.jax_persistent_cache_min_compile_time_secs  # pyright: ignore[reportAttributeAccessIssue]
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
             try:
                 compiled = function.lower(*args).compile()
