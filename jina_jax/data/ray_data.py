@@ -41,6 +41,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -120,7 +121,7 @@ class RayEmbedder:
         self.task = None if task is None else self.model.resolve_task(task)
         self.text_column, self.task_column, self.id_column = text_column, task_column, id_column
         self.column = embedding_column
-        self.options = dict(
+        self.options: dict[str, Any] = dict(
             prompt=prompt,
             max_length=max_length,
             truncate_dim=truncate_dim,
@@ -182,7 +183,11 @@ class RayEmbedder:
             else self._tasks(_values(batch, self.task_column), ids)
         )
         if texts:
-            vectors = self.model.encode(texts, task=task, show_progress_bar=False, **self.options)
+            # one float array: the options hold no output_value (so sentence embeddings)
+            vectors = cast(
+                np.ndarray,
+                self.model.encode(texts, task=task, show_progress_bar=False, **self.options),
+            )
         else:
             vectors = np.empty((0, self.dim), np.float32)
         return _with_column(batch, self.column, embedding_column(vectors))
