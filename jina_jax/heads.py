@@ -189,6 +189,11 @@ class HeadModel(JinaEmbeddingsV3):
         # The reference's init: Linear weights N(0, 0.02), biases 0, LayerNorm 1 / 0.
         return self.head_module().init(key, *args)["params"]
 
+    def _labels(self) -> int:
+        """num_labels of a classifying head: never None, as its kind's default is 2."""
+        assert self.num_labels is not None
+        return self.num_labels
+
     def head_outputs(self, encoded, params, head_params, lora, task_index, task_mask):
         return self.apply_head(encoded, params, head_params, lora, task_index, task_mask)
 
@@ -252,9 +257,8 @@ class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
     kind = "sequence_classification"
 
     def head_module(self):
-        assert self.num_labels is not None  # default_num_labels is 2 for this kind
         return SequenceClassificationHead(
-            self.num_labels,
+            self._labels(),
             self.config.hidden_size,
             self.classifier_dropout,
             self.dtype,
@@ -282,9 +286,8 @@ class JinaEmbeddingsV3ForTokenClassification(HeadModel):
     kind = "token_classification"
 
     def head_module(self):
-        assert self.num_labels is not None  # default_num_labels is 2 for this kind
         return TokenClassificationHead(
-            self.num_labels, self.classifier_dropout, self.dtype, self.param_dtype
+            self._labels(), self.classifier_dropout, self.dtype, self.param_dtype
         )
 
     def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
@@ -303,8 +306,7 @@ class JinaEmbeddingsV3ForQuestionAnswering(HeadModel):
     kind = "question_answering"
 
     def head_module(self):
-        assert self.num_labels is not None  # default_num_labels is 2 for this kind
-        return QuestionAnsweringHead(self.num_labels, self.dtype, self.param_dtype)
+        return QuestionAnsweringHead(self._labels(), self.dtype, self.param_dtype)
 
     def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, input_ids, attention_mask=None, task=None, start_positions=None, end_positions=None
