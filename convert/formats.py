@@ -23,6 +23,7 @@ import re
 import shutil
 
 import numpy as np
+import numpy.typing as npt
 
 from jina_jax.architecture import weight_shape
 from jina_jax.config import RELEASE_TASKS, JinaConfig, canonical_task
@@ -56,7 +57,7 @@ class Checkpoint:
     scales: dict  # {task: float}
     heads: dict  # {torch key: np.ndarray}: head tensors, untouched
     format: str
-    folder: str
+    folder: str | None  # where it was read from; None for a model made in memory
     tokenizer: object = None  # the folder's tokenizer.json as read by `load`, or None
 
 
@@ -119,7 +120,7 @@ def read_tokenizer_file(path: str):
 
 
 def load(
-    folder: str, dtype=np.float32, place=None, read_tokenizer=read_tokenizer_file
+    folder: str, dtype: npt.DTypeLike = np.float32, place=None, read_tokenizer=read_tokenizer_file
 ) -> Checkpoint:
     """Reads any supported folder. Base parameters come back in `dtype`; `place`, if given, is
     applied to each parameter leaf as soon as it is complete (see `ParamBuilder`). The folder's
@@ -290,7 +291,7 @@ _REFUSED = {
 }
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the key matches a suffix of the module name."""
     for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):

@@ -52,7 +52,7 @@ def release_layout(cfg: JinaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 @writes_folder
 def write_random_release(
     folder: str, cfg: JinaConfig | None = None, *, seed: int = 0, dtype: str = "bfloat16"
-) -> str:
+) -> None:  # @writes_folder returns the folder
     """Writes the folder whole or not at all (an existing one is replaced)."""
     cfg = cfg or JinaConfig()
     np_dtype = as_dtype(dtype)

@@ -191,7 +191,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no key {key!r}")
         dtype, shape, begin, _, _ = self._entries[key]
         out = np.empty(shape, dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = out.reshape(-1).view(np.uint8).data  # a memoryview of `out` itself
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
             got = f.readinto(view)

@@ -43,7 +43,8 @@ _EXPORTS = {
 # `aot`: compiling for a GPU/TPU target without it (jina_jax.aot.compile_forward, plan, ...)
 _SUBMODULES = ("aot", "losses", "training", "orbax_state")
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+# Computed from the lazy table; the TYPE_CHECKING block below names the same for checkers.
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)  # pyright: ignore[reportUnsupportedDunderAll]
 __version__ = "0.1.0"
 
 

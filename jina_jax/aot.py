@@ -28,6 +28,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -472,7 +473,7 @@ def largest_batch(
     compiled, then one row more (a multiple of the device count) must not fit; a miss steps."""
     t = target(spec)
     step = t.chips if t.platform == "tpu" else 1
-    kwargs = dict(task=task, dtype=dtype, shard_params=shard_params, config=config)
+    kwargs: dict[str, Any] = dict(task=task, dtype=dtype, shard_params=shard_params, config=config)
     note = log or (lambda c: None)
     cache: dict[int, Compiled] = {}
 
@@ -568,7 +569,7 @@ def plan(
         f"({jnp.dtype(model.param_dtype).name}{', sharded' if shard_params else ''})"
     )
     out: dict = {"target": t, "weights_bytes": weights}
-    kwargs = dict(dtype=dtype, shard_params=shard_params, config=config)
+    kwargs: dict[str, Any] = dict(dtype=dtype, shard_params=shard_params, config=config)
 
     def run(section, shape_list, task):
         for rows, width in shape_list:

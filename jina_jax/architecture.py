@@ -174,7 +174,8 @@ def weight_shape(cfg: JinaConfig, path: Path) -> tuple[int, int]:
     module = BY_PATH.get(path)
     if module is None or module.kind == "norm" or module not in modules(cfg):
         raise KeyError(path)
-    return module.shape(cfg)
+    rows, cols = module.shape(cfg)  # two axes: a Linear's or an Embedding's (norms raised above)
+    return rows, cols
 
 
 def release_key(path: Path, leaf: str, layer: int | None) -> str:

@@ -44,6 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class Job:
     normalize: bool = True
     late: bool = False
     truncate: bool = True  # False: a text over max_length fails the job (TooLong)
-    adapters: object = None  # the AdapterSet it was submitted under (None: the model's own)
+    adapters: Any = None  # the AdapterSet it was submitted under (None: the model's own)
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
@@ -587,6 +588,7 @@ class Batcher:
             self.batches_total.inc()
             self.batch_rows.observe(len(batch.members))
             self.batch_tokens.observe(batch.rows * batch.width)
+            assert isinstance(batch.task, tuple)  # a mixed plan: one task per row
             self.round_tasks.observe(len(set(batch.task[: len(batch.members)])))
             self.padded_total.inc(batch.rows * batch.width)
         self.texts_total.inc(len(rows))
@@ -595,6 +597,7 @@ class Batcher:
             job = row.job
             if job.future.done():  # cancelled or failed meanwhile
                 continue
+            assert job.pooled is not None  # made when its rows were queued
             job.pooled[row.index] = pooled[k]
             job.remaining -= 1
             if job.remaining == 0:
@@ -621,12 +624,13 @@ class Batcher:
             if states is None:  # its client left
                 self.cancelled_total.inc(len(job.texts))
                 return
-            embeddings = finish(prepared.pool(states, 0), job.dim, job.normalize)
+            # (`prepared` is bound: states is None unless it was made)
+            embeddings = finish(prepared.pool(states, 0), job.dim, job.normalize)  # pyright: ignore[reportPossiblyUnboundVariable]
         except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
             resolve(job, error=e)
             return
         # Usage counts the whole document once (windows repeat the instruction).
-        tokens = prepared.n_head + len(prepared.first) + 1
+        tokens = prepared.n_head + len(prepared.first) + 1  # pyright: ignore[reportPossiblyUnboundVariable]
         self.texts_total.inc(len(job.texts))
         self.tokens_total.inc(tokens)
         resolve(job, (embeddings, tokens))

@@ -660,6 +660,7 @@ def run_finetune(args) -> int:
     per_epoch = len(records) // args.batch_size
 
     def evaluate(step):
+        assert evals is not None  # evaluate runs only with --eval-data
         model.update(trainer.trained(state))
         recall = training.recall_at_k(
             model,

@@ -9,10 +9,12 @@ that JAX users can call directly (`module`, `params_for`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from . import checkpoint
 from . import lora as lora_lib
@@ -43,7 +45,7 @@ class JinaEmbeddingsV3:
         adapters=None,
         scales=None,
         *,
-        dtype="float32",
+        dtype: npt.DTypeLike = "float32",
         param_dtype=None,
         heads=None,
         max_cached_tasks: int = 2,
@@ -136,9 +138,9 @@ class JinaEmbeddingsV3:
 
     def head_outputs(
         self, encoded: EncoderOutput, params, head_params, lora, task_index, task_mask
-    ):
+    ) -> Any:
         """What the compiled forward returns (traced): the encoder output here; a head model
-        applies its head."""
+        applies its head (so its own output type)."""
         return encoded
 
     # --- tasks -----------------------------------------------------------------------------

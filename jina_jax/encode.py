@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -433,7 +434,7 @@ class Runner:
         *,
         ladder: tuple[int, ...] = WIDTHS,
         mixed: bool = False,
-        cost="device",
+        cost: CostModel | Literal["device"] | None = "device",
         stats=None,
     ):
         self.model, self.batch_size, self.token_budget = model, batch_size, token_budget
@@ -470,9 +471,12 @@ class Runner:
             self.ladder,
         )
 
-    def submit(self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None, adapters=None):
+    def submit(
+        self, ids: Sequence[np.ndarray], tasks: Sequence, batches=None, adapters=None
+    ) -> Any:
         """Dispatches these rows (`batches`: their plan, default `self.plan(ids, tasks)`;
-        `adapters`: an `adapters.AdapterSet` whose fixed layout the mixed path runs on)."""
+        `adapters`: an `adapters.AdapterSet` whose fixed layout the mixed path runs on).
+        Returns the output container: a list of arrays (hidden=True) or one array."""
         model, cfg = self.model, self.model.config
         out = (
             [None] * len(ids) if self.hidden else np.zeros((len(ids), cfg.hidden_size), np.float32)

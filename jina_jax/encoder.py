@@ -296,7 +296,8 @@ class JinaEncoder(Block):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * len(args),
+                # one axis per argument, as Flax documents (its annotation says a single int)
+                in_axes=(0,) + (nn.broadcast,) * len(args),  # pyright: ignore[reportArgumentType]
                 length=cfg.num_hidden_layers,
             )
             x, _ = stack(*layer_fields, name="layers")(x, layer_lora, *args)

@@ -27,6 +27,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec
 
 # Errors of the storage itself: the file at fault is the one being written.
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
@@ -147,7 +149,7 @@ def temporary_sibling(path: str, folder: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str | os.PathLike[str]):
     """`with atomic_path(path) as tmp:` let a writer that takes a file name write `tmp`; on
     success it is fsynced and renamed over `path`, on failure removed."""
     path = os.fspath(path)
@@ -169,14 +171,14 @@ def atomic_path(path: str):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb", **open_kw):
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb", **open_kw):
     """`with atomic_file(path, "w") as f:` writes `path` whole or not at all (replacing it)."""
     with atomic_path(path) as tmp, open(tmp, mode, **open_kw) as f:
         yield f
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str):
+def atomic_folder(path: str | os.PathLike[str]):
     """`with atomic_folder(dst) as tmp:` build the folder in `tmp`; on success it becomes `dst`
     (an existing `dst` is replaced whole: the caller decides whether that is allowed)."""
     path = os.path.abspath(os.fspath(path))
@@ -234,12 +236,17 @@ def replace_folder(new: str, path: str) -> None:
             os.unlink(old)
 
 
-def writes_folder(write):
+_Args = ParamSpec("_Args")
+
+
+def writes_folder(
+    write: Callable[Concatenate[str, _Args], object],
+) -> Callable[Concatenate[str | os.PathLike[str], _Args], str]:
     """Decorates `write(folder, ...)` so that it builds a temporary sibling folder which then
     replaces `folder` whole (see `atomic_folder`); the decorated function returns `folder`."""
 
     @functools.wraps(write)
-    def whole(folder, *args, **kwargs):
+    def whole(folder: str | os.PathLike[str], *args: _Args.args, **kwargs: _Args.kwargs) -> str:
         with atomic_folder(folder) as tmp:
             write(tmp, *args, **kwargs)
         return os.fspath(folder)

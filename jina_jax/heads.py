@@ -7,6 +7,7 @@ object plus head parameters. Task adapters apply to the encoder under every head
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -59,6 +60,8 @@ class MaskedLMHead(nn.Module):
         # [B, L, V]
         logits = jnp.einsum("blh,vh->blv", x, table.astype(self.dtype)) + bias.astype(self.dtype)
         if table_lora is not None:
+            if task_index is None or task_mask is None:
+                raise ValueError("MaskedLMHead: table_lora needs task_index and task_mask [B]")
             # The adapted table E + a @ b, without forming it: x @ b^T @ a^T.
             a = table_lora["a"][task_index].astype(self.dtype)
             b = (table_lora["b"][task_index] * task_mask[:, None, None]).astype(self.dtype)
@@ -113,6 +116,9 @@ class QuestionAnsweringHead(nn.Module):
 
 class HeadModel(JinaEmbeddingsV3):
     """The encoder object plus one head; subclasses name the head kind and build the module."""
+
+    # A head model's __call__ returns its head's output (logits), not the encoder's, as
+    # Transformers' head classes do: hence the reportIncompatibleMethodOverride ignores below.
 
     kind: str = ""
     default_num_labels: int | None = 2
@@ -183,12 +189,17 @@ class HeadModel(JinaEmbeddingsV3):
         # The reference's init: Linear weights N(0, 0.02), biases 0, LayerNorm 1 / 0.
         return self.head_module().init(key, *args)["params"]
 
+    def _labels(self) -> int:
+        """num_labels of a classifying head: never None, as its kind's default is 2."""
+        assert self.num_labels is not None
+        return self.num_labels
+
     def head_outputs(self, encoded, params, head_params, lora, task_index, task_mask):
         return self.apply_head(encoded, params, head_params, lora, task_index, task_mask)
 
     def apply_head(
         self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
-    ):
+    ) -> Any:
         """The head on an encoder output, as a pure function of the weights: `params` the
         encoder's, `lora`/`task_index`/`task_mask` the adapter inputs the encoder ran with (the
         MLM decoder may need them). `rng` (training) turns the head's dropout on."""
@@ -217,7 +228,7 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
 
     def apply_head(
         self, encoded, params, head_params, lora=None, task_index=None, task_mask=None, rng=None
-    ):
+    ) -> Any:
         table = params["embeddings"]["word"]["embedding"]
         table_lora = None
         if self.adapt_decoder and lora is not None:
@@ -234,7 +245,9 @@ class JinaEmbeddingsV3ForMaskedLM(HeadModel):
             task_mask,
         )
 
-    def __call__(self, input_ids, attention_mask=None, task=None, labels=None) -> MaskedLMOutput:
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, input_ids, attention_mask=None, task=None, labels=None
+    ) -> MaskedLMOutput:
         logits = self.run(input_ids, attention_mask, task)
         loss = None if labels is None else losses.masked_lm_loss(logits, jnp.asarray(labels))
         return MaskedLMOutput(logits=logits, loss=loss)
@@ -245,14 +258,14 @@ class JinaEmbeddingsV3ForSequenceClassification(HeadModel):
 
     def head_module(self):
         return SequenceClassificationHead(
-            self.num_labels,
+            self._labels(),
             self.config.hidden_size,
             self.classifier_dropout,
             self.dtype,
             self.param_dtype,
         )
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self,
         input_ids,
         attention_mask=None,
@@ -274,10 +287,10 @@ class JinaEmbeddingsV3ForTokenClassification(HeadModel):
 
     def head_module(self):
         return TokenClassificationHead(
-            self.num_labels, self.classifier_dropout, self.dtype, self.param_dtype
+            self._labels(), self.classifier_dropout, self.dtype, self.param_dtype
         )
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, input_ids, attention_mask=None, task=None, labels=None
     ) -> TokenClassifierOutput:
         logits = self.run(input_ids, attention_mask, task)
@@ -293,9 +306,9 @@ class JinaEmbeddingsV3ForQuestionAnswering(HeadModel):
     kind = "question_answering"
 
     def head_module(self):
-        return QuestionAnsweringHead(self.num_labels, self.dtype, self.param_dtype)
+        return QuestionAnsweringHead(self._labels(), self.dtype, self.param_dtype)
 
-    def __call__(
+    def __call__(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, input_ids, attention_mask=None, task=None, start_positions=None, end_positions=None
     ) -> QuestionAnsweringOutput:
         if self.num_labels != 2:

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 from starlette.requests import ClientDisconnect, Request
 
 from convert.safetensors_io import no_duplicate_keys
+
+if TYPE_CHECKING:  # what `_Deadlines` is mixed into (for checkers; at run time: either protocol)
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _Protocol
+else:
+    _Protocol = object
 
 JSON_TYPES = ("application/json",)
 
@@ -179,7 +185,7 @@ def _base_protocol() -> type:
         return H11Protocol
 
 
-class _Deadlines:
+class _Deadlines(_Protocol):
     """Connection rules, mixed into uvicorn's protocol: beyond `max_connections` open ones a new
     connection gets a 503 and is closed at once; a connection must send a request's complete
     headers within `header_timeout` seconds of opening or of its previous answer (slow or

@@ -160,6 +160,7 @@ class Prepared:
                     f"documents[{index}]: chunk {j} (characters {start}..{end}) "
                     "has no token of its own"
                 )
+            assert hidden is not None  # a chunk has tokens, so self.first is not empty
             pooled[j] = hidden[inside].mean(0)
         return pooled
 

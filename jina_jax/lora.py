@@ -45,7 +45,7 @@ def task_rows(row_tasks: Sequence[str | None], names: Sequence[str] | None = Non
     missing = present.difference(names)
     if missing:
         raise ValueError(f"tasks {sorted(missing)} are not among the stacked {names}")
-    position = {n: i for i, n in enumerate(names)}
+    position: dict[str | None, int] = {n: i for i, n in enumerate(names)}  # None: row 0, masked
     task_index = np.array([position.get(t, 0) for t in row_tasks], np.int32)
     task_mask = np.array([t is not None for t in row_tasks], np.float32)
     return names, task_index, task_mask

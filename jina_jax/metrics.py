@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -125,11 +126,15 @@ class Histogram(Metric):
         return out
 
 
+_AnyMetric = TypeVar("_AnyMetric", bound=Metric)
+
+
 class Registry:
     def __init__(self):
         self.metrics: list[Metric] = []
 
-    def add(self, metric: Metric) -> Metric:
+    def add(self, metric: _AnyMetric) -> _AnyMetric:
+        """Registers `metric` and returns it (as the Counter, Gauge or Histogram it is)."""
         if any(m.name == metric.name for m in self.metrics):
             raise ValueError(f"metric {metric.name} is already registered")
         self.metrics.append(metric)

@@ -72,7 +72,8 @@ class MTEBEncoder(AbsEncoder):
             public_training_code=None,
             public_training_data=None,
             framework=["JAX"],
-            similarity_fn_name="cosine",
+            # pydantic makes the ScoringFunction of the string (checkers see a plain str here)
+            similarity_fn_name="cosine",  # pyright: ignore[reportArgumentType]
             use_instructions=True,
             training_datasets=None,
         )
@@ -80,6 +81,7 @@ class MTEBEncoder(AbsEncoder):
     def adapter_for(self, task_metadata, prompt_type=None) -> str | None:
         """The adapter for a task (and query/document side), by MTEB's own prompt lookup."""
         prompt_name = self.get_prompt_name(task_metadata, prompt_type)
+        assert self.model_prompts is not None  # set in __init__ (AbsEncoder declares it Optional)
         return None if prompt_name is None else self.model_prompts[prompt_name]
 
     def encode(

@@ -18,9 +18,11 @@ lets one batch mix tasks (`task=[...]`, one per row); `task=None` runs the base 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+import numpy.typing as npt
 from flax import nnx
 
 from . import checkpoint
@@ -55,7 +57,7 @@ class JinaEncoderNNX(nnx.Module):
         adapters: Mapping | None = None,
         scales: Mapping | None = None,
         *,
-        dtype="float32",
+        dtype: npt.DTypeLike = "float32",
         param_dtype=None,
         remat: str | None = None,
     ):
@@ -166,13 +168,16 @@ class JinaEncoderNNX(nnx.Module):
             remat=self.remat,
         )
         dropout = None if rngs is None else {"dropout": rngs.dropout()}
-        return module.apply(
-            {"params": _values(self.params)},
-            input_ids,
-            attention_mask=attention_mask,
-            lengths=lengths,
-            rngs=dropout,
-            **self.lora_inputs(task, b),
+        return cast(  # apply without `mutable` returns __call__'s output, not a tuple
+            EncoderOutput,
+            module.apply(
+                {"params": _values(self.params)},
+                input_ids,
+                attention_mask=attention_mask,
+                lengths=lengths,
+                rngs=dropout,
+                **self.lora_inputs(task, b),
+            ),
         )
 
     def embed(

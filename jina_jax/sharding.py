@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -70,7 +71,8 @@ def auto_mesh(mesh: Mesh) -> Mesh:
 def _module_leaf(path: tuple) -> tuple | None:
     """(module path, leaf name) if `path` ends in a parameter leaf of the architecture table
     (an encoder parameter, wherever the tree nests it: a train state's optimizer moments too)."""
-    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    # a dict key, a dataclass field's name, else None (a list index): any of them, hence `tuple`
+    keys: tuple = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
     for start in range(len(keys)):
         module, leaf = keys[start:-1], keys[-1]
         row = BY_PATH.get(module)
@@ -127,12 +129,16 @@ class Layout:
         if found is not None:
             module, leaf = found
             split = BY_PATH[module].parallel
-            axis = {
-                ("out", "kernel"): -1,
-                ("out", "bias"): -1,
-                ("in", "kernel"): -2,
-                ("dim", "embedding"): -1,
-            }.get((split, leaf))
+            axis = (
+                None  # a module no model axis splits
+                if split is None
+                else {
+                    ("out", "kernel"): -1,
+                    ("out", "bias"): -1,
+                    ("in", "kernel"): -2,
+                    ("dim", "embedding"): -1,
+                }.get((split, leaf))
+            )
             size = int(self.mesh.shape[self.model_axis])
             if axis is not None and len(shape) >= -axis and shape[axis] % size == 0:
                 axes[axis] = self.model_axis
@@ -178,7 +184,7 @@ class Layout:
             )
         return put(x, self.sharding(PartitionSpec(self.data_axis)))
 
-    def global_batch(self, batch: dict) -> dict:
+    def global_batch(self, batch: Mapping) -> dict:
         """Rows split over the data axis. With several processes (multi-host, after
         `jax.distributed.initialize()`), each process passes its own rows (the same count in
         every process, a multiple of `local_rows_multiple`) and they are assembled into one

@@ -10,12 +10,15 @@ import os
 import re
 import unicodedata
 import weakref
+from collections.abc import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer
 
 
-def ladder(per_octave: int, start: float = 64.0, below=range(4, 65, 4)) -> tuple[int, ...]:
+def ladder(
+    per_octave: int, start: float = 64.0, below: Iterable[int] = range(4, 65, 4)
+) -> tuple[int, ...]:
     """`below`, then `per_octave` rungs an octave from `start` to 8192 (rounded up to multiples
     of 8, of 16 past 256, of 64 past 512)."""
     widths, x = set(below), start

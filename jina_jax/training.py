@@ -27,7 +27,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.struct
 import jax
@@ -105,14 +105,17 @@ class Forward:
         )
         module = trainer.module(impl)
         rng = self.next_rng()
-        out = module.apply(
-            {"params": self.variables["params"]},
-            ids,
-            lengths=lengths,
-            lora=lora,
-            task_index=task_index,
-            task_mask=task_mask,
-            rngs=None if rng is None else {"dropout": rng},
+        out = cast(  # apply without `mutable` returns __call__'s output, not a tuple
+            EncoderOutput,
+            module.apply(
+                {"params": self.variables["params"]},
+                ids,
+                lengths=lengths,
+                lora=lora,
+                task_index=task_index,
+                task_mask=task_mask,
+                rngs=None if rng is None else {"dropout": rng},
+            ),
         )
         return out, (lora, task_index, task_mask)
 
@@ -236,7 +239,10 @@ class HeadLoss:
             rng=forward.next_rng(),
         )
         if kind == "question_answering":
-            return losses.span_loss(*out, batch["start_positions"], batch["end_positions"]), {}
+            start, end = out  # the QA head's (start, end) logits
+            return losses.span_loss(
+                start, end, batch["start_positions"], batch["end_positions"]
+            ), {}
         if kind == "sequence_classification":
             return losses.sequence_classification_loss(out, batch["labels"], self.problem_type), {}
         return losses.cross_entropy(out, batch["labels"]), {}
@@ -386,7 +392,9 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, _apply_masks(updates, self.masks))
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        # dataclasses.replace is what flax.struct's `state.replace` runs (which its stub lacks)
+        new = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
 
     def step(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
         """One optimizer update on `batch` (a dict of arrays, rows on axis 0)."""
@@ -412,6 +420,8 @@ class Trainer:
         n = next(iter(rows.values()))
         if any(r != n for r in rows.values()):
             raise ValueError(f"every batch entry needs the same number of rows, got {rows}")
+        if n is None:
+            raise ValueError(f"batch entries need rows on axis 0, got scalars: {sorted(rows)}")
         # Multi-host: `batch` is this process's rows, spread over its own devices only.
         devices, where = self.local_devices, ""
         if devices != self.devices:

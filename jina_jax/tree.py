@@ -6,12 +6,13 @@ A path is a tuple of keys, e.g. ("layers", "attn", "qkv", "kernel").
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 Path = tuple[str, ...]
 
 
-def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
-    """{path: leaf} of a nested dict."""
+def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
+    """{path: leaf} of a nested dict (leaves of any array type, hence Any)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -29,11 +30,12 @@ def nest(flat: Mapping[Path, object]) -> dict:
     return out
 
 
-def get_path(tree: Mapping, path: Path):
-    """The node at `path`; KeyError when any key is missing."""
+def get_path(tree: Mapping, path: Path) -> Any:
+    """The node at `path` (a subtree or a leaf); KeyError when any key is missing."""
+    node: Any = tree
     for key in path:
-        tree = tree[key]
-    return tree
+        node = node[key]
+    return node
 
 
 def set_path(tree: dict, path: Path, value) -> None:

@@ -267,7 +267,8 @@ class ShardWriter:
             self.tmp,
             plan.schema,
             # float vectors do not compress: spend no time trying
-            compression={n: "none" if n == EMBEDDING_COLUMN else "snappy" for n in names},
+            # (a {column: codec} dict, as pyarrow documents; its defaults read as `str` to checkers)
+            compression={n: "none" if n == EMBEDDING_COLUMN else "snappy" for n in names},  # pyright: ignore[reportArgumentType]
             use_dictionary=names[1:-1],
             write_statistics=names[:-1],
         )

@@ -17,6 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def scan(path: str, name: str, fmt: str, fields: Fields, every: int) -> InputFil
     """Reads enough of a file to plan it: its rows (Parquet: from the metadata), where every
     `every`-th row starts, and that the fields exist where a header or schema says."""
     stat = os.stat(path)
-    info = dict(
+    info: dict[str, Any] = dict(
         path=path, name=name, format=fmt, size=stat.st_size, mtime_ns=stat.st_mtime_ns, every=every
     )
     wanted = [f for f in (fields.id, *fields.keep) if f is not None]
