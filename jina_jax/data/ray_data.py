@@ -48,7 +48,7 @@ import numpy as np
 from ..embedder import JinaEmbeddingsV3
 from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats, check_options
 from .arrow import pa
-from .job import OURS, CorpusJob, Summary, embed_shards, finalize, open_job
+from .job import OURS, CorpusJob, Summary, embed_shards, finish_run, open_job
 from .manifest import model_fingerprint
 from .schema import EMBEDDING_COLUMN, embedding_column
 
@@ -74,6 +74,11 @@ def _load(model: str, dtype: str, shard: bool | None) -> JinaEmbeddingsV3:
     if shard or (shard is None and len(devices) > 1):
         loaded.shard(devices)
     return loaded
+
+
+# The arguments of `RayEmbedder` that go to `encode` as they are.
+ENCODE_OPTIONS = ("prompt", "max_length", "truncate_dim", "normalize", "precision", "ranges")
+ENCODE_OPTIONS += ("batch_size", "max_tokens_per_batch")
 
 
 class RayEmbedder:
@@ -120,16 +125,8 @@ class RayEmbedder:
         self.task = None if task is None else self.model.resolve_task(task)
         self.text_column, self.task_column, self.id_column = text_column, task_column, id_column
         self.column = embedding_column
-        self.options = dict(
-            prompt=prompt,
-            max_length=max_length,
-            truncate_dim=truncate_dim,
-            normalize=normalize,
-            precision=precision,
-            ranges=ranges,
-            batch_size=batch_size,
-            max_tokens_per_batch=max_tokens_per_batch,
-        )
+        arguments = locals()
+        self.options = {name: arguments[name] for name in ENCODE_OPTIONS}  # passed to encode
         # every option checked here, once per actor, not in the first batch
         _, self.dim = check_options(
             self.model,
@@ -422,21 +419,4 @@ def embed_corpus_ray(
             for key in ("tokens", "padded", "compiles", "loaded"):
                 counts[key] += int(row[key])
         _remove_temporaries(folder)
-    merged = finalize(folder, plan.header, 1)
-    padding = counts["padded"] / counts["tokens"] - 1.0 if counts["tokens"] else 0.0
-    return Summary(
-        folder=folder + os.sep,
-        dim=plan.dim,
-        rows=counts["rows"],
-        skipped_empty=counts["skipped"],
-        shards_written=len(todo),
-        shards_skipped=len(plan.shards) - len(todo),
-        shards_total=len(plan.shards),
-        shards_done=len(merged.shards),
-        dataset_rows=sum(r["rows"] for r in merged.shards.values()),
-        padding=padding,
-        tokens=counts["tokens"],
-        compiles=counts["compiles"],
-        loaded=counts["loaded"],
-        seconds=time.perf_counter() - start_time,
-    )
+    return finish_run(plan, folder, todo, len(plan.shards), counts, start_time)
