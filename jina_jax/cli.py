@@ -498,12 +498,11 @@ def _late_chunk_records(model, texts, records, task, args, group: int = 64):
     input records are dropped as they are done)."""
     import itertools
 
-    doc = 0
+    doc, options = 0, _encode_options(args)
     while True:
         documents = list(itertools.islice(texts, group))
         if not documents:
             return
-        options = _encode_options(args)
         results = model.encode_late_chunks(
             documents, task=task, chunk_tokens=args.chunk_tokens, show_progress_bar=False, **options
         )
