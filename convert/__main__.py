@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from jina_jax.commands import UsageError, check_output, run_guarded
+from jina_jax.commands import UsageError, add_dtype_flag, check_output, run_guarded
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -17,12 +17,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("src", help="hub id or local folder")
     parser.add_argument("dst", help="output folder (created whole, or not at all)")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="storage dtype of the base weights (LoRA factors stay float32)",
-    )
+    add_dtype_flag(parser, "storage dtype of the base weights (LoRA factors stay float32)")
     parser.add_argument(
         "--overwrite",
         "--force",

@@ -138,17 +138,12 @@ _HEAD_CLASSES = {
 }
 
 
+# save_transformers and save_original take the same arguments: packed, not one a line.
 @writes_folder
 def save_transformers(
-    folder: str,
-    cfg,
-    params: dict,
-    adapters: dict,
-    scales: dict,
-    source_folder: str | None = None,
-    heads: dict | None = None,
-    head: tuple[str, int | None] | None = None,
-) -> None:
+    folder: str, cfg, params: dict, adapters: dict, scales: dict, source_folder: str | None = None,
+    heads: dict | None = None, head: tuple[str, int | None] | None = None,
+) -> None:  # fmt: skip
     """Writes `folder` in the Transformers format plus one PEFT LoRA folder per task.
 
     heads: head tensors (checkpoint names) to write beside the encoder, which then goes under
@@ -206,14 +201,9 @@ def release_config(cfg, **extra) -> dict:
 
 @writes_folder
 def save_original(
-    folder: str,
-    cfg,
-    params: dict,
-    adapters: dict,
-    scales: dict,
-    source_folder: str | None = None,
+    folder: str, cfg, params: dict, adapters: dict, scales: dict, source_folder: str | None = None,
     heads: dict | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """Writes the release layout: `roberta.`-prefixed keys, every Linear and Embedding
     parametrized with all tasks' factors stacked [T, ...] (fp32).
 

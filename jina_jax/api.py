@@ -150,6 +150,12 @@ def parse_model_name(value, served_name: str) -> str | None:
     return task or None
 
 
+def _over_limit(status: int, where: str, what: str, limit, code: str) -> ApiError:
+    """The error for `where` holding `what` (a count), over this server's `limit`."""
+    message = f"{where} has {what}, over this server's limit of {limit}"
+    return ApiError(status, message, param=where, code=code)
+
+
 def texts_of(value, field: str, max_inputs: int, max_chars: int) -> list[str]:
     """The texts of an `input` (strings or Jina's {"text": ...} objects), checked."""
     items = [value] if isinstance(value, (str, dict)) else value
@@ -163,12 +169,8 @@ def texts_of(value, field: str, max_inputs: int, max_chars: int) -> list[str]:
     if not items:
         raise ApiError(400, f"{field} is an empty list: send at least one text", param=field)
     if len(items) > max_inputs:
-        raise ApiError(
-            400,
-            f"{field} has {len(items)} texts, over this server's limit of {max_inputs} per request",
-            param=field,
-            code="too_many_inputs",
-        )
+        over = f"{len(items)} texts", f"{max_inputs} per request"
+        raise _over_limit(400, field, *over, "too_many_inputs")
     texts = []
     for i, item in enumerate(items):
         where = f"{field}[{i}]"
@@ -193,12 +195,7 @@ def texts_of(value, field: str, max_inputs: int, max_chars: int) -> list[str]:
         if not item:
             raise ApiError(400, f"{where} is an empty string", param=where)
         if len(item) > max_chars:
-            raise ApiError(
-                413,
-                f"{where} has {len(item)} characters, over this server's limit of {max_chars}",
-                param=where,
-                code="input_too_long",
-            )
+            raise _over_limit(413, where, f"{len(item)} characters", max_chars, "input_too_long")
         texts.append(item)
     return texts
 

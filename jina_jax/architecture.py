@@ -62,93 +62,21 @@ class Module:
         return self.release.format(layer)
 
 
+# One row a module; kept one per line (the formatter would put each field on its own line).
+# fmt: off
 MODULES = (
-    Module(
-        ("embeddings", "word"),
-        "embed",
-        "embeddings.word_embeddings",
-        ("embeddings.word_embeddings",),
-        "word",
-        lambda c: (c.vocab_size, c.hidden_size),
-        "dim",
-    ),
-    Module(
-        ("embeddings", "token_type"),
-        "embed",
-        "embeddings.token_type_embeddings",
-        ("embeddings.token_type_embeddings",),
-        "token_type",
-        lambda c: (c.type_vocab_size, c.hidden_size),
-    ),
-    Module(
-        ("embeddings", "norm"),
-        "norm",
-        "emb_ln",
-        ("embeddings.LayerNorm",),
-        None,
-        lambda c: (c.hidden_size,),
-    ),
-    Module(
-        ("layers", "attn", "qkv"),
-        "linear",
-        "encoder.layers.{}.mixer.Wqkv",
-        ("layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj", "layers.{}.self_attn.v_proj"),
-        "qkv",
-        lambda c: (c.hidden_size, 3 * c.hidden_size),
-        "out",
-    ),
-    Module(
-        ("layers", "attn", "out"),
-        "linear",
-        "encoder.layers.{}.mixer.out_proj",
-        ("layers.{}.self_attn.o_proj",),
-        "out",
-        lambda c: (c.hidden_size, c.hidden_size),
-        "in",
-    ),
-    Module(
-        ("layers", "mlp", "fc1"),
-        "linear",
-        "encoder.layers.{}.mlp.fc1",
-        ("layers.{}.mlp.fc1",),
-        "fc1",
-        lambda c: (c.hidden_size, c.intermediate_size),
-        "out",
-    ),
-    Module(
-        ("layers", "mlp", "fc2"),
-        "linear",
-        "encoder.layers.{}.mlp.fc2",
-        ("layers.{}.mlp.fc2",),
-        "fc2",
-        lambda c: (c.intermediate_size, c.hidden_size),
-        "in",
-    ),
-    Module(
-        ("layers", "norm1"),
-        "norm",
-        "encoder.layers.{}.norm1",
-        ("layers.{}.post_attention_layernorm",),
-        None,
-        lambda c: (c.hidden_size,),
-    ),
-    Module(
-        ("layers", "norm2"),
-        "norm",
-        "encoder.layers.{}.norm2",
-        ("layers.{}.post_mlp_layernorm",),
-        None,
-        lambda c: (c.hidden_size,),
-    ),
-    Module(
-        ("pooler", "dense"),
-        "linear",
-        "pooler.dense",
-        ("pooler.dense",),
-        "pooler",
-        lambda c: (c.hidden_size, c.hidden_size),
-    ),
+    Module(("embeddings", "word"), "embed", "embeddings.word_embeddings", ("embeddings.word_embeddings",), "word", lambda c: (c.vocab_size, c.hidden_size), "dim"),
+    Module(("embeddings", "token_type"), "embed", "embeddings.token_type_embeddings", ("embeddings.token_type_embeddings",), "token_type", lambda c: (c.type_vocab_size, c.hidden_size)),
+    Module(("embeddings", "norm"), "norm", "emb_ln", ("embeddings.LayerNorm",), None, lambda c: (c.hidden_size,)),
+    Module(("layers", "attn", "qkv"), "linear", "encoder.layers.{}.mixer.Wqkv", ("layers.{}.self_attn.q_proj", "layers.{}.self_attn.k_proj", "layers.{}.self_attn.v_proj"), "qkv", lambda c: (c.hidden_size, 3 * c.hidden_size), "out"),
+    Module(("layers", "attn", "out"), "linear", "encoder.layers.{}.mixer.out_proj", ("layers.{}.self_attn.o_proj",), "out", lambda c: (c.hidden_size, c.hidden_size), "in"),
+    Module(("layers", "mlp", "fc1"), "linear", "encoder.layers.{}.mlp.fc1", ("layers.{}.mlp.fc1",), "fc1", lambda c: (c.hidden_size, c.intermediate_size), "out"),
+    Module(("layers", "mlp", "fc2"), "linear", "encoder.layers.{}.mlp.fc2", ("layers.{}.mlp.fc2",), "fc2", lambda c: (c.intermediate_size, c.hidden_size), "in"),
+    Module(("layers", "norm1"), "norm", "encoder.layers.{}.norm1", ("layers.{}.post_attention_layernorm",), None, lambda c: (c.hidden_size,)),
+    Module(("layers", "norm2"), "norm", "encoder.layers.{}.norm2", ("layers.{}.post_mlp_layernorm",), None, lambda c: (c.hidden_size,)),
+    Module(("pooler", "dense"), "linear", "pooler.dense", ("pooler.dense",), "pooler", lambda c: (c.hidden_size, c.hidden_size)),
 )
+# fmt: on
 BY_PATH = {m.path: m for m in MODULES}
 # Short adapter module names (what users pass to `add_adapter`) -> module paths.
 LORA_MODULES = {m.lora: m.path for m in MODULES if m.lora is not None}

@@ -119,22 +119,20 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     return (acc / run_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+# Every tile size of the splash kernel (forward, dK/dV and dQ passes): one size serves all.
+SPLASH_TILES = (
+    "block_q block_kv block_kv_compute block_q_dkv block_kv_dkv block_kv_dkv_compute "
+    "block_q_dq block_kv_dq"
+).split()
+
+
 def splash_kernel(length: int, heads: int, interpret: bool):
     """The splash kernel for `heads` heads over `length` (a multiple of 128) positions, every
     query seeing every key (padding comes as segment ids), with tiles as large as divide it.
     Made per trace, never cached: it holds arrays, which must not outlive the trace (a scan's
     body would leak them to the next)."""
     block = next(b for b in (512, 256, 128) if length % b == 0)
-    sizes = splash.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
+    sizes = splash.BlockSizes(**dict.fromkeys(SPLASH_TILES, block))
     mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
     return splash.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret

@@ -35,6 +35,12 @@ def load(src, *, dtype="float32", revision: str | None = None) -> Checkpoint:
     )
 
 
+def weights(ckpt: Checkpoint) -> tuple:
+    """(config, params, adapters, scales): the positional arguments a model object is built
+    from (`JinaEmbeddingsV3`, `JinaEncoderNNX`)."""
+    return ckpt.config, ckpt.params, ckpt.adapters, ckpt.scales
+
+
 def save(folder: str, format: str, ckpt: Checkpoint, head: tuple[str, int | None] | None = None):
     """Writes `ckpt` (device arrays are fetched) to `folder` in `format`.
 

@@ -15,6 +15,7 @@ import sys
 
 from .commands import (
     UsageError,
+    add_dtype_flag,
     check_output,
     non_negative_float,
     non_negative_int,
@@ -204,8 +205,9 @@ def _check_engine(args) -> None:
             raise UsageError(f"{flag} needs --engine ray")
 
 
-def run_embed_ray(args, model, job, folder: str):
-    """The dataset job on Ray: this process is the driver (plans, keeps the manifest)."""
+def run_embed_ray(args, model, job, folder: str, common: dict):
+    """The dataset job on Ray: this process is the driver (plans, keeps the manifest). common:
+    the keywords both engines take."""
     try:
         import ray
 
@@ -223,20 +225,14 @@ def run_embed_ray(args, model, job, folder: str):
         log_to_driver=not args.quiet,
         configure_logging=not args.quiet,
     )
+    # --ray-actors -> actors=, --ray-num-cpus -> num_cpus=, ...
+    placement = {
+        flag[6:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag in RAY_FLAGS
+        if flag != "--ray-address"
+    }
     try:
-        return embed_corpus_ray(
-            model,
-            job,
-            folder,
-            checkpoint=args.model,
-            batch_size=args.batch_size,
-            actors=args.ray_actors,
-            num_cpus=args.ray_num_cpus,
-            num_gpus=args.ray_num_gpus,
-            resources=args.ray_resources,
-            overwrite=args.overwrite,
-            log=None if args.quiet else sys.stderr,
-        )
+        return embed_corpus_ray(model, job, folder, checkpoint=args.model, **placement, **common)
     finally:
         ray.shutdown()
 
@@ -245,6 +241,17 @@ def _is_dataset(args) -> bool:
     return args.output != "-" and (
         args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)
     )
+
+
+def _check_ranges(args) -> None:
+    """--ranges names a file, and the int8/uint8 precisions (a stream) have one."""
+    if args.ranges is not None and not os.path.isfile(args.ranges):
+        raise UsageError(f"--ranges {args.ranges}: no such file")
+    if args.precision.endswith("int8") and args.ranges is None:
+        raise UsageError(
+            f"--precision {args.precision} needs --ranges RANGES.npy (per-dimension "
+            "min and max, [2, D]): a stream cannot calibrate on itself"
+        )
 
 
 def run_embed_dataset(args) -> int:
@@ -263,13 +270,7 @@ def run_embed_dataset(args) -> int:
         )
     if args.late_chunking:
         raise UsageError("--late-chunking writes JSONL; a folder --output is not supported")
-    if args.ranges is not None and not os.path.isfile(args.ranges):
-        raise UsageError(f"--ranges {args.ranges}: no such file")
-    if args.precision.endswith("int8") and args.ranges is None:
-        raise UsageError(
-            f"--precision {args.precision} needs --ranges RANGES.npy (per-dimension "
-            "min and max, [2, D]): a stream cannot calibrate on itself"
-        )
+    _check_ranges(args)
     if (args.shard_index is None) != (args.shard_count is None):
         raise UsageError("--shard-index and --shard-count go together")
     if args.shard_index is not None and args.shard_index >= args.shard_count:
@@ -299,20 +300,20 @@ def run_embed_dataset(args) -> int:
         skip_empty=args.skip_empty,
         shard_rows=args.shard_rows or DEFAULT_SHARD_ROWS,
     )
+    log = None if args.quiet else sys.stderr
+    common = {"batch_size": args.batch_size, "overwrite": args.overwrite, "log": log}
     try:
         if args.engine == "ray":
-            summary = run_embed_ray(args, model, job, folder)
+            summary = run_embed_ray(args, model, job, folder, common)
         else:
             summary = embed_corpus(
                 model,
                 job,
                 folder,
-                batch_size=args.batch_size,
+                progress=False if args.quiet else None,
                 shard_index=args.shard_index,
                 shard_count=args.shard_count,
-                overwrite=args.overwrite,
-                progress=False if args.quiet else None,
-                log=None if args.quiet else sys.stderr,
+                **common,
             )
     except Refused as e:
         raise UsageError(str(e)) from None
@@ -420,13 +421,7 @@ def run_embed(args) -> int:
         )
     if args.input != "-" and not os.path.isfile(args.input):
         raise UsageError(f"--input {args.input}: no such file")
-    if args.ranges is not None and not os.path.isfile(args.ranges):
-        raise UsageError(f"--ranges {args.ranges}: no such file")
-    if args.precision.endswith("int8") and args.ranges is None:
-        raise UsageError(
-            f"--precision {args.precision} needs --ranges RANGES.npy (per-dimension "
-            "min and max, [2, D]): a stream cannot calibrate on itself"
-        )
+    _check_ranges(args)
     if args.late_chunking and args.precision != "float32":
         raise UsageError("--late-chunking writes float32 chunk embeddings; drop --precision")
     if args.chunk_tokens is not None and not args.late_chunking:
@@ -462,9 +457,7 @@ def run_embed(args) -> int:
             for vector in model.iter_encode(
                 texts(),
                 task=task,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                truncate_dim=args.truncate_dim,
+                **_encode_options(args),
                 precision=args.precision,
                 ranges=ranges,
                 show_progress_bar=sys.stderr.isatty() and not args.quiet,
@@ -498,24 +491,24 @@ def run_embed(args) -> int:
     return 0
 
 
+def _encode_options(args) -> dict:
+    """The encode keywords `embed` takes from its flags of the same names, both ways of
+    embedding."""
+    return {name: getattr(args, name) for name in ("batch_size", "max_length", "truncate_dim")}
+
+
 def _late_chunk_records(model, texts, records, task, args, group: int = 64):
     """(vector, record) per chunk: documents taken `group` at a time from the stream (their
     input records are dropped as they are done)."""
     import itertools
 
-    doc = 0
+    doc, options = 0, _encode_options(args)
     while True:
         documents = list(itertools.islice(texts, group))
         if not documents:
             return
         results = model.encode_late_chunks(
-            documents,
-            task=task,
-            chunk_tokens=args.chunk_tokens,
-            max_length=args.max_length,
-            truncate_dim=args.truncate_dim,
-            batch_size=args.batch_size,
-            show_progress_bar=False,
+            documents, task=task, chunk_tokens=args.chunk_tokens, show_progress_bar=False, **options
         )
         for vectors, spans in results:
             records.popleft()
@@ -547,10 +540,7 @@ def _finetune_parser(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument(
-        "--warmup",
-        type=non_negative_int,
-        default=0,
-        help="linear warm-up steps before cosine decay",
+        "--warmup", type=non_negative_int, default=0, help="linear warm-up steps, then cosine decay"
     )
     p.add_argument("--temperature", type=positive_float, default=0.05)
     p.add_argument(
@@ -566,12 +556,7 @@ def _finetune_parser(p: argparse.ArgumentParser):
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--remat", default=None, choices=["full", "dots", "dots_no_batch"])
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="compute dtype (trained weights stay float32)",
-    )
+    add_dtype_flag(p, "compute dtype (trained weights stay float32)")
     p.add_argument(
         "--format",
         choices=["jina_jax", "transformers", "original"],

@@ -42,6 +42,11 @@ positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive numb
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
+def add_dtype_flag(parser: argparse.ArgumentParser, help: str, default: str = "float32"):
+    """The `--dtype` flag (float32 or bfloat16) of the commands that load or write weights."""
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=default, help=help)
+
+
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

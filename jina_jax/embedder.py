@@ -93,10 +93,7 @@ class JinaEmbeddingsV3:
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
         model = cls(
-            ckpt.config,
-            ckpt.params,
-            ckpt.adapters,
-            ckpt.scales,
+            *checkpoint.weights(ckpt),
             dtype=dtype,
             param_dtype=param_dtype,
             heads=ckpt.heads,
@@ -417,74 +414,32 @@ class JinaEmbeddingsV3:
             **self.forward_inputs(input_ids, attention_mask, task, lengths=lengths), output=output
         )
 
-    def pooled(
-        self,
-        input_ids,
-        lengths,
-        task=None,
-        *,
-        merge: bool = True,
-        adapters: AdapterSet | None = None,
-    ):
-        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths (`adapters`: see
-        `task_inputs`)."""
-        return self.forward(
-            **self.forward_inputs(
-                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
-            ),
-            output="pooled",
-        )
+    def pooled(self, input_ids, lengths, task=None, *, merge=True, adapters=None):
+        """Mean-pooled fp32 [B, H] for right-padded rows of the given lengths (`adapters`: an
+        `AdapterSet`, see `task_inputs`)."""
+        inputs = self._rows(input_ids, lengths, task, merge, adapters)
+        return self.forward(**inputs, output="pooled")
 
-    def prepare_pooled(
-        self,
-        input_ids,
-        lengths,
-        task=None,
-        *,
-        merge: bool = True,
-        adapters: AdapterSet | None = None,
-    ) -> bool:
+    def prepare_pooled(self, input_ids, lengths, task=None, *, merge=True, adapters=None) -> bool:
         """Readies `pooled`'s executable for these inputs' shapes without running it (see
         `CompiledForward.prepare`); False: only running it compiles it."""
-        return self.forward.prepare(
-            **self.forward_inputs(
-                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
-            ),
-            output="pooled",
-        )
+        inputs = self._rows(input_ids, lengths, task, merge, adapters)
+        return self.forward.prepare(**inputs, output="pooled")
 
-    def hidden(
-        self,
-        input_ids,
-        lengths,
-        task=None,
-        *,
-        merge: bool = True,
-        adapters: AdapterSet | None = None,
-    ):
+    def hidden(self, input_ids, lengths, task=None, *, merge=True, adapters=None):
         """last_hidden_state [B, L, H] (compute dtype) for right-padded rows of these lengths."""
-        return self.forward(
-            **self.forward_inputs(
-                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
-            ),
-            output="hidden",
-        )
+        inputs = self._rows(input_ids, lengths, task, merge, adapters)
+        return self.forward(**inputs, output="hidden")
 
-    def prepare_hidden(
-        self,
-        input_ids,
-        lengths,
-        task=None,
-        *,
-        merge: bool = True,
-        adapters: AdapterSet | None = None,
-    ) -> bool:
+    def prepare_hidden(self, input_ids, lengths, task=None, *, merge=True, adapters=None) -> bool:
         """`prepare_pooled` for `hidden`."""
-        return self.forward.prepare(
-            **self.forward_inputs(
-                input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
-            ),
-            output="hidden",
+        inputs = self._rows(input_ids, lengths, task, merge, adapters)
+        return self.forward.prepare(**inputs, output="hidden")
+
+    def _rows(self, input_ids, lengths, task, merge: bool, adapters: AdapterSet | None) -> dict:
+        """`forward_inputs` for right-padded rows of these lengths (no attention mask)."""
+        return self.forward_inputs(
+            input_ids, None, task, lengths=lengths, merge=merge, adapters=adapters
         )
 
     def run(self, input_ids, attention_mask=None, task=None):
@@ -503,23 +458,14 @@ class JinaEmbeddingsV3:
             self._tokenizer = load_tokenizer(self.source)
         return self._tokenizer
 
+    # The keywords of `encode.encode`, packed (the formatter would write one a line).
     def encode(
-        self,
-        texts,
-        task=None,
-        *,
-        prompt=None,
-        batch_size: int = 32,
-        max_length: int | None = None,
-        truncate_dim: int | None = None,
-        normalize: bool = True,
-        show_progress_bar: bool | None = None,
-        max_tokens_per_batch: int = 16384,
-        window: int = DEFAULT_WINDOW,
-        precision: str = "float32",
-        ranges=None,
+        self, texts, task=None, *, prompt=None, batch_size: int = 32,
+        max_length: int | None = None, truncate_dim: int | None = None, normalize: bool = True,
+        show_progress_bar: bool | None = None, max_tokens_per_batch: int = 16384,
+        window: int = DEFAULT_WINDOW, precision: str = "float32", ranges=None,
         output_value: str = "sentence_embedding",
-    ):
+    ):  # fmt: skip
         """Sentence embeddings, as the release's `encode` computes them.
 
         texts: a string (returns [D]), or a list or any iterable of strings (returns [N, D]),
@@ -539,22 +485,9 @@ class JinaEmbeddingsV3:
           [n_tokens, hidden] array per text, the final hidden states of its real tokens
           (instruction and `<s>`/`</s>` included).
         """
-        return encode(
-            self,
-            texts,
-            task=task,
-            prompt=prompt,
-            batch_size=batch_size,
-            max_length=max_length,
-            truncate_dim=truncate_dim,
-            normalize=normalize,
-            show_progress_bar=show_progress_bar,
-            max_tokens_per_batch=max_tokens_per_batch,
-            window=window,
-            precision=precision,
-            ranges=ranges,
-            output_value=output_value,
-        )
+        arguments = dict(locals())  # the first statement: the arguments alone
+        del arguments["self"]
+        return encode(self, **arguments)
 
     def encode_late_chunks(self, documents, task="retrieval.passage", **kwargs):
         """Late chunking: per document, (embeddings float32 [n_chunks, D], spans [(start, end),

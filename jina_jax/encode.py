@@ -223,14 +223,11 @@ def cheapest_cut(
     return cut[::-1]
 
 
+# plan's batching parameters, packed (the formatter would write one a line).
 def shapes(
-    limit: int,
-    max_length: int,
-    batch_size: int,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    row_multiple: int = 1,
-    ladder: tuple[int, ...] = WIDTHS,
-) -> list[tuple[int, int]]:
+    limit: int, max_length: int, batch_size: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
+    row_multiple: int = 1, ladder: tuple[int, ...] = WIDTHS,
+) -> list[tuple[int, int]]:  # fmt: skip
     """Every (rows, width) that `plan` can give texts of at most `max_length` tokens: what to
     compile ahead to never compile later."""
     top = bucket_for(max_length, limit, ladder)
@@ -286,6 +283,31 @@ def quantize(embeddings, precision: str, ranges=None) -> np.ndarray:
     return buckets.astype(np.uint8) if precision == "uint8" else (buckets - 128).astype(np.int8)
 
 
+def check_output(output_value, precision) -> None:
+    """Checks encode's `output_value` and `precision` (and that the two go together)."""
+    if output_value not in OUTPUT_VALUES:
+        raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if output_value == "token_embeddings" and precision != "float32":
+        raise ValueError(
+            "token embeddings come as float32: precision applies to sentence embeddings only"
+        )
+
+
+# The encode arguments `check_options` checks.
+CHECKED = (
+    "batch_size",
+    "max_length",
+    "truncate_dim",
+    "max_tokens_per_batch",
+    "window",
+    "precision",
+    "ranges",
+    "output_value",
+)
+
+
 def check_options(
     model,
     *,
@@ -299,16 +321,10 @@ def check_options(
     output_value="sentence_embedding",
     streaming=False,
 ) -> tuple[int, int]:
-    """Checks encode's options; returns (max_length, output dimension)."""
+    """Checks encode's options; returns (max_length, output dimension). truncate_dim None: the
+    config's."""
     cfg = model.config
-    if output_value not in OUTPUT_VALUES:
-        raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if output_value == "token_embeddings" and precision != "float32":
-        raise ValueError(
-            "token embeddings come as float32: precision applies to sentence embeddings only"
-        )
+    check_output(output_value, precision)
     if streaming and precision.endswith("int8") and ranges is None:
         raise ValueError(
             f"a stream of {precision} embeddings needs `ranges` (per-dimension "
@@ -316,6 +332,7 @@ def check_options(
             "needs all of them (use encode)"
         )
     max_length = check_max_length(max_length, cfg, DEFAULT_MAX_LENGTH)
+    truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
     for name, value in (
         ("batch_size", batch_size),
         ("max_tokens_per_batch", max_tokens_per_batch),
@@ -335,55 +352,22 @@ def check_options(
     return max_length, truncate_dim or cfg.hidden_size
 
 
+# encode and iter_encode take the same keywords (sentence-transformers' names), packed: the
+# formatter would write one a line.
 def encode(
-    model,
-    texts,
-    *,
-    task=None,
-    prompt=None,
-    batch_size=32,
-    max_length=None,
-    truncate_dim=None,
-    normalize=True,
-    show_progress_bar=None,
-    max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
-    window=DEFAULT_WINDOW,
-    precision="float32",
-    ranges=None,
-    output_value="sentence_embedding",
-):
+    model, texts, *, task=None, prompt=None, batch_size=32, max_length=None, truncate_dim=None,
+    normalize=True, show_progress_bar=None, max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
+    window=DEFAULT_WINDOW, precision="float32", ranges=None, output_value="sentence_embedding",
+):  # fmt: skip
     """See `JinaEmbeddingsV3.encode`."""
+    options = dict(locals())  # the first statement: the arguments alone
+    del options["model"], options["texts"], options["precision"], options["ranges"]
+    check_output(output_value, precision)  # iter_encode checks the rest
     single = isinstance(texts, str)
-    if single:
-        texts = [texts]
+    # Quantisation comes after, over all rows: int8/uint8 calibrate on them without `ranges`.
+    rows = list(iter_encode(model, [texts] if single else texts, **options))
     truncate_dim = model.config.truncate_dim if truncate_dim is None else truncate_dim
-    _, dim = check_options(
-        model,
-        batch_size=batch_size,
-        max_length=max_length,
-        truncate_dim=truncate_dim,
-        max_tokens_per_batch=max_tokens_per_batch,
-        window=window,
-        precision=precision,
-        ranges=ranges,
-        output_value=output_value,
-    )
-    rows = list(
-        iter_encode(
-            model,
-            texts,
-            task=task,
-            prompt=prompt,
-            batch_size=batch_size,
-            max_length=max_length,
-            truncate_dim=truncate_dim,
-            normalize=normalize,
-            show_progress_bar=show_progress_bar,
-            max_tokens_per_batch=max_tokens_per_batch,
-            window=window,
-            output_value=output_value,
-        )
-    )
+    dim = truncate_dim or model.config.hidden_size
     if output_value == "token_embeddings":
         return rows[0] if single else rows
     emb = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
@@ -555,41 +539,19 @@ def progress(count: int | None, batch_size: int, show: bool | None, desc: str = 
 
 
 def iter_encode(
-    model,
-    texts,
-    *,
-    task=None,
-    prompt=None,
-    batch_size=32,
-    max_length=None,
-    truncate_dim=None,
-    normalize=True,
-    show_progress_bar=None,
-    max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
-    window=DEFAULT_WINDOW,
-    precision="float32",
-    ranges=None,
-    output_value="sentence_embedding",
+    model, texts, *, task=None, prompt=None, batch_size=32, max_length=None, truncate_dim=None,
+    normalize=True, show_progress_bar=None, max_tokens_per_batch=DEFAULT_TOKEN_BUDGET,
+    window=DEFAULT_WINDOW, precision="float32", ranges=None, output_value="sentence_embedding",
     stats=None,
-) -> Iterator[np.ndarray]:
+) -> Iterator[np.ndarray]:  # fmt: skip
     """One embedding per text of `texts` (any iterable of strings), in input order, holding at
     most two windows of `window` texts: [D] in `precision` ([D / 8] bytes for the binary ones;
     int8/uint8 need `ranges` here), or for output_value="token_embeddings" float32 [n_tokens, H].
     Same arguments as `encode`; `stats`: a `Stats` that counts the batches as they run."""
+    arguments = dict(locals())  # the first statement: the arguments alone
     cfg = model.config
-    truncate_dim = cfg.truncate_dim if truncate_dim is None else truncate_dim
-    max_length, dim = check_options(
-        model,
-        batch_size=batch_size,
-        max_length=max_length,
-        truncate_dim=truncate_dim,
-        max_tokens_per_batch=max_tokens_per_batch,
-        window=window,
-        precision=precision,
-        ranges=ranges,
-        output_value=output_value,
-        streaming=True,
-    )
+    checked = {name: arguments[name] for name in CHECKED}
+    max_length, dim = check_options(model, **checked, streaming=True)
     tokens_out = output_value == "token_embeddings"
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")

@@ -246,17 +246,12 @@ class JinaEncoder(Block):
     scan_layers: bool = True
     remat: str | None = None
 
+    # Packed: the formatter would write one argument a line.
     @nn.compact
     def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        lengths=None,
-        lora=None,
-        task_index=None,
-        task_mask=None,
-        token_type_ids=None,
-    ) -> EncoderOutput:
+        self, input_ids, attention_mask=None, lengths=None, lora=None, task_index=None,
+        task_mask=None, token_type_ids=None,
+    ) -> EncoderOutput:  # fmt: skip
         """input_ids: int[B, L]. Padding as `lengths` int32[B] (right-padded rows) or
         `attention_mask` [B, L] (any pattern); neither means no padding. `lora`: stacked adapter
         tree or None; `task_index` int32[B] picks each row's task in it, `task_mask` [B] turns it

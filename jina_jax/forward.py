@@ -264,18 +264,12 @@ class CompiledForward:
         """Parameters onto the mesh (as they are without one)."""
         return params if self.layout is None else self.layout.place(params)
 
+    # The encoder's inputs (as `JinaEncoder.__call__` takes them) and the head's, packed: the
+    # formatter would write one a line.
     def arguments(
-        self,
-        params,
-        ids,
-        *,
-        mask=None,
-        lengths=None,
-        lora=None,
-        task_index=None,
-        task_mask=None,
+        self, params, ids, *, mask=None, lengths=None, lora=None, task_index=None, task_mask=None,
         head_params=None,
-    ) -> tuple:
+    ) -> tuple:  # fmt: skip
         """The compiled function's positional arguments, placed on the mesh if any."""
         if self.layout is not None:
             params = self.place(params)

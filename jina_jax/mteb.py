@@ -36,6 +36,20 @@ TASK_ADAPTERS = {
 }
 
 
+# The ModelMeta fields this wrapper does not know (mteb requires them, as None).
+UNKNOWN_META = (
+    "loader",
+    "release_date",
+    "languages",
+    "n_parameters",
+    "memory_usage_mb",
+    "license",
+    "public_training_code",
+    "public_training_data",
+    "training_datasets",
+)
+
+
 class MTEBEncoder(AbsEncoder):
     """MTEB's encoder protocol over a `JinaEmbeddingsV3`: `encode(inputs, *, task_metadata,
     hf_split, hf_subset, prompt_type=None)` embeds every text of the data loader with the adapter
@@ -58,24 +72,16 @@ class MTEBEncoder(AbsEncoder):
         self.encode_kwargs = {"show_progress_bar": False, **encode_kwargs}
         dim = encode_kwargs.get("truncate_dim") or model.config.hidden_size
         self.mteb_model_meta = ModelMeta(
-            loader=None,
             name=name,
             revision=revision,
-            release_date=None,
-            languages=None,
-            n_parameters=None,
-            memory_usage_mb=None,
             max_tokens=model.config.max_position_embeddings - 2,
             embed_dim=dim,
-            license=None,
             open_weights=True,
-            public_training_code=None,
-            public_training_data=None,
             framework=["JAX"],
             # pydantic makes the ScoringFunction of the string (checkers see a plain str here)
             similarity_fn_name="cosine",  # pyright: ignore[reportArgumentType]
             use_instructions=True,
-            training_datasets=None,
+            **dict.fromkeys(UNKNOWN_META),
         )
 
     def adapter_for(self, task_metadata, prompt_type=None) -> str | None:

@@ -88,15 +88,7 @@ class JinaEncoderNNX(nnx.Module):
         """Loads a hub id or a folder in any supported format, as `JinaEmbeddingsV3` does."""
         param_dtype = param_dtype if param_dtype is not None else dtype
         ckpt = checkpoint.load(src, dtype=param_dtype, revision=revision)
-        return cls(
-            ckpt.config,
-            ckpt.params,
-            ckpt.adapters,
-            ckpt.scales,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-        )
+        return cls(*checkpoint.weights(ckpt), dtype=dtype, param_dtype=param_dtype, remat=remat)
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -137,6 +137,12 @@ class Settings:
             )
 
     @property
+    def batching(self) -> dict:
+        """The keywords `Batcher` takes from these settings (same names)."""
+        names = "max_batch_tokens max_batch_size max_wait_ms max_queue max_length max_late_chars"
+        return {name: getattr(self, name) for name in names.split()}
+
+    @property
     def max_body_bytes(self) -> int:
         """A body large enough for `max_inputs` texts of `max_input_chars` (JSON-escaped), but
         no larger than all bodies in flight may be."""
@@ -269,17 +275,7 @@ class EmbeddingServer:
             if s.default_task is not None:
                 self.default_task = self.model.resolve_task(s.default_task)
             adapters = AdapterSet.build(self.model, slots=s.adapter_slots, rank=s.max_adapter_rank)
-            batcher = Batcher(
-                self.model,
-                max_batch_tokens=s.max_batch_tokens,
-                max_batch_size=s.max_batch_size,
-                max_wait_ms=s.max_wait_ms,
-                max_queue=s.max_queue,
-                max_length=s.max_length,
-                registry=self.registry,
-                max_late_chars=s.max_late_chars,
-                adapters=adapters,
-            )
+            batcher = Batcher(self.model, registry=self.registry, adapters=adapters, **s.batching)
             self.model.tokenizer  # noqa: B018 - a missing tokenizer fails now, not per request
             shapes = batcher.shapes()
             first = batcher.ready_shapes(s.ready_tokens)

@@ -650,33 +650,37 @@ def embed_corpus(
                 "them from the compilation cache) ..."
             )
             bar.write(message, file=log) if show else print(message, file=log, flush=True)
-        embed_shards(
-            model,
-            plan,
-            folder,
-            todo,
-            batch_size=batch_size,
-            max_tokens_per_batch=max_tokens_per_batch,
-            window=window,
-            on_shard=on_shard,
-            on_rows=on_rows,
-            stats=stats,
+        batching = dict(
+            batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, window=window
         )
-    merged = finalize(folder, plan.header, count)
+        embed_shards(
+            model, plan, folder, todo, on_shard=on_shard, on_rows=on_rows, stats=stats, **batching
+        )
+    counts.update(tokens=stats.tokens, padded=stats.padded, compiles=model.compile_count)
+    counts["loaded"] = model.forward.loaded_count
+    return finish_run(plan, folder, todo, len(mine), counts, start_time, (index, count))
+
+
+def finish_run(plan, folder, todo, offered, counts, start_time, process=(0, 1)) -> Summary:
+    """Finalizes the folder (`finalize`) and says what the run did: `offered` shards were this
+    process's, `todo` of them made now; `counts`: rows, skipped (empty texts), tokens, padded,
+    compiles, loaded. Both engines end here."""
+    merged = finalize(folder, plan.header, process[1])
+    tokens = counts["tokens"]
     return Summary(
         folder=folder + os.sep,
         dim=plan.dim,
         rows=counts["rows"],
         skipped_empty=counts["skipped"],
         shards_written=len(todo),
-        shards_skipped=len(mine) - len(todo),
+        shards_skipped=offered - len(todo),
         shards_total=len(plan.shards),
         shards_done=len(merged.shards),
         dataset_rows=sum(r["rows"] for r in merged.shards.values()),
-        padding=stats.padding if stats.tokens else 0.0,
-        tokens=stats.tokens,
-        compiles=model.compile_count,
-        loaded=model.forward.loaded_count,
+        padding=counts["padded"] / tokens - 1.0 if tokens else 0.0,
+        tokens=tokens,
+        compiles=counts["compiles"],
+        loaded=counts["loaded"],
         seconds=time.perf_counter() - start_time,
-        process=(index, count),
+        process=process,
     )

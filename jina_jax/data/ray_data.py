@@ -49,7 +49,7 @@ import numpy as np
 
 from ..encode import DEFAULT_TOKEN_BUDGET, DEFAULT_WINDOW, Stats
 from .arrow import pa
-from .job import OURS, CorpusJob, Summary, embed_shards, finalize, open_job
+from .job import OURS, CorpusJob, Summary, embed_shards, finish_run, open_job
 from .manifest import model_fingerprint
 from .schema import EMBEDDING_COLUMN, embedding_column
 from .worker import BatchEncoder, load_model
@@ -414,21 +414,4 @@ def embed_corpus_ray(
             for key in ("tokens", "padded", "compiles", "loaded"):
                 counts[key] += int(row[key])
         _remove_temporaries(folder)
-    merged = finalize(folder, plan.header, 1)
-    padding = counts["padded"] / counts["tokens"] - 1.0 if counts["tokens"] else 0.0
-    return Summary(
-        folder=folder + os.sep,
-        dim=plan.dim,
-        rows=counts["rows"],
-        skipped_empty=counts["skipped"],
-        shards_written=len(todo),
-        shards_skipped=len(plan.shards) - len(todo),
-        shards_total=len(plan.shards),
-        shards_done=len(merged.shards),
-        dataset_rows=sum(r["rows"] for r in merged.shards.values()),
-        padding=padding,
-        tokens=counts["tokens"],
-        compiles=counts["compiles"],
-        loaded=counts["loaded"],
-        seconds=time.perf_counter() - start_time,
-    )
+    return finish_run(plan, folder, todo, len(plan.shards), counts, start_time)

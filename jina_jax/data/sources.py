@@ -66,14 +66,8 @@ class InputFile:
 
     def fingerprint(self) -> dict:
         """What the manifest records of this file (a rerun compares it)."""
-        return {
-            "path": self.path,
-            "name": self.name,
-            "format": self.format,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "rows": self.rows,
-        }
+        fields = ("path", "name", "format", "size", "mtime_ns", "rows")  # the scan's facts
+        return {name: getattr(self, name) for name in fields}
 
 
 def _format(path: str, text_field: str | None, alone: bool) -> str:
