@@ -32,15 +32,16 @@ class ParamBuilder:
     def put(self, target: Target, value: np.ndarray, key: str, file: str):
         """One source tensor into its place; `value` must be the caller's to give (a whole leaf
         already in the target's dtype and layout is kept, not copied)."""
-        path = target.module + (target.param,)
-        if path not in self.shapes:
+        param = target.param
+        if param is None or target.module + (param,) not in self.shapes:
             raise CheckpointError(
                 f"{file}: key {key!r} has no place in a model with this config "
                 f"(add_pooling_layer={self.cfg.add_pooling_layer})"
             )
+        path: Path = target.module + (param,)
         full = self.shapes[path]
         layered = path[0] == "layers"
-        if layered and not 0 <= target.layer < self.cfg.num_hidden_layers:
+        if layered and (target.layer is None or not 0 <= target.layer < self.cfg.num_hidden_layers):
             raise CheckpointError(
                 f"{file}: key {key!r} is for layer {target.layer}, but the "
                 f"config has num_hidden_layers={self.cfg.num_hidden_layers}"
@@ -145,7 +146,9 @@ class AdapterBuilder:
                 f"{file}: LoRA key {key!r} adapts {'/'.join(module)}, which "
                 "this model does not have"
             ) from None
-        if module[0] == "layers" and not 0 <= target.layer < self.cfg.num_hidden_layers:
+        if module[0] == "layers" and (
+            target.layer is None or not 0 <= target.layer < self.cfg.num_hidden_layers
+        ):
             raise CheckpointError(
                 f"{file}: LoRA key {key!r} is for layer {target.layer}, but the "
                 f"config has num_hidden_layers={self.cfg.num_hidden_layers}"

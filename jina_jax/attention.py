@@ -15,6 +15,8 @@ Padding reaches attention in one of two forms:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -132,7 +134,8 @@ def splash_kernel(length: int, heads: int, interpret: bool):
     Made per trace, never cached: it holds arrays, which must not outlive the trace (a scan's
     body would leak them to the next)."""
     block = next(b for b in (512, 256, 128) if length % b == 0)
-    sizes = splash.BlockSizes(**dict.fromkeys(SPLASH_TILES, block))
+    tiles: dict[str, Any] = dict.fromkeys(SPLASH_TILES, block)  # only the tile sizes, all ints
+    sizes = splash.BlockSizes(**tiles)
     mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
     return splash.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret

@@ -127,6 +127,17 @@ class Job:
     pooled: np.ndarray | None = None
     remaining: int = 0
 
+    @property
+    def count(self) -> int:
+        """Its number of texts (one task each), still known once the texts are let go."""
+        return len(self.tasks)
+
+    def held_texts(self) -> list[str]:
+        """Its texts, which a job holds until they are tokenized."""
+        if self.texts is None:
+            raise RuntimeError("the job's texts were let go when it was tokenized")
+        return self.texts
+
 
 def resolve(job: Job, result=None, error: BaseException | None = None):
     """Sets the job's outcome unless it is already settled (cancelled by its caller)."""
@@ -443,8 +454,8 @@ class Batcher:
         cfg = self.model.config
         for job in jobs:
             if job.cancelled:  # its client left before the worker saw it
-                self.cancelled_total.inc(len(job.texts))
-                self._forget(len(job.texts))
+                self.cancelled_total.inc(job.count)
+                self._forget(job.count)
                 continue
             if job.late:
                 self.late.append(job)
@@ -452,12 +463,12 @@ class Batcher:
             try:
                 ids = self._tokenize(job)
             except Exception as e:  # noqa: BLE001 - the caller gets it; the worker goes on
-                self._forget(len(job.texts))
+                self._forget(job.count)
                 resolve(job, error=e)
                 continue
             if ids is None:  # its client left while it was tokenized
-                self.cancelled_total.inc(len(job.texts))
-                self._forget(len(job.texts))
+                self.cancelled_total.inc(job.count)
+                self._forget(job.count)
                 continue
             # The rows hold the ids: the texts (a large request's largest part, up to
             # max_inputs x max_input_chars) go now, not when the request is answered.
@@ -477,15 +488,16 @@ class Batcher:
         limit = self.max_length
         cut = limit if job.truncate else limit + 1
         ids: list = []
-        for piece in pieces(job.texts):
+        texts = job.held_texts()
+        for piece in pieces(texts):
             if job.cancelled:
                 return None
-            ids += self._token_ids(job, job.texts[piece], job.tasks[piece], cut)
+            ids += self._token_ids(job, texts[piece], job.tasks[piece], cut)
         if not job.truncate:
             for i, x in enumerate(ids):
                 if len(x) > limit:
                     full = self._token_ids(
-                        job, job.texts[i : i + 1], job.tasks[i : i + 1], UNTRUNCATED
+                        job, texts[i : i + 1], job.tasks[i : i + 1], UNTRUNCATED
                     )[0]
                     raise TooLong(i, len(full), limit)
         return ids
@@ -578,9 +590,10 @@ class Batcher:
 
     def _run_late(self, job: Job):
         started = time.monotonic()
-        self._forget(len(job.texts))
-        document, spans, start = LATE_SEPARATOR.join(job.texts), [], 0
-        for text in job.texts:
+        self._forget(job.count)
+        texts = job.held_texts()  # a late-chunking job is never tokenized row by row
+        document, spans, start = LATE_SEPARATOR.join(texts), [], 0
+        for text in texts:
             spans.append((start, start + len(text)))
             start += len(text) + len(LATE_SEPARATOR)
         try:
@@ -594,7 +607,7 @@ class Batcher:
                 )
                 states = self._late_windows(job, prepared.rows)
             if states is None:  # its client left
-                self.cancelled_total.inc(len(job.texts))
+                self.cancelled_total.inc(job.count)
                 return
             # (`prepared` is bound: states is None unless it was made)
             embeddings = finish(prepared.pool(states, 0), job.dim, job.normalize)  # pyright: ignore[reportPossiblyUnboundVariable]
@@ -603,10 +616,10 @@ class Batcher:
             return
         # Usage counts the whole document once (windows repeat the instruction).
         tokens = prepared.n_head + len(prepared.first) + 1  # pyright: ignore[reportPossiblyUnboundVariable]
-        self.texts_total.inc(len(job.texts))
+        self.texts_total.inc(job.count)
         self.tokens_total.inc(tokens)
         resolve(job, (embeddings, tokens))
-        self._note_rate(len(job.texts), time.monotonic() - started)
+        self._note_rate(job.count, time.monotonic() - started)
 
     def late_shapes(self) -> list[tuple[int, int]]:
         """The (rows, width) of late chunking's forwards: a document of one window runs alone,

@@ -104,19 +104,21 @@ class ExecutableStore:
         dtypes, settings) at one abstract signature."""
         tree, avals = signature
         device = jax.devices()[0]
+        # (ignores: jax.config's flags and jax.lib's version are set at run time, unknown to
+        # their stubs)
         text = json.dumps(
             {
                 "format": FORMAT,
                 "source": source_fingerprint(),
                 "jax": jax.__version__,
-                "jaxlib": jax.lib.__version__,
+                "jaxlib": jax.lib.__version__,  # pyright: ignore[reportPrivateImportUsage]
                 "platform": device.platform,
                 "platform_version": device.client.platform_version,
                 "device_kind": device.device_kind,
                 "devices": jax.device_count(),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "x64": bool(jax.config.jax_enable_x64),
-                "matmul_precision": str(jax.config.jax_default_matmul_precision),
+                "x64": bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
+                "matmul_precision": str(jax.config.jax_default_matmul_precision),  # pyright: ignore[reportAttributeAccessIssue]
                 "function": function,
                 "tree": str(tree),
                 "avals": avals,

@@ -22,6 +22,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import jax
 
@@ -49,8 +50,9 @@ def enable_compilation_cache(folder: str | None = None) -> str | None:
     setting = os.environ.get(CACHE_ENV, "")
     if folder is None and setting.lower() in ("0", "off", "false", "no"):
         return None
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+    # jax.config's flags are attributes made at run time, unknown to its type stub.
+    if jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue]
+        return jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
     folder = folder or setting or default_cache_dir()
     try:
         os.makedirs(folder, exist_ok=True)
@@ -167,14 +169,17 @@ class CompiledForward:
                     scope.enter_context(jax.default_matmul_precision(self.precision))
                 if self.mesh is not None:  # a Pallas kernel runs per device under it
                     scope.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
-                out = module.apply(
-                    {"params": params},
-                    ids,
-                    attention_mask=mask,
-                    lengths=lengths,
-                    lora=lora,
-                    task_index=task_index,
-                    task_mask=task_mask,
+                out = cast(  # apply without `mutable` returns __call__'s output, not a tuple
+                    EncoderOutput,
+                    module.apply(
+                        {"params": params},
+                        ids,
+                        attention_mask=mask,
+                        lengths=lengths,
+                        lora=lora,
+                        task_index=task_index,
+                        task_mask=task_mask,
+                    ),
                 )
             if output == "pooled":
                 return mean_pool(out.last_hidden_state, lengths)
@@ -199,13 +204,14 @@ class CompiledForward:
             compiled = self.executables.get(local)
             if compiled is not None:
                 return compiled
-            waiting = self.pending.get(local)
-            if waiting is None:
+            mine = self.pending.get(local)
+            waiting = mine is not None
+            if mine is None:
                 mine = self.pending[local] = concurrent.futures.Future()
-        if waiting is not None:  # another thread is readying this shape: its result
-            return waiting.result()
+        if waiting:  # another thread is readying this shape: its result
+            return mine.result()
         try:
-            compiled = self._ready(function, implementation, output, signature, args)
+            compiled = self._ready(self.store, function, implementation, output, signature, args)
         except BaseException as e:
             with self.lock:
                 del self.pending[local]
@@ -217,14 +223,14 @@ class CompiledForward:
         mine.set_result(compiled)
         return compiled
 
-    def _ready(self, function, implementation: str, output: str, signature, args):
-        """The executable for `args`: loaded from the store, else traced, compiled and saved."""
-        key = self.store.key(self.description(implementation, output), signature)
-        compiled = self.store.load(key)
+    def _ready(self, store, function, implementation: str, output: str, signature, args):
+        """The executable for `args`: loaded from `store`, else traced, compiled and saved."""
+        key = store.key(self.description(implementation, output), signature)
+        compiled = store.load(key)
         if compiled is None:
-            compiled, fresh = self.store.compile(function, args)  # the trace counts it
+            compiled, fresh = store.compile(function, args)  # the trace counts it
             if fresh:
-                self.store.save(key, compiled)
+                store.save(key, compiled)
         else:
             with self.lock:
                 self.compile_count += 1

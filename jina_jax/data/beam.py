@@ -53,10 +53,11 @@ from .schema import (
 )
 from .worker import BatchEncoder
 
+# (ignores: Beam lives in its own environment, so the type check of the main one cannot see it)
 try:
-    import apache_beam as beam
-    from apache_beam.io.parquetio import WriteToParquetBatched
-    from apache_beam.ml.inference.base import ModelHandler
+    import apache_beam as beam  # pyright: ignore[reportMissingImports]
+    from apache_beam.io.parquetio import WriteToParquetBatched  # pyright: ignore[reportMissingImports]
+    from apache_beam.ml.inference.base import ModelHandler  # pyright: ignore[reportMissingImports]
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"embedding in a Beam pipeline needs apache-beam: pip install 'jina-jax[beam]' ({e})"

@@ -8,6 +8,7 @@ No engine is imported here: each engine's module wraps a `BatchEncoder` in its o
 from __future__ import annotations
 
 import os
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -65,7 +66,7 @@ class BatchEncoder:
     ):
         self.model = load_model(model, dtype, shard)
         self.task = None if task is None else self.model.resolve_task(task)
-        self.options = dict(
+        self.options: dict[str, Any] = dict(
             prompt=prompt,
             max_length=max_length,
             truncate_dim=truncate_dim,
@@ -110,4 +111,8 @@ class BatchEncoder:
             width = embedding_width(self.dim, self.precision)
             return np.empty((0, width), EMBEDDING_DTYPES[self.precision])
         task = self.task if tasks is None else tasks
-        return self.model.encode(texts, task=task, show_progress_bar=False, **self.options)
+        # one array: the options hold no output_value (so sentence embeddings)
+        return cast(
+            np.ndarray,
+            self.model.encode(texts, task=task, show_progress_bar=False, **self.options),
+        )
