@@ -451,7 +451,7 @@ def compile_train_step(
     }
     batch = trainer.place_batch(batch)
     attention = choose_implementation(
-        trainer.dtype, model.config.head_dim, True, width, backend=t.backend
+        trainer.dtype, model.config.head_dim, True, width, backend=t.backend, training=True
     )
     lowered = trainer.lower_step(state, batch)
     return _compiled(t, f"train step remat={remat}", (rows, width), attention, lowered, 0, start)

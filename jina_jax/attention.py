@@ -2,7 +2,8 @@
 
 - "cudnn": the fused flash kernel through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - "xla": `jax.nn.dot_product_attention`'s XLA path; materialises [B, N, L, S] logits.
-- "blockwise": online softmax over key blocks, for long sequences where those logits do not fit.
+- "blockwise": online softmax over key blocks, for long sequences where those logits do not fit
+  (and a CPU fp32 forward from 128 tokens, where it is the faster path).
 - "splash": Pallas' splash attention kernel (TPU; a Mosaic custom call), padding as segment ids,
   forward and backward. On a CPU it runs only in interpret mode (`interpret=True`, the tests).
 
@@ -28,6 +29,12 @@ IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 # logits take 4 GiB per row at 8192 tokens with 16 heads. On the 2-core CPU the blockwise path
 # already ran attention 2x faster at 1024 tokens and equal at 512.
 BLOCKWISE_MIN_LENGTH = 1024
+# A CPU forward takes the blockwise path from this many tokens: with heads before positions
+# both matmuls are plain batched GEMMs, and at 6 layers and the released widths the whole
+# forward ran 1.05-1.5x faster than on the XLA path from 128 to 960 tokens (1x960: 657 against
+# 908 ms; 4x960: 2.67 against 4.04 s; 32x32: equal). Its backward is not faster at those
+# lengths (0.8-1.3x of XLA's), so training keeps BLOCKWISE_MIN_LENGTH; nor was bf16 measured.
+CPU_INFERENCE_BLOCKWISE_MIN_LENGTH = 128
 BLOCK = 512
 # The splash kernel's tiles are multiples of 128 positions (a TPU vector register's lanes); a
 # width that is no multiple of 128 is padded to one inside `splash_attention`. Below this many
@@ -40,8 +47,9 @@ DATA_AXIS = "data"
 
 
 def choose_implementation(
-    dtype, head_dim: int, right_padded: bool, length: int = 0, backend: str | None = None
-) -> str:
+    dtype, head_dim: int, right_padded: bool, length: int = 0, backend: str | None = None,
+    training: bool = False,
+) -> str:  # fmt: skip
     """cuDNN flash attention on GPU for half-precision right-padded batches; the splash kernel
     on TPU for right-padded batches of at least `SPLASH_MIN_LENGTH` tokens; elsewhere XLA, or
     the blockwise (online-softmax) path for long sequences.
@@ -49,7 +57,8 @@ def choose_implementation(
     backend: the platform the program is compiled for ("cpu", "gpu"/"cuda", "tpu"); None: the
     host's `jax.default_backend()`. A compile for another target (`jina_jax.aot`) passes the
     target's. `jax.nn.dot_product_attention(implementation=None)` always takes the XLA path, so
-    the fused kernel has to be asked for by name.
+    the fused kernel has to be asked for by name. training: the program also runs the backward
+    (a CPU forward alone goes blockwise from `CPU_INFERENCE_BLOCKWISE_MIN_LENGTH` tokens).
     """
     backend = backend or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -63,6 +72,13 @@ def choose_implementation(
         return "cudnn"
     if backend == "tpu" and right_padded and length >= SPLASH_MIN_LENGTH:
         return "splash"
+    if (
+        backend == "cpu"
+        and not training
+        and not half  # measured in fp32 only
+        and length >= CPU_INFERENCE_BLOCKWISE_MIN_LENGTH
+    ):
+        return "blockwise"
     if length >= BLOCKWISE_MIN_LENGTH:
         return "blockwise"
     return "xla"

@@ -7,15 +7,20 @@
 Batching. The input is read a window of texts at a time. In a window, texts are grouped by task
 and sorted by length, longest first, and each gets the smallest rung of a fixed length ladder
 (`tokenize.WIDTHS`: twelve rungs an octave) that holds it. A batch has the width of its longest
-text and a row count from a fixed set per width (`batch_size`, capped by a token budget, or a
-power of two below that), so every shape is one of `shapes` and compiles once. Where the cuts
-go is priced (`cost.py`): each (rows, width) has a predicted time (a per-call cost, a floor
-below which a small batch runs no faster, the dense layers per token and attention per key),
-and the plan is the cheapest cut of the sorted texts into batches, found by dynamic programming:
-it merges rungs where a call or a small batch costs more than the padding (a GPU, queries),
-splits where padding costs more (long texts on a CPU), and prices each shape a plan adds (a
-compile) so that a stream meets few. The cost is the device's default for the model (scaled
-by its FLOPs) unless `cost.calibrate` timed this device and model once and cached a fit.
+text (or of a wider shape the plan already uses) and a row count from a fixed set per width
+(`batch_size`, capped by a token budget, or a power of two below that), so every shape is one
+of `shapes` and compiles once. Where the cuts go is priced (`cost.py`): each (rows, width) has
+a predicted time (a per-call cost, a floor below which a small batch runs no faster, the dense
+layers per token, attention per key, a dearer token past a knee), and the plan is the cheapest
+cut of the sorted texts into batches, found by dynamic programming: it merges rungs where a
+call or a small batch costs more than the padding (a GPU, queries), splits where padding or a
+batch past the knee costs more (long texts on a CPU), and prices each shape a plan adds (a
+compile) so that a stream meets few. A new shape must save its compile within `PAYBACK_S` of
+encode work: a call that long pays the whole compile, a shorter one (a few hundred texts, made
+again and again) the share of it that its repeats would. The plan depends on the call's texts
+alone, never on earlier calls, so a call's embeddings are the same bits whatever ran before.
+The cost is the device's default for the model (scaled by its FLOPs) unless `cost.calibrate`
+timed this device and model once and cached a fit.
 `plan(..., cost=None)` is the padding rule alone (texts up to two rungs shorter share a batch).
 
 Pipelining. A batch is dispatched without waiting for the one before it (JAX dispatch is
@@ -56,6 +61,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_WINDOW = 16384
 IN_FLIGHT = 2
 PROGRESS_MIN_BATCHES = 10
+PAYBACK_S = 75.0  # seconds of encode work within which a new shape must save its compile
 SHAPES_DOUBLING = 32  # shapes a stream has met per doubling of a new shape's price (see plan)
 NEIGHBOURS = 2 ** (1 / 6)  # how much shorter a text may be and still share a batch (see plan)
 # A filler row for incomplete batches: "<s></s>", two real tokens, so nothing divides by zero.
@@ -105,22 +111,47 @@ def plan(
     groups = collections.defaultdict(list)
     for i, task in enumerate(row_tasks):
         groups[None if mixed else task].append(i)
-    batches = []
+    sorted_widths = {}
     for task, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
         members.sort(key=lambda i: -lengths[i])
-        widths = [bucket_for(lengths[i], limit, ladder) for i in members]
+        sorted_widths[task] = [bucket_for(lengths[i], limit, ladder) for i in members]
+    price = 0.0
+    if cost is not None:
+        groups_widths = sorted_widths.values()
+        price = new_shape_price(cost, groups_widths, batch_size, token_budget, row_multiple, known)
+    batches, chosen = [], set(known)
+    for task, widths in sorted_widths.items():
+        members = groups[task]
         cut = (
             padding_cut(widths, batch_size, token_budget, row_multiple)
             if cost is None
-            else priced_cut(widths, cost, batch_size, token_budget, row_multiple, known)
+            else priced_cut(widths, cost, batch_size, token_budget, row_multiple, chosen, price)
         )
-        for start, end, rows in cut:
-            width = widths[start]
+        for start, end, rows, width in cut:
             taken = tuple(members[start:end])
             if mixed:
                 task = tuple(row_tasks[i] for i in taken) + (None,) * (rows - len(taken))
             batches.append(Batch(task, width, rows, taken))
+            chosen.add((rows, width))  # a later task's batches may run in it for free
     return batches
+
+
+def new_shape_price(cost, groups, batch_size, token_budget, row_multiple, known) -> float:
+    """What one more shape costs a window's plan: `cost.shape_s` (a compile) times the share
+    of the window's predicted time in PAYBACK_S (at most all of it), doubled for every
+    SHAPES_DOUBLING shapes the stream has met (`known`). `groups`: each task's descending
+    widths."""
+    # A compile is paid once and then saves on every later call: a new shape must save it
+    # within PAYBACK_S of encode work, within this call alone when it is that long, else over
+    # repeats of it (a call of a few hundred texts, made all day, may add the shapes that make
+    # it fast). The window's time is that of its cheapest plan with shapes free.
+    window_s = 0.0
+    for widths in groups:
+        steady = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None, 0.0)
+        window_s += sum(cost.seconds(rows, width) for _, _, rows, width in steady)
+    # A stream keeps every shape it compiled (in memory): each SHAPES_DOUBLING shapes it has
+    # met double the price of one more, so a long stream settles on a set it reuses.
+    return cost.shape_s * min(1.0, window_s / PAYBACK_S) * 2 ** (len(known) / SHAPES_DOUBLING)
 
 
 def batch_rows(
@@ -132,10 +163,11 @@ def batch_rows(
 
 def padding_cut(
     widths: Sequence[int], batch_size: int, token_budget: int, row_multiple: int = 1
-) -> list[tuple[int, int, int]]:
-    """[(start, end, rows)] batches of the descending `widths` by padding alone: a batch takes the
-    texts up to a sixth of an octave (two rungs) shorter than its first, then, where fewer are
-    left than a full batch, the next shorter texts fill the rows that would be filler."""
+) -> list[tuple[int, int, int, int]]:
+    """[(start, end, rows, width)] batches of the descending `widths` by padding alone: a batch
+    takes the texts up to a sixth of an octave (two rungs) shorter than its first, then, where
+    fewer are left than a full batch, the next shorter texts fill the rows that would be
+    filler."""
     cut, start = [], 0
     while start < len(widths):
         width = widths[start]
@@ -148,7 +180,7 @@ def padding_cut(
             near += 1
         rows = batch_rows(width, near - start, batch_size, token_budget, row_multiple)
         end = min(len(widths), start + rows)
-        cut.append((start, end, rows))
+        cut.append((start, end, rows, width))
         start = end
     return cut
 
@@ -159,50 +191,46 @@ def priced_cut(
     batch_size: int,
     token_budget: int,
     row_multiple: int = 1,
-    known: frozenset = frozenset(),
-) -> list[tuple[int, int, int]]:
-    """[(start, end, rows)] batches of the descending `widths` with the least predicted time:
-    a batch from text i holds texts i.. at the width of text i, in the rows `batch_rows` gives
-    (so every shape is one of `shapes`'). Dynamic programming over the cut points, O(texts x
-    rows per batch): merging rungs (a wider, fuller batch), filling rows or splitting, whichever
-    `cost` prices lower."""
+    known: set | frozenset = frozenset(),
+    price: float | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """[(start, end, rows, width)] batches of the descending `widths` with the least predicted
+    time: a batch from text i holds texts i.. at the width of text i, in the rows `batch_rows`
+    gives, or in a wider shape already chosen (so every shape is one of `shapes`'). Dynamic
+    programming over the cut points, O(texts x rows per batch): merging rungs (a wider, fuller
+    batch), filling rows or splitting, whichever `cost` prices lower. price: of a shape not in
+    `known` (default: `new_shape_price` of these widths alone)."""
+    if price is None:
+        price = new_shape_price(cost, [widths], batch_size, token_budget, row_multiple, known)
     # Pass 1 prices every batch as a new shape, which favours few, full batches; pass 2 lets
     # the shapes pass 1 chose (and `known` ones) go free of that price, so a new shape comes
-    # in only where it saves more than `cost.shape_s`.
-    # A stream keeps every shape it compiled (in memory): each SHAPES_DOUBLING shapes it has
-    # met double the price of one more, so a long stream settles on a set it reuses.
-    price = cost.shape_s * 2 ** (len(known) / SHAPES_DOUBLING)
+    # in only where it saves more than its price, and a few texts that a free shape holds
+    # (wider or with more rows than theirs) run in it where that costs less than their own.
     first = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None, price)
-    free = set(known) | {(rows, widths[start]) for start, _, rows in first}
+    free = set(known) | {(rows, width) for _, _, rows, width in first}
     return cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, free, price)
 
 
 def cheapest_cut(
     widths, cost, batch_size, token_budget, row_multiple, free, shape_price: float
-) -> list[tuple]:
+) -> list[tuple[int, int, int, int]]:
     """`priced_cut`'s dynamic programme: each batch costs `cost.seconds`, plus `shape_price`
-    unless its shape is in `free` (None: none is)."""
+    unless its shape is in `free` (None: none is); a batch may also take a free shape wider
+    than its first text (as many texts as that shape has rows)."""
     n = len(widths)
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     prev = np.zeros(n + 1, np.int64)
-    prices: dict[int, np.ndarray] = {}  # width -> seconds of a batch of 1..cap texts
+    # width -> (seconds of a batch of 1..cap texts from a text of that width, and the
+    # (rows, width) each takes)
+    prices: dict[int, tuple[np.ndarray, list]] = {}
     for i in range(n):
         width = widths[i]
-        price = prices.get(width)
-        if price is None:
-            cap = row_cap(width, batch_size, token_budget)
-            rows = [
-                batch_rows(width, k, batch_size, token_budget, row_multiple)
-                for k in range(1, cap + 1)
-            ]
-            price = prices[width] = np.array(
-                [
-                    cost.seconds(r, width)
-                    + (0.0 if free is not None and (r, width) in free else shape_price)
-                    for r in rows
-                ]
+        if width not in prices:
+            prices[width] = batch_prices(
+                width, cost, batch_size, token_budget, row_multiple, free, shape_price
             )
+        price = prices[width][0]
         m = min(len(price), n - i)
         candidate = best[i] + price[:m]
         ends = best[i + 1 : i + 1 + m]  # a view: updated in place
@@ -212,15 +240,35 @@ def cheapest_cut(
     cut, end = [], n
     while end > 0:
         start = int(prev[end])
-        cut.append(
-            (
-                start,
-                end,
-                batch_rows(widths[start], end - start, batch_size, token_budget, row_multiple),
-            )
-        )
+        rows, width = prices[widths[start]][1][end - start - 1]
+        cut.append((start, end, rows, width))
         end = start
     return cut[::-1]
+
+
+def batch_prices(
+    width, cost, batch_size, token_budget, row_multiple, free, shape_price
+) -> tuple[np.ndarray, list]:
+    """`cheapest_cut`'s price of a batch of 1..cap texts whose first (longest) is `width`
+    wide: its own shape (`batch_rows` rows at `width`, plus `shape_price` unless free), or a
+    free wider shape with room for them where that costs less. Returns the seconds [cap] and
+    the (rows, width) of each."""
+    cap = row_cap(width, batch_size, token_budget)
+    shapes = [(batch_rows(width, k, batch_size, token_budget, row_multiple), width)
+              for k in range(1, cap + 1)]  # fmt: skip
+    price = np.array(
+        [cost.seconds(*shape) + (0.0 if free is not None and shape in free else shape_price)
+         for shape in shapes]
+    )  # fmt: skip
+    for rows, wider in sorted(free or ()):
+        if wider > width:
+            seconds = cost.seconds(rows, wider)
+            room = min(rows, cap)
+            cheaper = np.flatnonzero(seconds < price[:room])
+            price[cheaper] = seconds
+            for k in cheaper:
+                shapes[k] = (rows, wider)
+    return price, shapes
 
 
 # plan's batching parameters, packed (the formatter would write one a line).

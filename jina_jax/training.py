@@ -101,7 +101,12 @@ class Forward:
         else:
             task_index = task_mask = None
         impl = choose_implementation(
-            trainer.dtype, model.config.head_dim, True, ids.shape[1], backend=trainer.backend
+            trainer.dtype,
+            model.config.head_dim,
+            True,
+            ids.shape[1],
+            backend=trainer.backend,
+            training=True,
         )
         module = trainer.module(impl)
         rng = self.next_rng()

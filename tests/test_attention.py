@@ -58,7 +58,13 @@ def test_chooser():
     assert choose_implementation(bf16, 64, True, 512, backend="cpu") == "xla"
     assert choose_implementation(f32, 64, True, 8192, backend="cpu") == "blockwise"
     assert choose_implementation(f32, 64, True, 1024, backend="cpu") == "blockwise"
-    assert choose_implementation(f32, 64, True, 1023, backend="cpu") == "xla"
+    assert choose_implementation(f32, 64, True, 1023, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 128, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 127, backend="cpu") == "xla"
+    # Training on a CPU keeps XLA's attention below BLOCKWISE_MIN_LENGTH (its backward).
+    assert choose_implementation(f32, 64, True, 1023, backend="cpu", training=True) == "xla"
+    assert choose_implementation(f32, 64, True, 1024, backend="cpu", training=True) == "blockwise"
+    assert choose_implementation(f32, 64, True, 1023, backend="gpu") == "xla"
     assert choose_implementation(bf16, 64, True, 8192, backend="gpu") == "cudnn"
     assert choose_implementation(bf16, 160, True, 512, backend="gpu") == "xla"  # head_dim > 128
 
