@@ -17,6 +17,10 @@ deep) with a PEFT LoRA adapter `retrieval_passage` (rank 4, every Linear, non-ze
    Transformers + PEFT bf16 loop as users write it (sorted, padded per batch, mean pool): first
    call and steady.
 5. Utilisation: model FLOPs per token x tokens/s over a bf16 GEMM rate measured in this run.
+6. The plan's GPU default (`cost.default`, no calibration cached) against a calibration on this
+   device (`cost.calibrate`, not saved): each timed shape's prediction by both, then `encode`
+   of a small corpus (160 texts, a RAG call) planned with each and with the padding rule alone,
+   steady seconds side by side (bf16).
 Prints one table. On a machine without a GPU (and without --smoke) it says so and exits 0.
 """
 
@@ -164,6 +168,33 @@ def main():
                  flops_per_token(args.layers, mean_len) * n_tokens / steady / rate))
     print(f"encode first call: jina-jax {first:.1f} s, Transformers+PEFT {loop_first:.1f} s; "
           f"{n_tokens} tokens")
+
+    # 6. The GPU default cost model against a calibration on this device.
+    from jina_jax import cost as cost_lib
+    from jina_jax.encode import Runner, finish, progress
+    from jina_jax.tokenize import token_ids
+
+    default = cost_lib.default(model.config, "gpu")
+    calibrated = cost_lib.calibrate(model, task, save=False)
+    print(f"\ncost model, default: {default}\ncalibrated: {calibrated}")
+    for r, w in cost_lib.CALIBRATION_SHAPES:
+        print(f"  {r}x{w}: default {1e3 * default.seconds(r, w):8.2f} ms, "
+              f"calibrated {1e3 * calibrated.seconds(r, w):8.2f} ms")
+    small = corpus(1.0, small=160 if not args.smoke else 24)
+    small_ids = token_ids(tok, model.config, small, [model.resolve_task(task)] * len(small), 8192)
+    small_tasks = [model.resolve_task(task)] * len(small)
+    for name, cost in (("default", default), ("calibrated", calibrated), ("padding", None)):
+        runner = Runner(model, 32, 16384, False, progress(None, 1, False), cost=cost)
+        batches = runner.plan(small_ids, small_tasks)
+
+        def run_small(runner=runner, batches=batches):
+            out = runner.submit(small_ids, small_tasks, batches)
+            runner.drain()
+            return finish(out, model.config.hidden_size, True)
+
+        seconds = median_time(run_small, repeats=3)
+        print(f"small corpus ({len(small)} texts), {name} plan: {len(batches)} batches, "
+              f"{len({(b.rows, b.width) for b in batches})} shapes, steady {seconds:.3f} s")
 
     print(f"\nbf16, {args.layers} layers, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
     print(f"{'what':>22} {'jina-jax tok/s':>15} {'Transformers+PEFT':>18} {'ratio':>6} "

@@ -62,6 +62,7 @@ DEFAULT_WINDOW = 16384
 IN_FLIGHT = 2
 PROGRESS_MIN_BATCHES = 10
 PAYBACK_S = 75.0  # seconds of encode work within which a new shape must save its compile
+PAYBACK_CALLS = 8  # ... and within at most this many repeats of the call
 SHAPES_DOUBLING = 32  # shapes a stream has met per doubling of a new shape's price (see plan)
 NEIGHBOURS = 2 ** (1 / 6)  # how much shorter a text may be and still share a batch (see plan)
 # A filler row for incomplete batches: "<s></s>", two real tokens, so nothing divides by zero.
@@ -138,20 +139,24 @@ def plan(
 
 def new_shape_price(cost, groups, batch_size, token_budget, row_multiple, known) -> float:
     """What one more shape costs a window's plan: `cost.shape_s` (a compile) times the share
-    of the window's predicted time in PAYBACK_S (at most all of it), doubled for every
+    of the window's predicted time in PAYBACK_S (at most all of it, at least 1 /
+    PAYBACK_CALLS), doubled for every
     SHAPES_DOUBLING shapes the stream has met (`known`). `groups`: each task's descending
     widths."""
     # A compile is paid once and then saves on every later call: a new shape must save it
     # within PAYBACK_S of encode work, within this call alone when it is that long, else over
     # repeats of it (a call of a few hundred texts, made all day, may add the shapes that make
-    # it fast). The window's time is that of its cheapest plan with shapes free.
+    # it fast), but within PAYBACK_CALLS repeats at most: other calls' lengths need other
+    # shapes, and where a call takes milliseconds (a GPU, a small model) a compile is still
+    # seconds. The window's time is that of its cheapest plan with shapes free.
     window_s = 0.0
     for widths in groups:
         steady = cheapest_cut(widths, cost, batch_size, token_budget, row_multiple, None, 0.0)
         window_s += sum(cost.seconds(rows, width) for _, _, rows, width in steady)
     # A stream keeps every shape it compiled (in memory): each SHAPES_DOUBLING shapes it has
     # met double the price of one more, so a long stream settles on a set it reuses.
-    return cost.shape_s * min(1.0, window_s / PAYBACK_S) * 2 ** (len(known) / SHAPES_DOUBLING)
+    share = max(1.0 / PAYBACK_CALLS, min(1.0, window_s / PAYBACK_S))
+    return cost.shape_s * share * 2 ** (len(known) / SHAPES_DOUBLING)
 
 
 def batch_rows(

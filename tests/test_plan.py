@@ -125,7 +125,7 @@ def test_a_free_wider_shape_holds_a_few_texts():
 def test_a_short_call_prices_a_new_shape_at_a_share_of_its_compile(monkeypatch):
     """A new shape must save its compile within PAYBACK_S of encode work: a call that long
     pays the whole price (the plan of shape_s itself), a short one a share, so it takes more
-    shapes and less padding; a payback beyond reach is the plan with no price at all."""
+    shapes and less padding, but never less than 1 / PAYBACK_CALLS of it."""
     import jina_jax.encode as encode_lib
 
     lengths = mixed_lengths(100, seed=2)
@@ -134,17 +134,19 @@ def test_a_short_call_prices_a_new_shape_at_a_share_of_its_compile(monkeypatch):
     monkeypatch.setattr(encode_lib, "PAYBACK_S", 1e-9)
     whole = plan(lengths, tasks, 8192, 32, cost=CPU)
     monkeypatch.setattr(encode_lib, "PAYBACK_S", 1e30)
+    floor = plan(lengths, tasks, 8192, 32, cost=CPU)
+    cheap = dataclasses.replace(CPU, shape_s=CPU.shape_s / encode_lib.PAYBACK_CALLS)
+    monkeypatch.setattr(encode_lib, "PAYBACK_S", 1e-9)  # the whole of the cheaper price
+    assert floor == plan(lengths, tasks, 8192, 32, cost=cheap)
+    monkeypatch.setattr(encode_lib, "PAYBACK_S", 1e30)
+    monkeypatch.setattr(encode_lib, "PAYBACK_CALLS", 10**9)
     free = plan(lengths, tasks, 8192, 32, cost=CPU)
-    assert free == plan(lengths, tasks, 8192, 32, cost=dataclasses.replace(CPU, shape_s=0.0))
     predicted = sum(CPU.seconds(b.rows, b.width) for b in free)
     monkeypatch.setattr(encode_lib, "PAYBACK_S", 4 * predicted)
     share = plan(lengths, tasks, 8192, 32, cost=CPU)
     assert shapes_of(whole) < shapes_of(share) < shapes_of(free)
-    assert (
-        padding_fraction(free, lengths)
-        < padding_fraction(share, lengths)
-        < padding_fraction(whole, lengths)
-    )
+    assert (padding_fraction(free, lengths) < padding_fraction(share, lengths)
+            < padding_fraction(whole, lengths))
 
 
 def test_gpu_prices_merge_rungs_cpu_prices_cut_padding():
