@@ -36,6 +36,9 @@ import time
 import numpy as np
 
 from jina_jax import JinaEmbeddingsV3
+from jina_jax import cost as cost_lib
+from jina_jax.encode import Runner, finish, progress
+from jina_jax.tokenize import token_ids
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,10 +173,6 @@ def main():
           f"{n_tokens} tokens")
 
     # 6. The GPU default cost model against a calibration on this device.
-    from jina_jax import cost as cost_lib
-    from jina_jax.encode import Runner, finish, progress
-    from jina_jax.tokenize import token_ids
-
     default = cost_lib.default(model.config, "gpu")
     calibrated = cost_lib.calibrate(model, task, save=False)
     print(f"\ncost model, default: {default}\ncalibrated: {calibrated}")

@@ -252,28 +252,38 @@ def cheapest_cut(
 
 
 def batch_prices(
-    width, cost, batch_size, token_budget, row_multiple, free, shape_price
+    width: int,
+    cost: CostModel,
+    batch_size: int,
+    token_budget: int,
+    row_multiple: int,
+    free: set | frozenset | None,
+    shape_price: float,
 ) -> tuple[np.ndarray, list]:
     """`cheapest_cut`'s price of a batch of 1..cap texts whose first (longest) is `width`
     wide: its own shape (`batch_rows` rows at `width`, plus `shape_price` unless free), or a
     free wider shape with room for them where that costs less. Returns the seconds [cap] and
     the (rows, width) of each."""
     cap = row_cap(width, batch_size, token_budget)
-    shapes = [(batch_rows(width, k, batch_size, token_budget, row_multiple), width)
-              for k in range(1, cap + 1)]  # fmt: skip
+    choice = [
+        (batch_rows(width, k, batch_size, token_budget, row_multiple), width)
+        for k in range(1, cap + 1)
+    ]
     price = np.array(
-        [cost.seconds(*shape) + (0.0 if free is not None and shape in free else shape_price)
-         for shape in shapes]
-    )  # fmt: skip
-    for rows, wider in sorted(free or ()):
+        [
+            cost.seconds(*shape) + (0.0 if free and shape in free else shape_price)
+            for shape in choice
+        ]
+    )
+    for rows, wider in sorted(free) if free else ():
         if wider > width:
             seconds = cost.seconds(rows, wider)
             room = min(rows, cap)
             cheaper = np.flatnonzero(seconds < price[:room])
             price[cheaper] = seconds
             for k in cheaper:
-                shapes[k] = (rows, wider)
-    return price, shapes
+                choice[k] = (rows, wider)
+    return price, choice
 
 
 # plan's batching parameters, packed (the formatter would write one a line).
