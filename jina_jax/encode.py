@@ -118,8 +118,8 @@ def plan(
         sorted_widths[task] = [bucket_for(lengths[i], limit, ladder) for i in members]
     price = 0.0
     if cost is not None:
-        groups_widths = sorted_widths.values()
-        price = new_shape_price(cost, groups_widths, batch_size, token_budget, row_multiple, known)
+        widths_by_task = sorted_widths.values()
+        price = new_shape_price(cost, widths_by_task, batch_size, token_budget, row_multiple, known)
     batches, chosen = [], set(known)
     for task, widths in sorted_widths.items():
         members = groups[task]
@@ -140,9 +140,8 @@ def plan(
 def new_shape_price(cost, groups, batch_size, token_budget, row_multiple, known) -> float:
     """What one more shape costs a window's plan: `cost.shape_s` (a compile) times the share
     of the window's predicted time in PAYBACK_S (at most all of it, at least 1 /
-    PAYBACK_CALLS), doubled for every
-    SHAPES_DOUBLING shapes the stream has met (`known`). `groups`: each task's descending
-    widths."""
+    PAYBACK_CALLS), doubled for every SHAPES_DOUBLING shapes the stream has met (`known`).
+    `groups`: each task's descending widths."""
     # A compile is paid once and then saves on every later call: a new shape must save it
     # within PAYBACK_S of encode work, within this call alone when it is that long, else over
     # repeats of it (a call of a few hundred texts, made all day, may add the shapes that make
