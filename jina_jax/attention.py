@@ -4,6 +4,8 @@
 - "xla": `jax.nn.dot_product_attention`'s XLA path; materialises [B, N, L, S] logits.
 - "blockwise": online softmax over key blocks, for long sequences where those logits do not fit
   (and a CPU fp32 forward from 128 tokens, where it is the faster path).
+- "grouped": an exact softmax over all keys, a group of (row, head) pairs at a time, sized so
+  that one group's logits stay in cache: a CPU fp32 forward from 384 tokens (faster still).
 - "splash": Pallas' splash attention kernel (TPU; a Mosaic custom call), padding as segment ids,
   forward and backward. On a CPU it runs only in interpret mode (`interpret=True`, the tests).
 
@@ -24,7 +26,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "grouped", "splash")
 # From this many tokens on, the blockwise path replaces the XLA one, whose [B, N, L, S] fp32
 # logits take 4 GiB per row at 8192 tokens with 16 heads. On the 2-core CPU the blockwise path
 # already ran attention 2x faster at 1024 tokens and equal at 512.
@@ -35,6 +37,16 @@ BLOCKWISE_MIN_LENGTH = 1024
 # 908 ms; 4x960: 2.67 against 4.04 s; 32x32: equal). Its backward is not faster at those
 # lengths (0.8-1.3x of XLA's), so training keeps BLOCKWISE_MIN_LENGTH; nor was bf16 measured.
 CPU_INFERENCE_BLOCKWISE_MIN_LENGTH = 128
+# From this many tokens a CPU fp32 forward takes the grouped path instead: the blockwise path
+# writes a [B, N, L, block] logits slab far larger than the cache (40 MiB at 1x1580), read back
+# by three passes; a group of (row, head) pairs whose logits fill GROUP_LOGITS_BYTES stays in
+# the 2 MiB-a-core L2. Measured (6 layers, released widths, whole forward): 2x1664 3.22 -> 2.97 s,
+# 2x1024 1.73 -> 1.59 s, 4x464 1.40 -> 1.31 s, 8x416 2.52 -> 2.34 s; below 384 no gain (8x248
+# 1.37 vs 1.39 s, 8x144 0.76 vs 0.82 s), so blockwise keeps 128-383. Attention alone, one layer:
+# 1x4096 405 vs 659 ms, 1x8192 1.60 vs 2.32 s (one head's 268 MB logits a step: no more memory
+# than blockwise's [1, 16, 8192, 512] slab).
+CPU_INFERENCE_GROUPED_MIN_LENGTH = 384
+GROUP_LOGITS_BYTES = 4 << 20
 BLOCK = 512
 # The splash kernel's tiles are multiples of 128 positions (a TPU vector register's lanes); a
 # width that is no multiple of 128 is padded to one inside `splash_attention`. Below this many
@@ -72,13 +84,11 @@ def choose_implementation(
         return "cudnn"
     if backend == "tpu" and right_padded and length >= SPLASH_MIN_LENGTH:
         return "splash"
-    if (
-        backend == "cpu"
-        and not training
-        and not half  # measured in fp32 only
-        and length >= CPU_INFERENCE_BLOCKWISE_MIN_LENGTH
-    ):
-        return "blockwise"
+    if backend == "cpu" and not training and not half:  # measured in fp32 only
+        if length >= CPU_INFERENCE_GROUPED_MIN_LENGTH:
+            return "grouped"
+        if length >= CPU_INFERENCE_BLOCKWISE_MIN_LENGTH:
+            return "blockwise"
     if length >= BLOCKWISE_MIN_LENGTH:
         return "blockwise"
     return "xla"
@@ -135,6 +145,55 @@ def blockwise_attention(q, k, v, mask=None, block: int = BLOCK):
     (_, run_sum, acc), _ = jax.lax.scan(step, init, (kt, vt, mt))
     # [B, L, N, D]
     return (acc / run_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def grouped_attention(q, k, v, mask=None, group_bytes: int | None = None):
+    """Exact attention, one full softmax over all keys per query, computed for a group of
+    (row, head) pairs at a time.
+
+    q, k, v: [B, L, N, D]; mask: bool [B, S] of valid keys or None. Returns [B, L, N, D] in q's
+    dtype; logits and softmax in fp32. The B * N pairs go in groups of the most pairs (a divisor
+    of B * N) whose fp32 logits fit `group_bytes` (None: `GROUP_LOGITS_BYTES`), one group per
+    step of a `lax.map`; when every pair fits, one step without a loop.
+    """
+    group_bytes = GROUP_LOGITS_BYTES if group_bytes is None else group_bytes
+    b, l, n, d = q.shape
+    s = k.shape[1]
+    pairs = b * n
+    pair_bytes = l * s * 4
+    group = max(
+        g
+        for g in range(1, pairs + 1)
+        if pairs % g == 0 and (g == 1 or g * pair_bytes <= group_bytes)
+    )
+    steps = pairs // group
+    valid = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
+    # [steps, group, L|S, D]: (row, head) pairs flattened row-major, heads before positions.
+    qt = (q * jnp.asarray(d**-0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(steps, group, l, d)
+    kt = k.transpose(0, 2, 1, 3).reshape(steps, group, s, d)
+    vt = v.transpose(0, 2, 1, 3).reshape(steps, group, s, d)
+    # [steps, group, S]: each pair's row's valid keys.
+    mt = jnp.broadcast_to(valid[:, None, :], (b, n, s)).reshape(steps, group, s)
+    very_negative = jnp.finfo(jnp.float32).min
+
+    def attend(xs):
+        q_grp, k_grp, v_grp, m_grp = xs
+        # [group, L, S]
+        logits = jnp.einsum("gld,gsd->gls", q_grp, k_grp, preferred_element_type=jnp.float32)
+        logits = jnp.where(m_grp[:, None, :], logits, very_negative)
+        probs = jnp.exp(logits - logits.max(-1, keepdims=True))
+        # [group, L, D]
+        out = jnp.einsum(
+            "gls,gsd->gld", probs.astype(v.dtype), v_grp, preferred_element_type=jnp.float32
+        )
+        return out / probs.sum(-1)[..., None]
+
+    if steps == 1:
+        out = attend((qt[0], kt[0], vt[0], mt[0]))[None]
+    else:
+        out = jax.lax.map(attend, (qt, kt, vt, mt))
+    # [B, L, N, D]
+    return out.reshape(b, n, l, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 # Every tile size of the splash kernel (forward, dK/dV and dQ passes): one size serves all.
@@ -250,6 +309,8 @@ def dot_product_attention(
         mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, mask)
+    if implementation == "grouped":
+        return grouped_attention(q, k, v, mask)
     if mask is not None:
         # [B, 1, 1, S]: broadcast over heads and queries.
         mask = mask.astype(bool)[:, None, None, :]

@@ -232,7 +232,7 @@ class JinaEncoder(Block):
     Attributes:
       config: the architecture.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
-      implementation: attention implementation ("xla", "cudnn" or "blockwise"; `attention.py`).
+      implementation: attention implementation (`attention.IMPLEMENTATIONS`; `attention.py`).
       deterministic: False enables dropout (needs a "dropout" rng).
       scan_layers: stack the layers and `scan` them (compile time independent of depth).
       remat: rematerialise each layer in the backward pass: None (keep every activation),

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from jina_jax import JinaEncoder
-from jina_jax.attention import blockwise_attention, choose_implementation, dot_product_attention
+from jina_jax.attention import (
+    blockwise_attention,
+    choose_implementation,
+    dot_product_attention,
+    grouped_attention,
+)
 from tests import reference as ref
 
 
@@ -25,6 +30,36 @@ def test_blockwise_equals_plain(block):
     plain = dot_product_attention(q, k, v, mask=jnp.asarray(mask), implementation="xla")
     blocked = blockwise_attention(q, k, v, jnp.asarray(mask), block=block)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(plain), atol=1e-5)
+
+
+# group_bytes: one pair a step (9 steps of the lax.map), three pairs (a step per row), every
+# pair at once (no loop), and the default.
+@pytest.mark.parametrize("group_bytes", [1, 3 * 300 * 300 * 4, 9 * 300 * 300 * 4, None])
+def test_grouped_equals_plain(group_bytes):
+    q, k, v = _qkv()
+    mask = np.ones((3, 300), bool)
+    mask[0, 250:] = False          # right padding
+    mask[1, :40] = False           # left padding
+    mask[2, 100:170] = False       # a hole
+    plain = dot_product_attention(q, k, v, mask=jnp.asarray(mask), implementation="xla")
+    grouped = grouped_attention(q, k, v, jnp.asarray(mask), group_bytes=group_bytes)
+    assert grouped.shape == plain.shape and grouped.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(plain), atol=1e-5)
+    # Through the dispatcher, right-padded lengths (the form encode passes).
+    lengths = jnp.asarray([300, 123, 1], jnp.int32)
+    np.testing.assert_allclose(
+        np.asarray(dot_product_attention(q, k, v, lengths=lengths, implementation="grouped")),
+        np.asarray(dot_product_attention(q, k, v, lengths=lengths, implementation="xla")),
+        atol=1e-5)
+
+
+def test_grouped_bf16_close():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(l=200))
+    plain = dot_product_attention(q, k, v, implementation="xla").astype(jnp.float32)
+    grouped = grouped_attention(q, k, v, group_bytes=1)
+    assert grouped.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grouped, np.float32), np.asarray(plain),
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_blockwise_bf16_close():
@@ -56,14 +91,20 @@ def test_chooser():
     assert choose_implementation(bf16, 64, False, 512, backend="gpu") == "xla"  # mask path
     assert choose_implementation(f32, 64, True, 512, backend="gpu") == "xla"
     assert choose_implementation(bf16, 64, True, 512, backend="cpu") == "xla"
-    assert choose_implementation(f32, 64, True, 8192, backend="cpu") == "blockwise"
-    assert choose_implementation(f32, 64, True, 1024, backend="cpu") == "blockwise"
-    assert choose_implementation(f32, 64, True, 1023, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 8192, backend="cpu") == "grouped"
+    assert choose_implementation(f32, 64, True, 1024, backend="cpu") == "grouped"
+    assert choose_implementation(f32, 64, True, 384, backend="cpu") == "grouped"
+    assert choose_implementation(f32, 64, False, 384, backend="cpu") == "grouped"  # a mask
+    assert choose_implementation(f32, 64, True, 383, backend="cpu") == "blockwise"
     assert choose_implementation(f32, 64, True, 128, backend="cpu") == "blockwise"
     assert choose_implementation(f32, 64, True, 127, backend="cpu") == "xla"
     # Training on a CPU keeps XLA's attention below BLOCKWISE_MIN_LENGTH (its backward).
     assert choose_implementation(f32, 64, True, 1023, backend="cpu", training=True) == "xla"
     assert choose_implementation(f32, 64, True, 1024, backend="cpu", training=True) == "blockwise"
+    # bf16 on a CPU was not measured on the grouped path: the long-sequence rule.
+    assert choose_implementation(bf16, 64, True, 1023, backend="cpu") == "xla"
+    assert choose_implementation(bf16, 64, True, 1024, backend="cpu") == "blockwise"
+    assert choose_implementation(f32, 64, True, 8192, backend="tpu") == "splash"
     assert choose_implementation(f32, 64, True, 1023, backend="gpu") == "xla"
     assert choose_implementation(bf16, 64, True, 8192, backend="gpu") == "cudnn"
     assert choose_implementation(bf16, 160, True, 512, backend="gpu") == "xla"  # head_dim > 128
@@ -84,6 +125,25 @@ def test_model_object_takes_the_blockwise_path_for_long_inputs(transformers_dir,
     theirs = ref.run(ref.peft_reference(transformers_dir, "separation"), ids, mask)
     err = np.abs(np.asarray(out.last_hidden_state) - theirs[0])[mask.astype(bool)].max()
     assert err < 1e-4, err
+
+
+def test_model_object_takes_the_grouped_path(transformers_dir, hf_config, monkeypatch):
+    """A CPU fp32 forward of long rows reaches the grouped path (thresholds lowered to fit the
+    test model's 40 positions; a group of one (row, head) pair, so the lax.map runs), and both
+    padding forms still match the reference."""
+    import jina_jax.attention as attention
+    from jina_jax import JinaEmbeddingsV3
+
+    monkeypatch.setattr(attention, "CPU_INFERENCE_GROUPED_MIN_LENGTH", 8)
+    monkeypatch.setattr(attention, "GROUP_LOGITS_BYTES", 1)
+    model = JinaEmbeddingsV3.from_pretrained(transformers_dir)
+    for left in (False, True):
+        ids, mask = ref.padded_batch(hf_config.vocab_size, left=left)
+        out = model(ids, mask, task="retrieval.query")
+        assert model.forward.implementations[-1] == "grouped"
+        theirs = ref.run(ref.peft_reference(transformers_dir, "retrieval_query"), ids, mask)
+        err = np.abs(np.asarray(out.last_hidden_state) - theirs[0])[mask.astype(bool)].max()
+        assert err < 1e-4, (left, err)
 
 
 # --- the TPU kernel (Pallas splash attention), run on this CPU in interpret mode --------------
