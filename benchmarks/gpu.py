@@ -81,7 +81,7 @@ def main():
     from peft import PeftModel
     from transformers import JinaEmbeddingsV3Model
 
-    from encode_throughput import corpus, torch_loop, write_weights
+    from encode_throughput import TorchLoop, corpus, write_weights
     from harness import flops_per_token
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,8 +164,9 @@ def main():
     first = time.perf_counter() - start
     steady = median_time(lambda: model.encode(texts, task=task), repeats=2)
     torch.set_num_threads(os.cpu_count() or 1)
-    _, loop_first = torch_loop(folder, texts, prefix, "bfloat16", 32, device)
-    _, loop = torch_loop(folder, texts, prefix, "bfloat16", 32, device)
+    torch_loop = TorchLoop(folder, prefix, "bfloat16", 32, device)
+    _, loop_first = torch_loop(texts)
+    _, loop = torch_loop(texts)
     mean_len = n_tokens / len(texts)
     rows.append((f"encode {len(texts)} texts", n_tokens / steady, n_tokens / loop,
                  flops_per_token(args.layers, mean_len) * n_tokens / steady / rate))
