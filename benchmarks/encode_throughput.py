@@ -36,8 +36,10 @@ Measured, all with task retrieval.passage:
 - Transformers + PEFT as users write it: texts sorted by length, batches of `--batch-size`
   padded to their longest, `last_hidden_state` mean-pooled over the mask, L2-normalised
   (sdpa attention, `torch.inference_mode`), loaded once, one timed pass in each round right
-  after encode's, its best round reported: a pass of the 160-text corpus took 65 s on one
-  evening and 93-103 s on the next, so only passes timed in the same moments compare.
+  after encode's, its best round reported: a pass of the 160-text corpus took 65-68 s in some
+  hours and 93-103 s in others, so only passes timed in the same moments compare.
+  `--loop-shapes`: one more pass of the loop timed batch by batch, each of its padded batches
+  then run through jina-jax's forward at the same shape (where the two forwards stand).
 Prints one JSON line; the embeddings of the two are compared (max-abs).
 """
 
@@ -268,7 +270,8 @@ class TorchLoop:
         self.prefix, self.batch_size, self.device = prefix, batch_size, device
         self.hidden_size = base.config.hidden_size
 
-    def __call__(self, texts):
+    def __call__(self, texts, batches=None):
+        """batches: a list that gets (ids int32[rows, width], real lengths, seconds) per batch."""
         import torch
 
         texts = [self.prefix + t for t in texts]
@@ -277,6 +280,7 @@ class TorchLoop:
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(order), self.batch_size):
+                began = time.perf_counter()
                 rows = order[i:i + self.batch_size]
                 batch = self.tokenizer([texts[r] for r in rows], padding=True, truncation=True,
                                        max_length=8192, return_tensors="pt").to(self.device)
@@ -284,7 +288,30 @@ class TorchLoop:
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+                if batches is not None:
+                    batches.append((batch["input_ids"].cpu().numpy().astype(np.int32),
+                                    batch["attention_mask"].sum(1).cpu().numpy().astype(np.int32),
+                                    time.perf_counter() - began))
         return out, time.perf_counter() - start
+
+
+def loop_shapes(model, loop, texts, task) -> list[dict]:
+    """The loop's own batches, each timed, then run through jina-jax's forward at the same
+    padded shape (compiled first, then timed): where the two forwards stand shape for shape."""
+    batches = []
+    loop(texts, batches)
+    rows = []
+    for ids, lengths, seconds in batches:
+        np.asarray(model.pooled(ids, lengths, task))
+        start = time.perf_counter()
+        np.asarray(model.pooled(ids, lengths, task))
+        ours = time.perf_counter() - start
+        real = int(lengths.sum())
+        rows.append({"shape": f"{ids.shape[0]}x{ids.shape[1]}", "real": real,
+                     "padding": round(ids.size / real - 1, 3), "loop_s": round(seconds, 3),
+                     "jax_s": round(ours, 3), "loop_over_jax": round(seconds / ours, 3)})
+        print(f"loop batch {rows[-1]}", file=sys.stderr)
+    return rows
 
 
 def main():
@@ -297,6 +324,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights", default=None, help="folder for the weights (reused if present)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--loop-shapes", action="store_true",
+                   help="also time the loop batch by batch and jina-jax at the same shapes")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of encode + classes")
     p.add_argument("--baseline", action="store_true",
                    help="also time the padding-only plan (before the cost model) each round")
@@ -386,6 +415,8 @@ def main():
                                                      lengths, rates, FINE, planned=False)
     if args.replay:
         row["plan_replay_s"] = round(replay(model, batches, lengths, task), 2)
+    if loop is not None and args.loop_shapes:
+        row["loop_shapes"] = loop_shapes(model, loop, texts, task)
     if loop is not None:
         row.update({"torch_s": round(torch_s, 2),
                     "torch_tok_s": round(tokens / torch_s, 1),
