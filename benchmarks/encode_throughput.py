@@ -341,6 +341,8 @@ def main():
         p.error("--texts must be a positive count")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.loop_shapes and args.skip_torch:
+        p.error("--loop-shapes times the Transformers + PEFT loop: not with --skip-torch")
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
